@@ -1,0 +1,1 @@
+"""Mock MTN MoMo and Airtel Money provider services for local runs and tests."""

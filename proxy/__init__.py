@@ -1,0 +1,1 @@
+"""payagg: a resilient payment gateway aggregator."""
