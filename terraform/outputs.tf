@@ -1,0 +1,29 @@
+output "alb_dns_name" {
+  description = "Public DNS name of the load balancer."
+  value       = aws_lb.payagg.dns_name
+}
+
+output "pay_url" {
+  description = "The proxy's POST /v1/pay endpoint behind the load balancer."
+  value       = "${local.https_enabled ? "https" : "http"}://${aws_lb.payagg.dns_name}/v1/pay"
+}
+
+output "ecr_repository_url" {
+  description = "Push the payagg image here (docker tag / docker push)."
+  value       = aws_ecr_repository.payagg.repository_url
+}
+
+output "log_group_name" {
+  description = "CloudWatch log group of the three containers (stream prefixes proxy/, mtn/, airtel/)."
+  value       = aws_cloudwatch_log_group.payagg.name
+}
+
+output "ecs_cluster_name" {
+  description = "ECS cluster running the service."
+  value       = aws_ecs_cluster.payagg.name
+}
+
+output "ecs_service_name" {
+  description = "ECS service of the payagg task."
+  value       = aws_ecs_service.payagg.name
+}

@@ -1,0 +1,419 @@
+# --- Placement and naming ---------------------------------------------------------------------
+
+variable "aws_region" {
+  description = "AWS region to deploy into."
+  type        = string
+  default     = "eu-west-1"
+}
+
+variable "name" {
+  description = "Prefix for every resource name (ECS cluster, ALB, ECR repository, Redis)."
+  type        = string
+  default     = "payagg"
+
+  validation {
+    # The ALB target group name ("<name>-proxy") is limited to 32 characters.
+    condition     = can(regex("^[a-z][a-z0-9-]{0,19}[a-z0-9]$", var.name))
+    error_message = "name must be 2-21 lower-case letters, digits or hyphens, starting with a letter."
+  }
+}
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC; /16 or larger (each subnet is a /24 carved from it)."
+  type        = string
+  default     = "10.40.0.0/16"
+
+  validation {
+    condition     = can(cidrhost(var.vpc_cidr, 0)) && try(tonumber(split("/", var.vpc_cidr)[1]) <= 16, false)
+    error_message = "vpc_cidr must be a valid IPv4 CIDR block of prefix length /16 or shorter."
+  }
+}
+
+variable "single_nat_gateway" {
+  description = "One NAT gateway for both AZs (cheaper) instead of one per AZ (survives an AZ outage)."
+  type        = bool
+  default     = true
+}
+
+variable "enable_vpc_flow_logs" {
+  description = "Send VPC flow logs to an encrypted CloudWatch log group."
+  type        = bool
+  default     = true
+}
+
+# --- Image and task ---------------------------------------------------------------------------
+
+variable "image_tag" {
+  description = "Tag of the payagg image in the ECR repository (immutable tags: use a version or git SHA)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", var.image_tag)) && var.image_tag != "latest"
+    error_message = "image_tag must be a valid Docker tag other than \"latest\" (tags are immutable)."
+  }
+}
+
+variable "ecr_images_to_keep" {
+  description = "How many images the ECR lifecycle policy keeps; older ones expire."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.ecr_images_to_keep >= 1
+    error_message = "ecr_images_to_keep must be at least 1."
+  }
+}
+
+variable "task_cpu" {
+  description = "Fargate task CPU units, shared by the proxy and both mocks (1024 = 1 vCPU)."
+  type        = number
+  default     = 512
+
+  validation {
+    condition     = contains([256, 512, 1024, 2048, 4096], var.task_cpu)
+    error_message = "task_cpu must be one of 256, 512, 1024, 2048, 4096."
+  }
+}
+
+variable "task_memory" {
+  description = "Fargate task memory in MiB, shared by the three containers; must suit task_cpu."
+  type        = number
+  default     = 1024
+
+  validation {
+    condition     = var.task_memory >= 512 && var.task_memory <= 30720
+    error_message = "task_memory must be between 512 and 30720 MiB."
+  }
+}
+
+variable "cpu_architecture" {
+  description = "CPU architecture of the image: X86_64, or ARM64 for a Graviton-built image (about 20% cheaper)."
+  type        = string
+  default     = "X86_64"
+
+  validation {
+    condition     = contains(["X86_64", "ARM64"], var.cpu_architecture)
+    error_message = "cpu_architecture must be X86_64 or ARM64."
+  }
+}
+
+variable "log_retention_days" {
+  description = "Retention in days of the container and flow-log groups (and of ALB access logs)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be a retention period CloudWatch Logs accepts (1, 3, 5, 7, 14, 30, 60, 90, ... 3653)."
+  }
+}
+
+# --- Service and autoscaling ------------------------------------------------------------------
+
+variable "min_tasks" {
+  description = "Minimum (and initial) number of running tasks; 2 keeps one per AZ."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.min_tasks >= 1
+    error_message = "min_tasks must be at least 1."
+  }
+}
+
+variable "max_tasks" {
+  description = "Maximum number of tasks the autoscaler may run."
+  type        = number
+  default     = 6
+
+  validation {
+    condition     = var.max_tasks >= 1
+    error_message = "max_tasks must be at least 1."
+  }
+}
+
+variable "scale_requests_per_task" {
+  description = "Target ALB requests per task per minute (ALBRequestCountPerTarget)."
+  type        = number
+  default     = 1000
+
+  validation {
+    condition     = var.scale_requests_per_task > 0
+    error_message = "scale_requests_per_task must be positive."
+  }
+}
+
+variable "scale_cpu_percent" {
+  description = "Target average CPU utilisation of the service, in percent."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = var.scale_cpu_percent > 0 && var.scale_cpu_percent <= 100
+    error_message = "scale_cpu_percent must be in (0, 100]."
+  }
+}
+
+variable "health_check_grace_period_s" {
+  description = "Seconds ECS ignores ALB health checks after a task starts (the mocks must turn healthy first)."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = var.health_check_grace_period_s >= 0 && var.health_check_grace_period_s <= 2147483647
+    error_message = "health_check_grace_period_s must be >= 0."
+  }
+}
+
+# --- Load balancer ----------------------------------------------------------------------------
+
+variable "certificate_arn" {
+  description = "ACM certificate ARN for the HTTPS listener; empty means HTTP only (HTTP then forwards instead of redirecting)."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.certificate_arn == "" || can(regex("^arn:aws[a-z-]*:acm:", var.certificate_arn))
+    error_message = "certificate_arn must be empty or an ACM certificate ARN."
+  }
+}
+
+variable "ssl_policy" {
+  description = "TLS policy of the HTTPS listener."
+  type        = string
+  default     = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+
+  validation {
+    condition     = startswith(var.ssl_policy, "ELBSecurityPolicy-TLS13-") || startswith(var.ssl_policy, "ELBSecurityPolicy-FS-1-2-")
+    error_message = "ssl_policy must be a TLS 1.2+ policy (ELBSecurityPolicy-TLS13-* or ELBSecurityPolicy-FS-1-2-*)."
+  }
+}
+
+variable "alb_ingress_cidrs" {
+  description = "IPv4 CIDR blocks allowed to reach the ALB; narrow it to your own address for a private demo."
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+
+  validation {
+    condition     = length(var.alb_ingress_cidrs) > 0 && alltrue([for cidr in var.alb_ingress_cidrs : can(cidrhost(cidr, 0))])
+    error_message = "alb_ingress_cidrs must be a non-empty list of IPv4 CIDR blocks."
+  }
+}
+
+variable "alb_deletion_protection" {
+  description = "Protect the ALB from deletion (turn on in production; terraform destroy then fails until it is off)."
+  type        = bool
+  default     = false
+}
+
+variable "enable_alb_access_logs" {
+  description = "Write ALB access logs to a new encrypted, private S3 bucket."
+  type        = bool
+  default     = false
+}
+
+# --- Redis ------------------------------------------------------------------------------------
+
+variable "redis_node_type" {
+  description = "ElastiCache node type."
+  type        = string
+  default     = "cache.t4g.micro"
+
+  validation {
+    condition     = startswith(var.redis_node_type, "cache.")
+    error_message = "redis_node_type must be an ElastiCache node type such as cache.t4g.micro."
+  }
+}
+
+variable "redis_engine_version" {
+  description = "Redis engine version."
+  type        = string
+  default     = "7.1"
+}
+
+variable "redis_nodes" {
+  description = "Number of Redis nodes (one primary plus replicas); automatic failover needs at least 2."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.redis_nodes >= 1 && var.redis_nodes <= 6
+    error_message = "redis_nodes must be between 1 and 6."
+  }
+}
+
+variable "redis_automatic_failover" {
+  description = "Promote a replica automatically when the primary fails."
+  type        = bool
+  default     = true
+}
+
+variable "redis_multi_az" {
+  description = "Keep the replica in another AZ than the primary (needs redis_automatic_failover)."
+  type        = bool
+  default     = true
+}
+
+variable "redis_snapshot_retention_days" {
+  description = "Days of daily Redis snapshots to keep (0 disables them)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.redis_snapshot_retention_days >= 0 && var.redis_snapshot_retention_days <= 35
+    error_message = "redis_snapshot_retention_days must be between 0 and 35."
+  }
+}
+
+variable "secret_recovery_window_days" {
+  description = "Days a deleted Redis secret stays recoverable (0 deletes it at once)."
+  type        = number
+  default     = 7
+
+  validation {
+    condition     = var.secret_recovery_window_days == 0 || (var.secret_recovery_window_days >= 7 && var.secret_recovery_window_days <= 30)
+    error_message = "secret_recovery_window_days must be 0 or between 7 and 30."
+  }
+}
+
+# --- The proxy's configuration (environment of the shipped gateway.yaml) ----------------------
+
+variable "provider_timeout_s" {
+  description = "PROVIDER_TIMEOUT_S: seconds the proxy waits for a provider before answering 504."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.provider_timeout_s > 0 && var.provider_timeout_s <= 15
+    error_message = "provider_timeout_s must be in (0, 15]: a payment must finish inside the 20 s drain window."
+  }
+}
+
+variable "breaker_failure_rate_threshold" {
+  description = "BREAKER_FAILURE_RATE_THRESHOLD: failures/calls at which a provider's breaker opens."
+  type        = number
+  default     = 0.6
+
+  validation {
+    condition     = var.breaker_failure_rate_threshold > 0 && var.breaker_failure_rate_threshold <= 1
+    error_message = "breaker_failure_rate_threshold must be in (0, 1]."
+  }
+}
+
+variable "breaker_minimum_calls" {
+  description = "BREAKER_MINIMUM_CALLS: calls in the window before the failure rate counts."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.breaker_minimum_calls >= 1 && floor(var.breaker_minimum_calls) == var.breaker_minimum_calls
+    error_message = "breaker_minimum_calls must be a whole number >= 1."
+  }
+}
+
+variable "breaker_window_s" {
+  description = "BREAKER_WINDOW_S: seconds after which a call no longer counts."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.breaker_window_s > 0
+    error_message = "breaker_window_s must be positive."
+  }
+}
+
+variable "breaker_open_s" {
+  description = "BREAKER_OPEN_S: seconds a breaker stays open before a trial call."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.breaker_open_s > 0
+    error_message = "breaker_open_s must be positive."
+  }
+}
+
+variable "breaker_half_open_max_calls" {
+  description = "BREAKER_HALF_OPEN_MAX_CALLS: trial calls allowed at once while half-open."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.breaker_half_open_max_calls >= 1 && floor(var.breaker_half_open_max_calls) == var.breaker_half_open_max_calls
+    error_message = "breaker_half_open_max_calls must be a whole number >= 1."
+  }
+}
+
+variable "log_level" {
+  description = "LOG_LEVEL of the proxy."
+  type        = string
+  default     = "INFO"
+
+  validation {
+    condition     = contains(["DEBUG", "INFO", "WARNING", "ERROR"], var.log_level)
+    error_message = "log_level must be DEBUG, INFO, WARNING or ERROR."
+  }
+}
+
+# --- The mock providers' faults ---------------------------------------------------------------
+
+variable "mtn_failure_rate" {
+  description = "MOCK_FAILURE_RATE of the MTN mock: share of payments answered 500."
+  type        = number
+  default     = 0.2
+
+  validation {
+    condition     = var.mtn_failure_rate >= 0 && var.mtn_failure_rate <= 1
+    error_message = "mtn_failure_rate must be between 0 and 1."
+  }
+}
+
+variable "airtel_failure_rate" {
+  description = "MOCK_FAILURE_RATE of the Airtel mock: share of payments answered 500."
+  type        = number
+  default     = 0.2
+
+  validation {
+    condition     = var.airtel_failure_rate >= 0 && var.airtel_failure_rate <= 1
+    error_message = "airtel_failure_rate must be between 0 and 1."
+  }
+}
+
+variable "mock_decline_rate" {
+  description = "MOCK_DECLINE_RATE of both mocks: share of payments declined (a business answer, 402)."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.mock_decline_rate >= 0 && var.mock_decline_rate <= 1
+    error_message = "mock_decline_rate must be between 0 and 1."
+  }
+}
+
+variable "mock_hang_rate" {
+  description = "MOCK_HANG_RATE of both mocks: share of payments charged but never answered (504)."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.mock_hang_rate >= 0 && var.mock_hang_rate <= 1
+    error_message = "mock_hang_rate must be between 0 and 1."
+  }
+}
+
+variable "mock_latency_ms" {
+  description = "MOCK_LATENCY_MS of both mocks: [low, high] bounds of the simulated latency in ms."
+  type        = list(number)
+  default     = [20, 120]
+
+  validation {
+    condition     = length(var.mock_latency_ms) == 2 && var.mock_latency_ms[0] >= 0 && var.mock_latency_ms[0] <= var.mock_latency_ms[1]
+    error_message = "mock_latency_ms must be [low, high] with 0 <= low <= high."
+  }
+}
+
+variable "mock_seed" {
+  description = "MOCK_SEED of both mocks, for reproducible faults; null leaves them unseeded."
+  type        = number
+  default     = null
+}
