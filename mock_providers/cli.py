@@ -1,0 +1,235 @@
+"""`payagg-mock`: one mock provider service, configured by flags or MOCK_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from aiohttp import web
+
+from mock_providers import airtel, mtn
+from mock_providers.api import ProviderApi
+from mock_providers.app import create_app
+from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency, check_rate
+
+PROVIDERS = {"mtn": mtn.API, "airtel": airtel.API}
+DEFAULT_PORTS = {"mtn": 9101, "airtel": 9102}
+# Long enough for an answer in flight to leave; hung requests would otherwise hold the exit.
+SHUTDOWN_TIMEOUT_S = 2.0
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but an error is a single line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def provider_name(text: str) -> str:
+    if text not in PROVIDERS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(PROVIDERS)}, got {text!r}")
+    return text
+
+
+def port_number(text: str) -> int:
+    if not text.isdecimal() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {text!r}")
+    return int(text)
+
+
+def host_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def rate(text: str) -> float:
+    try:
+        return check_rate("rate", float(text))
+    except (ValueError, InvalidFaultConfig):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+
+
+def latency_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(bound) for bound in text.split(","))
+        return check_latency("latency_ms", (lo, hi))
+    except (ValueError, InvalidFaultConfig):
+        raise argparse.ArgumentTypeError(
+            f"must be LO,HI milliseconds with 0 <= LO <= HI, got {text!r}"
+        ) from None
+
+
+def seed_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option and the environment variable that stands in for it."""
+
+    flag: str
+    env: str
+    parse: Callable[[str], object]
+    metavar: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+OPTIONS = (
+    Option("--provider", "MOCK_PROVIDER", provider_name, "{mtn,airtel}", "which mock (required)"),
+    Option("--host", "MOCK_HOST", host_name, "H", "address to listen on (default 127.0.0.1)"),
+    Option("--port", "MOCK_PORT", port_number, "P", "port (default: mtn 9101, airtel 9102)"),
+    Option(
+        "--failure-rate",
+        "MOCK_FAILURE_RATE",
+        rate,
+        "R",
+        "share of payments answered 500 without a charge (default 0)",
+    ),
+    Option(
+        "--decline-rate",
+        "MOCK_DECLINE_RATE",
+        rate,
+        "R",
+        "share of payments declined in the provider's format (default 0)",
+    ),
+    Option(
+        "--latency-ms",
+        "MOCK_LATENCY_MS",
+        latency_range,
+        "LO,HI",
+        "added latency, uniform in [LO, HI] milliseconds (default 0,0)",
+    ),
+    Option(
+        "--hang-rate",
+        "MOCK_HANG_RATE",
+        rate,
+        "R",
+        "share of payments charged and then never answered (default 0)",
+    ),
+    Option(
+        "--seed",
+        "MOCK_SEED",
+        seed_number,
+        "N",
+        "seed of every random decision (default: random, printed at start-up)",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="payagg-mock",
+        description="Run a mock MTN MoMo or Airtel Money service with faults you can dial in. "
+        "Each option can come from its environment variable; a flag wins over it.",
+    )
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag,
+            type=option.parse,
+            metavar=option.metavar,
+            help=f"{option.help}; env {option.env}",
+        )
+    return parser
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one mock process needs, resolved and validated."""
+
+    api: ProviderApi
+    host: str
+    port: int
+    faults: FaultConfig
+    seed: int
+
+
+def read_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Flags, else environment variables, else defaults; any bad value exits 2 with one line."""
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    for option in OPTIONS:
+        raw = environ.get(option.env, "")
+        if values[option.dest] is None and raw:
+            try:
+                values[option.dest] = option.parse(raw)
+            except argparse.ArgumentTypeError as bad:
+                parser.error(f"argument {option.flag} (from {option.env}): {bad}")
+    provider = values["provider"]
+    if provider is None:
+        parser.error("argument --provider is required (or set MOCK_PROVIDER)")
+    try:
+        faults = FaultConfig(
+            failure_rate=values["failure_rate"] or 0.0,
+            decline_rate=values["decline_rate"] or 0.0,
+            latency_ms=values["latency_ms"] or (0.0, 0.0),
+            hang_rate=values["hang_rate"] or 0.0,
+        )
+    except InvalidFaultConfig as bad:
+        parser.error(f"--failure-rate + --decline-rate + --hang-rate {bad.problem}")
+    seed = values["seed"]
+    return Settings(
+        api=PROVIDERS[provider],
+        host=values["host"] or "127.0.0.1",
+        port=values["port"] or DEFAULT_PORTS[provider],
+        faults=faults,
+        # A drawn seed is printed at start-up, so even an unseeded run can be replayed.
+        seed=random.SystemRandom().randrange(2**32) if seed is None else seed,
+    )
+
+
+async def serve(settings: Settings) -> int:
+    """Listen until SIGTERM or SIGINT (exit 0); a port that cannot be bound is exit 1."""
+    app = create_app(settings.api, settings.faults, settings.seed)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as error:
+        await runner.cleanup()
+        reason = error.strerror or str(error)
+        print(
+            f"payagg-mock: error: cannot listen on {settings.host} port {settings.port}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
+    announce(settings)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+def announce(settings: Settings) -> None:
+    line = {
+        "event": "listening",
+        "provider": settings.api.name,
+        "url": f"http://{settings.host}:{settings.port}",
+        "seed": settings.seed,
+        "faults": settings.faults.as_json(),
+    }
+    print(json.dumps(line), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(serve(read_settings(argv, os.environ)))
