@@ -1,0 +1,362 @@
+"""The gateway's configuration: YAML loaded once at start-up into frozen, validated objects."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path as FilePath
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxy.mapping import ProviderMapping, RequestSpec, ResponseSpec, compile_mapping
+from proxy.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
+
+DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+_PROVIDER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+    max_body_bytes: int = Field(16384, ge=256, le=10 * 1024 * 1024)
+    # How long SIGTERM waits for in-flight payments before exiting (ECS stopTimeout must exceed it).
+    shutdown_timeout_s: float = Field(20, gt=0, le=120)
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "payagg:"
+    # Every Redis call is bounded by this, so a hung Redis cannot hang a payment.
+    timeout_s: float = Field(0.5, gt=0, le=10)
+    max_connections: int = Field(64, ge=1, le=10_000)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
+        return url
+
+
+class IdempotencySettings(_Section):
+    lock_ttl_s: int = Field(30, gt=0)
+    result_ttl_s: int = Field(86400, gt=0)
+
+
+class BreakerSettings(_Section):
+    failure_rate_threshold: float = Field(0.6, gt=0, le=1)
+    minimum_calls: int = 3
+    window_s: float = Field(5, gt=0)
+    open_s: float = Field(30, gt=0)
+    half_open_max_calls: int = 1
+
+
+class ProviderSettings(_Section):
+    url: str
+    timeout_s: float = Field(5, gt=0, le=300)
+    breaker: BreakerSettings = BreakerSettings()
+    # Used for {payer} when a payment carries no `Payer` (the original service sent none).
+    default_payer: str | None = Field(None, pattern=r"^[0-9]{8,15}$")
+    request: RequestSpec | None = None
+    response: ResponseSpec | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        return url
+
+
+class ProviderDefaults(_Section):
+    """Keys applied to every provider unless the provider sets them itself."""
+
+    timeout_s: float | None = Field(None, gt=0, le=300)
+    breaker: dict[str, Any] | None = None
+    default_payer: str | None = None
+    request: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+
+
+class _FileShape(_Section):
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
+    defaults: ProviderDefaults = ProviderDefaults()
+    providers: dict[str, ProviderSettings]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A configured provider, ready to serve: its settings and its compiled mapping."""
+
+    name: str
+    settings: ProviderSettings
+    mapping: ProviderMapping
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway reads from its YAML file; nothing reads the raw YAML afterwards."""
+
+    source: str
+    server: ServerSettings
+    redis: RedisSettings
+    idempotency: IdempotencySettings
+    providers: tuple[Provider, ...]
+
+    def summary(self) -> str:
+        names = ", ".join(provider.name for provider in self.providers)
+        return f"{self.source}: OK, {len(self.providers)} provider(s): {names}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `problems` holds every `file:line: key: problem`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Read, validate and compile a config file, reporting every problem at once."""
+    source = str(path)
+    try:
+        text = FilePath(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{source}: cannot read: {error.strerror or error}"]) from error
+    return parse_config(text, source, os.environ if environ is None else environ)
+
+
+def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayConfig:
+    try:
+        document = load_yaml(text, environ)
+    except YamlSyntaxError as error:
+        raise ConfigError([f"{source}:{error.line}: not valid YAML: {error.message}"]) from error
+    problems = list(document.problems)
+    if not isinstance(document.data, dict):
+        raise ConfigError([f"{source}:1: the file must be a mapping with a `providers` key"])
+    raw = _merge_defaults(document)
+    shape: _FileShape | None = None
+    try:
+        shape = _FileShape.model_validate(raw)
+    except ValidationError as error:
+        problems.extend(_problems_from_pydantic(error, raw))
+    config = None
+    if shape is not None:
+        providers, provider_problems = _build_providers(shape)
+        problems.extend(provider_problems)
+        problems.extend(_cross_field_problems(shape))
+        config = GatewayConfig(source, shape.server, shape.redis, shape.idempotency, providers)
+    if problems or config is None:
+        raise ConfigError(_format(problems, document, source))
+    return config
+
+
+def _merge_defaults(document: YamlDocument) -> dict[str, Any]:
+    """Each provider gets `defaults` under its own keys; merged keys keep the defaults' lines."""
+    raw: dict[str, Any] = dict(document.data)
+    defaults = raw.get("defaults")
+    providers = raw.get("providers")
+    if not isinstance(defaults, dict) or not isinstance(providers, dict):
+        return raw
+    merged = {}
+    for name, settings in providers.items():
+        if isinstance(settings, dict):
+            settings = _deep_merge(
+                defaults, settings, ("defaults",), ("providers", str(name)), document
+            )
+        merged[name] = settings
+    raw["providers"] = merged
+    return raw
+
+
+def _deep_merge(
+    base: dict[str, Any],
+    override: dict[str, Any],
+    base_path: Path,
+    path: Path,
+    document: YamlDocument,
+) -> dict[str, Any]:
+    result = dict(override)
+    for key, value in base.items():
+        key_path, base_key_path = (*path, str(key)), (*base_path, str(key))
+        if key not in override:
+            result[key] = value
+            _copy_lines(document, base_key_path, key_path)
+        elif isinstance(value, dict) and isinstance(override[key], dict):
+            result[key] = _deep_merge(value, override[key], base_key_path, key_path, document)
+    return result
+
+
+def _copy_lines(document: YamlDocument, source: Path, target: Path) -> None:
+    for path, line in list(document.lines.items()):
+        if path[: len(source)] == source:
+            document.lines[target + path[len(source) :]] = line
+
+
+def _problems_from_pydantic(error: ValidationError, raw: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for item in error.errors(include_url=False):
+        path: Path = tuple(part for part in item["loc"] if not _is_union_tag(part))
+        problems.append(Problem(path, _describe(item, path, raw)))
+    return problems
+
+
+def _is_union_tag(part: str | int) -> bool:
+    # pydantic adds the tried type to the location of union members ("int", "list[...]").
+    return isinstance(part, str) and ("[" in part or part in ("int", "str", "bool", "float"))
+
+
+def _describe(item: Any, path: Path, raw: dict[str, Any]) -> str:
+    kind, context = item["type"], item.get("ctx", {})
+    if kind == "extra_forbidden":
+        return "unknown key" + _did_you_mean(path, raw)
+    if kind == "missing":
+        return "required key is missing"
+    got = f", got {item['input']!r}"
+    bounds = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
+    if kind in bounds:
+        limit = next(iter(context.values()))
+        return f"must be {bounds[kind]} {limit}{got}"
+    if kind == "value_error":
+        return str(context.get("error", item["msg"]))
+    if kind == "string_pattern_mismatch":
+        return f"must match {context['pattern']}{got}"
+    return f"{item['msg'][0].lower()}{item['msg'][1:]}{got}"
+
+
+def _did_you_mean(path: Path, raw: dict[str, Any]) -> str:
+    parent: Any = raw
+    for part in path[:-1]:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    model = _model_at(path[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(path[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(path: Path) -> type[BaseModel] | None:
+    model: type[BaseModel] = _FileShape
+    position = 0
+    while position < len(path):
+        part = path[position]
+        if model is _FileShape and part == "providers":
+            model, position = ProviderSettings, position + 2
+            continue
+        annotation = model.model_fields.get(str(part))
+        target = annotation.annotation if annotation else None
+        candidates = [t for t in getattr(target, "__args__", (target,)) if isinstance(t, type)]
+        nested = [t for t in candidates if issubclass(t, BaseModel)]
+        if not nested:
+            return None
+        model, position = nested[0], position + 1
+    return model
+
+
+def _build_providers(shape: _FileShape) -> tuple[tuple[Provider, ...], list[Problem]]:
+    problems: list[Problem] = []
+    providers = []
+    seen: dict[str, str] = {}
+    if not shape.providers:
+        problems.append(Problem(("providers",), "declares no provider; at least one is needed"))
+    for name, settings in shape.providers.items():
+        path: Path = ("providers", name)
+        if not _PROVIDER_NAME.match(name) or name.lower() == "unknown":
+            problems.append(
+                Problem(
+                    path,
+                    "a provider name is 1-32 letters, digits, _ or -, starting with a letter"
+                    " (and not 'unknown', the metrics label for unmatched requests)",
+                )
+            )
+        if name.lower() in seen:
+            problems.append(
+                Problem(
+                    path, f"same name as {seen[name.lower()]!r}: ProviderKey is case-insensitive"
+                )
+            )
+        seen[name.lower()] = name
+        mapping, mapping_problems = compile_mapping(
+            settings.request, settings.response, settings.default_payer is not None, path
+        )
+        problems.extend(mapping_problems)
+        providers.append(Provider(name, settings, mapping))
+    return tuple(providers), problems
+
+
+def _cross_field_problems(shape: _FileShape) -> list[Problem]:
+    problems = []
+    for name, settings in shape.providers.items():
+        breaker = settings.breaker
+        path: Path = ("providers", name, "breaker")
+        if breaker.minimum_calls < 1:
+            problems.append(
+                Problem(
+                    (*path, "minimum_calls"),
+                    f"must be >= 1, got {breaker.minimum_calls}: with no minimum, a single "
+                    "failed call in a quiet window is a 100% failure rate and opens the breaker",
+                )
+            )
+        if breaker.half_open_max_calls < 1:
+            problems.append(
+                Problem(
+                    (*path, "half_open_max_calls"),
+                    f"must be >= 1, got {breaker.half_open_max_calls}: with no trial call "
+                    "a breaker that opened could never close again",
+                )
+            )
+        elif breaker.half_open_max_calls > max(breaker.minimum_calls, 1):
+            problems.append(
+                Problem(
+                    (*path, "half_open_max_calls"),
+                    f"must be <= minimum_calls ({breaker.minimum_calls}), got "
+                    f"{breaker.half_open_max_calls}: more trial calls than it takes to judge a "
+                    "provider would send a still-failing provider a burst instead of a probe",
+                )
+            )
+        if shape.idempotency.lock_ttl_s <= settings.timeout_s:
+            problems.append(
+                Problem(
+                    ("idempotency", "lock_ttl_s"),
+                    f"must exceed the largest provider timeout ({name}: timeout_s "
+                    f"{settings.timeout_s:g}), got {shape.idempotency.lock_ttl_s}: a lock that "
+                    "expires while the provider still works lets a retry charge twice",
+                )
+            )
+    return problems
+
+
+def _format(problems: list[Problem], document: YamlDocument, source: str) -> list[str]:
+    lines = []
+    for problem in problems:
+        key = ".".join(str(part) for part in problem.path) or "(file)"
+        lines.append(
+            (
+                document.line_of(problem.path),
+                f"{source}:{document.line_of(problem.path)}: {key}: {problem.message}",
+            )
+        )
+    return [text for _, text in sorted(lines, key=lambda item: item[0])]

@@ -1,0 +1,193 @@
+"""Redis-backed idempotency: one owner per key at a time, results kept for replay (CONTRACT §2).
+
+A key holds either a lock `L|token|fingerprint` (taken with one `SET NX EX`, so it always
+expires) or a result `C|fingerprint|status|body`. Release and store happen in Lua, only while
+the caller's exact lock value is still there: a request whose lock expired cannot overwrite or
+delete the state of the request that took the key after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from proxy.config import IdempotencySettings, RedisSettings
+from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
+from proxy.metrics import GatewayMetrics
+
+log = logging.getLogger("payagg.idempotency")
+
+# One round trip whatever the key holds: take the lock, or say what is there instead.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+# Store a result (ARGV[2] non-empty) or release (ARGV[2] empty), only as the lock's owner.
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+return 1
+"""
+_LOCKED, _COMPLETED = b"L", b"C"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A completed payment's answer, replayed byte for byte."""
+
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """What a key holds: in progress (no result) or completed (a result)."""
+
+    fingerprint: str
+    result: StoredResult | None
+
+
+def _decode(value: bytes) -> KeyState:
+    if value[:1] == _COMPLETED:
+        _, fingerprint, status, body = value.split(b"|", 3)
+        return KeyState(fingerprint.decode(), StoredResult(int(status), body))
+    _, _, fingerprint = value.split(b"|", 2)
+    return KeyState(fingerprint.decode(), None)
+
+
+class IdempotencyStore:
+    """The only place that talks to Redis; its errors become StoreUnavailable here."""
+
+    def __init__(
+        self, settings: RedisSettings, ttl: IdempotencySettings, metrics: GatewayMetrics
+    ) -> None:
+        self._prefix = settings.key_prefix.encode()
+        self._ttl = ttl
+        self._metrics = metrics
+        self._redis = redis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            max_connections=settings.max_connections,
+            retry=None,
+        )
+        self._claim = self._redis.register_script(_CLAIM)
+        self._finish = self._redis.register_script(_FINISH)
+
+    def redis_key(self, idempotency_key: str) -> bytes:
+        # Client strings never become raw Redis keys: no key-space games, bounded length.
+        return self._prefix + hashlib.sha256(idempotency_key.encode()).hexdigest().encode()
+
+    @contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError, TimeoutError) as error:
+            self._metrics.store_errors.inc()
+            log.warning("idempotency store unavailable: %s", error)
+            raise StoreUnavailable() from error
+
+    async def claim(
+        self, idempotency_key: str, fingerprint: str, reference: str
+    ) -> Claim | StoredResult:
+        """Own the key, or get its replay; raises RequestInProgress, KeyReused, StoreUnavailable."""
+        key = self.redis_key(idempotency_key)
+        lock = b"L|" + secrets.token_hex(16).encode() + b"|" + fingerprint.encode()
+        with self._store_errors():
+            current = await self._claim(keys=[key], args=[lock, self._ttl.lock_ttl_s])
+        if current is None:
+            return Claim(self, key, lock, self._ttl.result_ttl_s, reference)
+        return _judge(_decode(current), fingerprint)
+
+    async def peek(self, idempotency_key: str) -> KeyState | None:
+        with self._store_errors():
+            current = await self._redis.get(self.redis_key(idempotency_key))
+        return None if current is None else _decode(current)
+
+    async def replay_or_raise(self, idempotency_key: str, fingerprint: str) -> StoredResult | None:
+        """Without taking the lock: the stored answer, an error for a busy/reused key, or None."""
+        state = await self.peek(idempotency_key)
+        return None if state is None else _judge(state, fingerprint)
+
+    async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
+        with self._store_errors():
+            done = await self._finish(keys=[key], args=[lock, value, ttl_s])
+        return bool(done)
+
+    async def ping(self) -> bool:
+        with self._store_errors():
+            return bool(await self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _judge(state: KeyState, fingerprint: str) -> StoredResult:
+    if state.fingerprint != fingerprint:
+        raise KeyReused()
+    if state.result is None:
+        raise RequestInProgress()
+    return state.result
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Ownership of one idempotency key until `store` or `release`."""
+
+    store: IdempotencyStore
+    key: bytes
+    lock: bytes
+    result_ttl_s: int
+    reference: str
+
+    async def keep(self, status: int, body: bytes) -> None:
+        """Keep a final answer for replay; never raises: the client gets its answer regardless."""
+        fingerprint = self.lock.split(b"|", 2)[2]
+        value = b"C|" + fingerprint + b"|" + str(status).encode() + b"|" + body
+        await self._finish(value, self.result_ttl_s, "store the result of")
+
+    async def release(self) -> None:
+        """Free the key so the client may retry (502/503/504); never raises."""
+        await self._finish(b"", 0, "release")
+
+    async def _finish(self, value: bytes, ttl_s: int, action: str) -> None:
+        try:
+            owned = await self.store.finish(self.key, self.lock, value, ttl_s)
+        except StoreUnavailable:
+            log.error(
+                "FAILED to %s payment with provider reference %s (key %s): the lock stays until "
+                "it expires; a retry then reuses the same reference, so the provider can still "
+                "refuse a double charge",
+                action,
+                self.reference,
+                self.key.decode(),
+            )
+            return
+        if not owned:
+            log.error(
+                "lock on %s expired before we could %s payment %s",
+                self.key.decode(),
+                action,
+                self.reference,
+            )
+
+
+def describe(state: KeyState) -> dict[str, Any]:
+    """The lookup endpoint's view of a key (CONTRACT §2 `GET /v1/payments/{key}`)."""
+    if state.result is None:
+        return {"state": "IN_PROGRESS"}
+    return {
+        "state": "COMPLETED",
+        "status_code": state.result.status,
+        "response": json.loads(state.result.body),
+    }

@@ -1,0 +1,421 @@
+"""The provider mapping language: a payment rendered into a provider's request, its answer classified.
+
+Templates are parsed once at start-up into small render trees; a request renders without any
+string parsing. Placeholders are `{name}` or `{name:format}`; `{{` and `}}` are literal braces.
+A string that is exactly one placeholder keeps the value's JSON type (an amount stays a number).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy.yaml_source import Path, Problem
+
+JsonValue = Any
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentFields:
+    """What a template may name: the payment plus the identities the gateway derives."""
+
+    transaction_id: str
+    amount: Decimal
+    currency: str
+    payer: str | None
+    reference: str
+    idempotency_key: str
+    provider: str
+
+
+def _amount_number(fields: PaymentFields) -> JsonValue:
+    return (
+        int(fields.amount) if fields.amount == fields.amount.to_integral() else float(fields.amount)
+    )
+
+
+def _amount_decimal2(fields: PaymentFields) -> JsonValue:
+    return f"{fields.amount:.2f}"
+
+
+def _amount_minor(fields: PaymentFields) -> JsonValue:
+    return int(fields.amount * 100)
+
+
+# (placeholder, format) -> how to read it; format "" is the default.
+_GETTERS: dict[tuple[str, str], Callable[[PaymentFields], JsonValue]] = {
+    ("transaction_id", ""): lambda f: f.transaction_id,
+    ("currency", ""): lambda f: f.currency,
+    ("payer", ""): lambda f: f.payer,
+    ("reference", ""): lambda f: f.reference,
+    ("idempotency_key", ""): lambda f: f.idempotency_key,
+    ("provider", ""): lambda f: f.provider,
+    ("amount", ""): _amount_number,
+    ("amount", "number"): _amount_number,
+    ("amount", "decimal2"): _amount_decimal2,
+    ("amount", "minor_units"): _amount_minor,
+}
+PLACEHOLDERS = sorted({name for name, _ in _GETTERS})
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+class Part:
+    """A compiled piece of a template."""
+
+    def render(self, fields: PaymentFields) -> JsonValue:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Constant(Part):
+    value: JsonValue
+
+    def render(self, fields: PaymentFields) -> JsonValue:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Placeholder(Part):
+    getter: Callable[[PaymentFields], JsonValue]
+
+    def render(self, fields: PaymentFields) -> JsonValue:
+        return self.getter(fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Text(Part):
+    """A string mixing literal text and placeholders; every piece is rendered as text."""
+
+    pieces: tuple[str | Callable[[PaymentFields], JsonValue], ...]
+
+    def render(self, fields: PaymentFields) -> JsonValue:
+        out = []
+        for piece in self.pieces:
+            if isinstance(piece, str):
+                out.append(piece)
+            else:
+                out.append(str(piece(fields)))
+        return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Object(Part):
+    items: tuple[tuple[str, Part], ...]
+
+    def render(self, fields: PaymentFields) -> JsonValue:
+        return {key: part.render(fields) for key, part in self.items}
+
+
+@dataclass(frozen=True, slots=True)
+class Array(Part):
+    items: tuple[Part, ...]
+
+    def render(self, fields: PaymentFields) -> JsonValue:
+        return [part.render(fields) for part in self.items]
+
+
+class TemplateCompiler:
+    """Compiles template values, collecting every problem with its key path."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.names_used: set[str] = set()
+
+    def compile(self, value: JsonValue, path: Path) -> Part:
+        if isinstance(value, dict):
+            return Object(
+                tuple((str(k), self.compile(v, (*path, str(k)))) for k, v in value.items())
+            )
+        if isinstance(value, list):
+            return Array(tuple(self.compile(v, (*path, i)) for i, v in enumerate(value)))
+        if isinstance(value, str):
+            return self._compile_string(value, path)
+        return Constant(value)
+
+    def _compile_string(self, text: str, path: Path) -> Part:
+        pieces: list[str | Callable[[PaymentFields], JsonValue]] = []
+        position = 0
+        for match in _TOKEN.finditer(text):
+            if match.start() > position:
+                pieces.append(text[position : match.start()])
+            position = match.end()
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                pieces.append(token[0])
+            elif token in ("{", "}"):
+                self.problems.append(
+                    Problem(
+                        path, f"unbalanced '{token}' in {text!r} (write {token * 2} for a literal)"
+                    )
+                )
+            else:
+                getter = self._getter(match.group(1), path)
+                if getter is not None:
+                    pieces.append(getter)
+        if position < len(text):
+            pieces.append(text[position:])
+        if len(pieces) == 1 and callable(pieces[0]):
+            return Placeholder(pieces[0])
+        if all(isinstance(piece, str) for piece in pieces):
+            return Constant("".join(str(piece) for piece in pieces))
+        # Inside text an amount reads as money ("20.00"), never as a bare float.
+        return Text(tuple(_amount_decimal2 if p is _amount_number else p for p in pieces))
+
+    def _getter(self, spec: str, path: Path) -> Callable[[PaymentFields], JsonValue] | None:
+        name, _, fmt = spec.strip().partition(":")
+        getter = _GETTERS.get((name, fmt))
+        if getter is None:
+            if name not in PLACEHOLDERS:
+                known = ", ".join(PLACEHOLDERS)
+                self.problems.append(
+                    Problem(path, f"unknown placeholder {{{name}}}; known: {known}")
+                )
+            else:
+                formats = sorted(f for n, f in _GETTERS if n == name and f)
+                allowed = ", ".join(formats) if formats else "none"
+                self.problems.append(
+                    Problem(path, f"unknown format {fmt!r} for {{{name}}}; formats: {allowed}")
+                )
+            return None
+        self.names_used.add(name)
+        return getter
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RequestSpec(_Spec):
+    """How to build the provider's request (YAML `request:`)."""
+
+    method: Literal["POST", "PUT"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: JsonValue = None
+
+
+class AnswerRule(_Spec):
+    """One way an answer can look: an HTTP status (or `2xx`) and/or a JSON field's value."""
+
+    status: int | str | list[int | str] | None = None
+    field: str | None = None
+    equals: str | int | bool | list[str | int | bool] | None = None
+
+
+class ResponseSpec(_Spec):
+    """How to read the provider's answer (YAML `response:`); first matching rule wins."""
+
+    success: list[AnswerRule]
+    declined: list[AnswerRule] = Field(default_factory=list)
+    provider_reference: str | None = None
+    reason: str | list[str] = Field(default_factory=list)
+
+
+# payagg's own protocol, used by any provider that declares no request/response mapping.
+CANONICAL_REQUEST = RequestSpec(
+    headers={"X-Reference-Id": "{reference}"},
+    body={
+        "reference": "{reference}",
+        "transaction_id": "{transaction_id}",
+        "amount": "{amount}",
+        "currency": "{currency}",
+        "payer": "{payer}",
+    },
+)
+CANONICAL_RESPONSE = ResponseSpec(
+    success=[AnswerRule(status="2xx", field="status", equals="SUCCESS")],
+    declined=[AnswerRule(status="2xx", field="status", equals="DECLINED")],
+    provider_reference="provider_reference",
+    reason="reason",
+)
+
+Outcome = Literal["success", "declined", "failure", "rejected"]
+_NO_VALUE = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A provider's answer as the gateway understands it."""
+
+    outcome: Outcome
+    provider_reference: str | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+def _normalise(value: JsonValue) -> str:
+    """Compare YAML and JSON scalars by their text, so `200` matches `"200"` and `true` matches true."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _field_path(dotted: str) -> tuple[str | int, ...]:
+    return tuple(int(part) if part.isdigit() else part for part in dotted.split("."))
+
+
+def _lookup(document: JsonValue, path: tuple[str | int, ...]) -> JsonValue:
+    for part in path:
+        if isinstance(part, int) and isinstance(document, list) and part < len(document):
+            document = document[part]
+        elif isinstance(document, dict) and str(part) in document:
+            document = document[str(part)]
+        else:
+            return _NO_VALUE
+    return document
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    statuses: frozenset[int]
+    field: tuple[str | int, ...] | None
+    values: frozenset[str]
+
+    def matches(self, status: int, document: JsonValue) -> bool:
+        if self.statuses and status not in self.statuses:
+            return False
+        if self.field is None:
+            return True
+        value = _lookup(document, self.field)
+        return value is not _NO_VALUE and _normalise(value) in self.values
+
+
+_STATUS_CLASS = re.compile(r"^([1-5])xx$")
+
+
+def _compile_rule(rule: AnswerRule, path: Path, problems: list[Problem]) -> CompiledRule:
+    statuses: set[int] = set()
+    for index, status in enumerate(_as_list(rule.status)):
+        status_class = _STATUS_CLASS.match(str(status))
+        if isinstance(status, int) and 100 <= status <= 599:
+            statuses.add(status)
+        elif status_class:
+            first = int(status_class.group(1)) * 100
+            statuses.update(range(first, first + 100))
+        else:
+            where = (*path, "status") if rule.status == status else (*path, "status", index)
+            problems.append(
+                Problem(where, f"must be an HTTP status (100-599) or like 2xx, got {status!r}")
+            )
+    if rule.field is None and rule.equals is not None:
+        problems.append(Problem((*path, "equals"), "needs `field`: the JSON field to compare"))
+    if rule.field is not None and rule.equals is None:
+        problems.append(Problem((*path, "field"), "needs `equals`: the value(s) that match"))
+    if rule.field is None and not statuses:
+        problems.append(Problem(path, "matches every answer; give a `status`, a `field`, or both"))
+    return CompiledRule(
+        statuses=frozenset(statuses),
+        field=_field_path(rule.field) if rule.field else None,
+        values=frozenset(_normalise(v) for v in _as_list(rule.equals)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMapping:
+    """A provider's compiled request template and answer rules."""
+
+    method: str
+    headers: tuple[tuple[str, Part], ...]
+    body: Part
+    success: tuple[CompiledRule, ...]
+    declined: tuple[CompiledRule, ...]
+    provider_reference: tuple[str | int, ...] | None
+    reason: tuple[tuple[str | int, ...], ...]
+    requires_payer: bool
+
+    def render_headers(self, fields: PaymentFields) -> dict[str, str]:
+        return {name: str(part.render(fields)) for name, part in self.headers}
+
+    def render_body(self, fields: PaymentFields) -> bytes:
+        return json.dumps(self.body.render(fields), separators=(",", ":")).encode()
+
+    def classify(self, status: int, raw: bytes) -> Answer:
+        try:
+            document: JsonValue = json.loads(raw) if raw else None
+        except ValueError:
+            document = _NO_VALUE
+        for rule in self.success:
+            if rule.matches(status, document):
+                reference = _lookup(document, self.provider_reference or ())
+                found = reference not in (_NO_VALUE, None) and self.provider_reference
+                return Answer("success", provider_reference=str(reference) if found else None)
+        for rule in self.declined:
+            if rule.matches(status, document):
+                return Answer("declined", reason=self._reason(document))
+        if 400 <= status < 500:
+            return Answer("rejected", detail=f"provider refused the request with HTTP {status}")
+        if document is _NO_VALUE:
+            return Answer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
+        return Answer("failure", detail=f"provider answered HTTP {status}")
+
+    def _reason(self, document: JsonValue) -> str:
+        for path in self.reason:
+            value = _lookup(document, path)
+            if value not in (_NO_VALUE, None, ""):
+                return _normalise(value)
+        return "DECLINED"
+
+
+def compile_mapping(
+    request: RequestSpec | None,
+    response: ResponseSpec | None,
+    has_default_payer: bool,
+    path: Path,
+) -> tuple[ProviderMapping, list[Problem]]:
+    """Compile a provider's mapping (canonical where absent); problems carry their key paths."""
+    compiler = TemplateCompiler()
+    request_path = (*path, "request")
+    spec = request or CANONICAL_REQUEST
+    headers = tuple(
+        (name, compiler.compile(value, (*request_path, "headers", name)))
+        for name, value in spec.headers.items()
+    )
+    body = compiler.compile(spec.body, (*request_path, "body"))
+    problems = list(compiler.problems)
+    if request is not None and not compiler.names_used & {"reference", "idempotency_key"}:
+        problems.append(
+            Problem(
+                request_path,
+                "sends neither {reference} nor {idempotency_key}: a retry could charge twice",
+            )
+        )
+    answers = response or CANONICAL_RESPONSE
+    response_path = (*path, "response")
+    success = tuple(
+        _compile_rule(rule, (*response_path, "success", i), problems)
+        for i, rule in enumerate(answers.success)
+    )
+    if not success:
+        problems.append(Problem((*response_path, "success"), "needs at least one rule"))
+    declined = tuple(
+        _compile_rule(rule, (*response_path, "declined", i), problems)
+        for i, rule in enumerate(answers.declined)
+    )
+    mapping = ProviderMapping(
+        method=spec.method,
+        headers=headers,
+        body=body,
+        success=success,
+        declined=declined,
+        provider_reference=_field_path(answers.provider_reference)
+        if answers.provider_reference
+        else None,
+        reason=tuple(_field_path(p) for p in _as_list(answers.reason)),
+        # The canonical protocol sends `payer: null` when absent; a custom template that
+        # names {payer} means the provider needs one.
+        requires_payer=request is not None
+        and "payer" in compiler.names_used
+        and not has_default_payer,
+    )
+    return mapping, problems

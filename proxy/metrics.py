@@ -1,0 +1,93 @@
+"""Prometheus metrics of CONTRACT §4, in a registry owned by the application."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from proxy.breaker import BreakerState
+
+# The `_created` timestamps double the scrape size and no dashboard uses them.
+disable_created_metrics()
+
+UNKNOWN_PROVIDER = "unknown"
+OUTCOMES = (
+    "success",
+    "declined",
+    "provider_error",
+    "timeout",
+    "breaker_open",
+    "replayed",
+    "in_progress",
+    "key_reused",
+    "invalid",
+    "store_unavailable",
+    "internal_error",
+)
+# Payments are seconds-scale at worst; the low buckets show the proxy's own overhead.
+_UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class GatewayMetrics:
+    """Every series is created up front, so a scrape shows zeros rather than missing series."""
+
+    def __init__(self, providers: Iterable[str], registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "payagg_requests_total",
+            "Payment requests answered, by provider and outcome.",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            "payagg_upstream_request_duration_seconds",
+            "Time spent waiting for the provider's answer.",
+            ["provider"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "payagg_circuit_breaker_state",
+            "1 for the breaker's current state, 0 for the others.",
+            ["provider", "state"],
+            registry=self.registry,
+        )
+        self.breaker_transitions = Counter(
+            "payagg_circuit_breaker_transitions_total",
+            "Circuit breaker state changes.",
+            ["provider", "from_state", "to_state"],
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "payagg_idempotency_store_errors_total",
+            "Redis calls that failed or timed out.",
+            registry=self.registry,
+        )
+        for provider in (*providers, UNKNOWN_PROVIDER):
+            for outcome in OUTCOMES:
+                self.requests.labels(provider, outcome)
+            if provider != UNKNOWN_PROVIDER:
+                self.upstream_duration.labels(provider)
+                self.show_state(provider, BreakerState.CLOSED)
+
+    def count(self, provider: str, outcome: str) -> None:
+        self.requests.labels(provider, outcome).inc()
+
+    def show_state(self, provider: str, current: BreakerState) -> None:
+        for state in BreakerState:
+            self.breaker_state.labels(provider, state.value).set(1 if state is current else 0)
+
+    def on_transition(self, provider: str, before: BreakerState, after: BreakerState) -> None:
+        self.breaker_transitions.labels(provider, before.value, after.value).inc()
+        self.show_state(provider, after)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,116 @@
+"""The request path of `POST /v1/pay` and the payment lookup, step by step (CONTRACT §2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import ProviderUnavailable, UnsupportedMediaType
+from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe
+from proxy.errors import NotFound
+from proxy.mapping import Answer
+from proxy.payment import Payment, parse_payment
+from proxy.upstream import ProviderClient
+
+PROVIDER = web.RequestKey("provider", str)
+OUTCOME = web.RequestKey("outcome", str)
+_JSON = "application/json"
+
+
+class PaymentService:
+    def __init__(self, providers: Mapping[str, ProviderClient], store: IdempotencyStore) -> None:
+        self._providers = {name.lower(): client for name, client in providers.items()}
+        self._known = set(self._providers)
+        self._store = store
+        # Payments still settling; kept so shutdown can wait for them and the GC cannot drop them.
+        self.settling: set[asyncio.Task[tuple[int, bytes]]] = set()
+
+    async def pay(self, request: web.Request) -> web.Response:
+        payment = parse_payment(
+            await _json_body(request), request.headers.get("Idempotency-Key"), self._known
+        )
+        provider = self._providers[payment.provider_key.lower()]
+        request[PROVIDER] = provider.name
+        provider.check(payment)
+        fingerprint = payment.fingerprint(provider.name)
+        if provider.breaker.rejects_now():
+            # Fail fast without taking a lock: only a stored answer may still be served.
+            stored = await self._store.replay_or_raise(payment.idempotency_key, fingerprint)
+            if stored is None:
+                raise ProviderUnavailable(provider.name, provider.breaker.retry_after_s())
+            return _replay(request, stored)
+        claimed = await self._store.claim(
+            payment.idempotency_key, fingerprint, payment.provider_reference(provider.name)
+        )
+        if isinstance(claimed, StoredResult):
+            return _replay(request, claimed)
+        # Shielded: a client that hangs up must not abandon a payment the provider may be
+        # charging; the result is still stored, and the client's retry gets the replay.
+        task = asyncio.ensure_future(self._settle(provider, payment, claimed))
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+        status, body = await asyncio.shield(task)
+        request[OUTCOME] = "success" if status == 200 else "declined"
+        return web.Response(status=status, body=body, content_type=_JSON)
+
+    async def _settle(
+        self, provider: ProviderClient, payment: Payment, claim: Claim
+    ) -> tuple[int, bytes]:
+        try:
+            answer = await provider.pay(payment)
+        except BaseException:
+            await claim.release()
+            raise
+        status, body = _final_answer(provider.name, payment, answer)
+        await claim.keep(status, body)
+        return status, body
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        state = await self._store.peek(request.match_info["idempotency_key"])
+        if state is None:
+            raise NotFound("no payment with this idempotency key")
+        return web.json_response(describe(state))
+
+
+async def _json_body(request: web.Request) -> bytes:
+    if request.content_type != _JSON:
+        raise UnsupportedMediaType(f"Content-Type must be {_JSON}, got {request.content_type!r}")
+    # aiohttp enforces client_max_size (= server.max_body_bytes) while reading: 413.
+    return await request.read()
+
+
+def _replay(request: web.Request, stored: StoredResult) -> web.Response:
+    request[OUTCOME] = "replayed"
+    return web.Response(
+        status=stored.status,
+        body=stored.body,
+        content_type=_JSON,
+        headers={"Idempotent-Replayed": "true"},
+    )
+
+
+def _final_answer(provider: str, payment: Payment, answer: Answer) -> tuple[int, bytes]:
+    body: dict[str, Any]
+    if answer.outcome == "success":
+        status = 200
+        body = {
+            "status": "SUCCESS",
+            "transaction_id": payment.transaction_id,
+            "provider": provider,
+            "provider_reference": answer.provider_reference or payment.provider_reference(provider),
+            "amount": float(payment.amount),
+            "currency": payment.currency,
+        }
+    else:
+        status = 402
+        body = {
+            "status": "DECLINED",
+            "transaction_id": payment.transaction_id,
+            "provider": provider,
+            "reason": answer.reason,
+        }
+    return status, json.dumps(body, separators=(",", ":")).encode()

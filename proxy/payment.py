@@ -1,0 +1,130 @@
+"""A payment request read from the wire and checked field by field (CONTRACT §2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from proxy.errors import InvalidRequest, UnknownProvider
+
+_TRANSACTION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_PAYER = re.compile(r"^[0-9]{8,15}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+_MAX_AMOUNT = Decimal("1e9")
+_CENT = Decimal("0.01")
+# Fixed forever: changing it would change every provider reference and defeat provider dedupe.
+REFERENCE_NAMESPACE = uuid.UUID("6f1d2b9e-5c3a-5d7e-9a41-7061796167ff")
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    transaction_id: str
+    amount: Decimal
+    currency: str
+    provider_key: str
+    payer: str | None
+    idempotency_key: str
+
+    def fingerprint(self, provider: str) -> str:
+        """Hash of the request's meaning: what a reused key must match to be a replay."""
+        canonical = json.dumps(
+            [self.transaction_id, str(self.amount.normalize()), self.currency, provider, self.payer],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def provider_reference(self, provider: str) -> str:
+        """Same provider and key, same reference: a retry is recognisable by the provider."""
+        return str(uuid.uuid5(REFERENCE_NAMESPACE, f"{provider}\x00{self.idempotency_key}"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_payment(body: bytes, idempotency_header: str | None, known_providers: set[str]) -> Payment:
+    """Validate every field at once; raises InvalidRequest/UnknownProvider naming each bad one."""
+    try:
+        document = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise InvalidRequest({"body": f"not valid JSON: {error}"}) from None
+    if not isinstance(document, dict):
+        raise InvalidRequest({"body": "must be a JSON object"})
+    problems: dict[str, str] = {}
+    transaction_id = _text(document, "TransactionID", _TRANSACTION_ID, "1-64 chars of A-Z a-z 0-9 . _ : -", problems)
+    amount = _amount(document.get("Amount"), problems)
+    currency = _text(document, "Currency", _CURRENCY, "3 upper-case letters (ISO 4217)", problems)
+    provider_key = _text(document, "ProviderKey", None, "", problems)
+    payer = None
+    if document.get("Payer") is not None:
+        payer = _text(document, "Payer", _PAYER, "8-15 digits (an MSISDN)", problems)
+    if idempotency_header is not None and not _IDEMPOTENCY_KEY.match(idempotency_header):
+        problems["Idempotency-Key"] = "must be 1-255 printable ASCII characters"
+    unknown = provider_key is not None and provider_key.lower() not in known_providers
+    if unknown:
+        problems["ProviderKey"] = f"no provider named {provider_key!r} is configured"
+    if problems:
+        if unknown and len(problems) == 1:
+            raise UnknownProvider(problems, f"unknown provider {provider_key!r}")
+        raise InvalidRequest(problems)
+    assert transaction_id is not None and amount is not None and currency is not None
+    assert provider_key is not None
+    return Payment(
+        transaction_id=transaction_id,
+        amount=amount,
+        currency=currency,
+        provider_key=provider_key,
+        payer=payer,
+        idempotency_key=idempotency_header if idempotency_header is not None else transaction_id,
+    )
+
+
+def _text(
+    document: dict[str, Any], name: str, pattern: re.Pattern[str] | None, rule: str, problems: dict[str, str]
+) -> str | None:
+    value = document.get(name)
+    if value is None:
+        problems[name] = "is required"
+    elif not isinstance(value, str):
+        problems[name] = f"must be a string, got {type(value).__name__}"
+    elif pattern is not None and not pattern.match(value):
+        problems[name] = f"must be {rule}"
+    elif not value:
+        problems[name] = "must not be empty"
+    else:
+        return value
+    return None
+
+
+def _amount(value: Any, problems: dict[str, str]) -> Decimal | None:
+    if value is None:
+        problems["Amount"] = "is required"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        problems["Amount"] = f"must be a number, got {_json_type(value)}"
+        return None
+    try:
+        amount = Decimal(value)
+        exact = amount.quantize(_CENT) == amount
+    except InvalidOperation:
+        exact = False
+        amount = Decimal(0)
+    if amount <= 0:
+        problems["Amount"] = "must be greater than 0"
+    elif amount > _MAX_AMOUNT:
+        problems["Amount"] = "must be at most 1000000000"
+    elif not exact:
+        problems["Amount"] = "must have at most 2 decimal places"
+    else:
+        return amount
+    return None
+
+
+def _json_type(value: Any) -> str:
+    return {str: "string", bool: "boolean", list: "array", dict: "object"}.get(type(value), type(value).__name__)
