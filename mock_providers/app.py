@@ -18,6 +18,9 @@ from mock_providers.ledger import Ledger
 API = web.AppKey("api", ProviderApi)
 FAULTS = web.AppKey("faults", Faults)
 LEDGER = web.AppKey("ledger", Ledger)
+# What the request log reports about a payment or status request, set by the handlers.
+REFERENCE = web.RequestKey("reference", str)
+OUTCOME = web.RequestKey("outcome", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,13 +46,13 @@ async def pay(request: web.Request) -> web.Response:
         api.authorize(request.headers)
         payment = api.read_payment(request.headers, await request.read())
     except Rejected as rejected:
-        request["outcome"] = "rejected"
+        request[OUTCOME] = "rejected"
         return respond(rejected.answer)
-    request["reference"] = payment.reference
+    request[REFERENCE] = payment.reference
     decision = request.app[FAULTS].decide()
     # Booked before the latency sleep, so a concurrent repeat of the reference is a duplicate.
     booking = ledger.book(payment, decision)
-    request["outcome"] = booking.outcome
+    request[OUTCOME] = booking.outcome
     await asyncio.sleep(decision.latency_s)
     if booking.outcome == Outcome.HANG:
         await hang_until_the_client_leaves()
@@ -68,7 +71,7 @@ async def hang_until_the_client_leaves() -> NoReturn:
 async def payment_status(request: web.Request) -> web.Response:
     api = request.app[API]
     reference = request.match_info["reference"]
-    request["reference"] = reference
+    request[REFERENCE] = reference
     try:
         api.authorize(request.headers)
     except Rejected as rejected:
@@ -126,8 +129,8 @@ async def log_request(request: web.Request, handler: Handler) -> web.StreamRespo
             "provider": request.app[API].name,
             "method": request.method,
             "path": request.path,
-            "reference": request.get("reference"),
-            "outcome": request.get("outcome"),
+            "reference": request.get(REFERENCE),
+            "outcome": request.get(OUTCOME),
             "status": status,
             "latency_ms": round((time.monotonic() - started) * 1000, 1),
         }
