@@ -1,0 +1,179 @@
+"""`payagg-mock`: flags and MOCK_* variables, one-line errors, and the real process's lifecycle."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+import pytest
+
+from mock_providers.cli import build_parser, read_settings
+from tests.processes import VENV_BIN, free_port, mock_provider, running
+
+Json = dict[str, Any]
+
+
+def http(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, Json]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def mtn_payment(base_url: str) -> tuple[int, Json]:
+    headers = {
+        "Authorization": "Bearer t",
+        "X-Reference-Id": str(uuid.uuid4()),
+        "X-Target-Environment": "sandbox",
+        "Content-Type": "application/json",
+    }
+    body = {
+        "amount": "20.00",
+        "currency": "EUR",
+        "externalId": "order-1",
+        "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
+    }
+    return http("POST", f"{base_url}/collection/v1_0/requesttopay", body, headers)
+
+
+def test_the_parser_offers_exactly_the_contract_options() -> None:
+    flags = {flag for action in build_parser()._actions for flag in action.option_strings}
+    assert flags == {
+        "-h", "--help", "--provider", "--host", "--port", "--failure-rate", "--decline-rate",
+        "--latency-ms", "--hang-rate", "--seed",
+    }
+
+
+def test_defaults_depend_on_the_provider() -> None:
+    mtn = read_settings(["--provider", "mtn"], {})
+    airtel = read_settings(["--provider", "airtel"], {})
+    assert (mtn.api.name, mtn.host, mtn.port) == ("mtn", "127.0.0.1", 9101)
+    assert (airtel.api.name, airtel.port) == ("airtel", 9102)
+    assert mtn.faults.as_json() == {
+        "failure_rate": 0.0, "decline_rate": 0.0, "latency_ms": [0.0, 0.0], "hang_rate": 0.0,
+    }
+
+
+def test_every_option_can_come_from_its_environment_variable() -> None:
+    settings = read_settings([], {
+        "MOCK_PROVIDER": "airtel", "MOCK_HOST": "0.0.0.0", "MOCK_PORT": "9200",
+        "MOCK_FAILURE_RATE": "0.1", "MOCK_DECLINE_RATE": "0.2", "MOCK_LATENCY_MS": "5,10",
+        "MOCK_HANG_RATE": "0.3", "MOCK_SEED": "42",
+    })
+    assert (settings.api.name, settings.host, settings.port, settings.seed) == (
+        "airtel", "0.0.0.0", 9200, 42,
+    )
+    assert settings.faults.as_json() == {
+        "failure_rate": 0.1, "decline_rate": 0.2, "latency_ms": [5.0, 10.0], "hang_rate": 0.3,
+    }
+
+
+def test_a_flag_wins_over_its_environment_variable() -> None:
+    settings = read_settings(
+        ["--provider", "mtn", "--failure-rate", "0", "--port", "9300"],
+        {"MOCK_PROVIDER": "airtel", "MOCK_FAILURE_RATE": "1", "MOCK_PORT": "9200"},
+    )
+    assert (settings.api.name, settings.port, settings.faults.failure_rate) == ("mtn", 9300, 0.0)
+
+
+BAD_VALUES = [
+    (["--provider", "visa"], {}, "--provider"),
+    ([], {}, "--provider"),
+    (["--provider", "mtn", "--port", "0"], {}, "--port"),
+    (["--provider", "mtn", "--port", "http"], {}, "--port"),
+    (["--provider", "mtn", "--failure-rate", "1.5"], {}, "--failure-rate"),
+    (["--provider", "mtn", "--decline-rate", "half"], {}, "--decline-rate"),
+    (["--provider", "mtn", "--hang-rate", "-0.1"], {}, "--hang-rate"),
+    (["--provider", "mtn", "--latency-ms", "10"], {}, "--latency-ms"),
+    (["--provider", "mtn", "--latency-ms", "10,5"], {}, "--latency-ms"),
+    (["--provider", "mtn", "--seed", "x"], {}, "--seed"),
+    (["--provider", "mtn", "--failure-rate", "0.6", "--decline-rate", "0.6"], {}, "--failure-rate"),
+    (["--provider", "mtn"], {"MOCK_LATENCY_MS": "fast"}, "MOCK_LATENCY_MS"),
+    ([], {"MOCK_PROVIDER": "mpesa"}, "MOCK_PROVIDER"),
+    (["--provider", "mtn", "--colour", "red"], {}, "--colour"),
+]
+BAD_VALUE_IDS = [
+    "unknown-provider", "no-provider", "port-zero", "port-not-a-number", "rate-above-one",
+    "rate-not-a-number", "rate-negative", "latency-one-bound", "latency-lo-above-hi",
+    "seed-not-an-integer", "rates-sum-above-one", "bad-env-latency", "bad-env-provider",
+    "unknown-flag",
+]
+
+
+@pytest.mark.parametrize(("argv", "environ", "named"), BAD_VALUES, ids=BAD_VALUE_IDS)
+def test_a_bad_value_is_a_one_line_error_naming_the_option_and_exit_2(
+    argv: list[str], environ: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        read_settings(argv, environ)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("payagg-mock: error: ")
+    assert named in error
+
+
+def test_a_bad_value_in_the_real_command_is_one_line_without_a_traceback() -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "payagg-mock"), "--provider", "mtn", "--latency-ms", "5-10"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "payagg-mock: error: argument --latency-ms: must be LO,HI milliseconds with "
+        "0 <= LO <= HI, got '5-10'"
+    ]
+
+
+def test_a_busy_port_is_a_one_line_error_naming_the_port_and_exit_1() -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = subprocess.run(
+            mock_provider("mtn", port), capture_output=True, text=True, timeout=30, check=False,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert f"port {port}" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_real_mock_serves_payments_and_exits_0_on_sigterm() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(mock_provider("mtn", port, "--seed", "7"), f"{base}/healthz") as service:
+        status, body = mtn_payment(base)
+        assert (status, body["status"]) == (202, "SUCCESSFUL")
+        assert http("GET", f"{base}/__mock/stats")[1]["charges"] == 1
+        assert service.stop() == 0
+    lines = [json.loads(line) for line in service.log_path.read_text().splitlines()]
+    assert lines[0]["event"] == "listening"
+    assert lines[0]["seed"] == 7
+    payments = [line for line in lines if line.get("method") == "POST"]
+    assert len(payments) == 1
+    assert {"provider": "mtn", "outcome": "success", "status": 202}.items() <= payments[0].items()
+
+
+def test_the_real_mock_reads_its_settings_from_the_environment_and_exits_0_on_sigint() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"MOCK_PROVIDER": "mtn", "MOCK_PORT": str(port), "MOCK_FAILURE_RATE": "1"}
+    with running([str(VENV_BIN / "payagg-mock")], f"{base}/healthz", env=env) as service:
+        status, body = mtn_payment(base)
+        assert (status, body["code"]) == (500, "INTERNAL_PROCESSING_ERROR")
+        assert http("PUT", f"{base}/__mock/config", {})[1]["failure_rate"] == 1.0
+        service.signal(signal.SIGINT)
+        assert service.process.wait(timeout=10) == 0
