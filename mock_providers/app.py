@@ -18,6 +18,7 @@ from mock_providers.ledger import Ledger
 API = web.AppKey("api", ProviderApi)
 FAULTS = web.AppKey("faults", Faults)
 LEDGER = web.AppKey("ledger", Ledger)
+HANGS = web.AppKey("hangs", set[asyncio.Future[None]])
 # What the request log reports about a payment or status request, set by the handlers.
 REFERENCE = web.RequestKey("reference", str)
 OUTCOME = web.RequestKey("outcome", str)
@@ -31,6 +32,8 @@ def create_app(api: ProviderApi, config: FaultConfig, seed: int | None) -> web.A
     app[API] = api
     app[FAULTS] = Faults(config, seed, api.decline_reasons)
     app[LEDGER] = Ledger()
+    app[HANGS] = set()
+    app.on_shutdown.append(drop_hung_requests)
     app.router.add_post(api.payment_path, pay)
     app.router.add_get(api.status_path, payment_status)
     app.router.add_get("/healthz", healthz)
@@ -55,17 +58,29 @@ async def pay(request: web.Request) -> web.Response:
     request[OUTCOME] = booking.outcome
     await asyncio.sleep(decision.latency_s)
     if booking.outcome == Outcome.HANG:
-        await hang_until_the_client_leaves()
+        await hang_until_the_client_leaves(request.app[HANGS])
     if booking.entry is None:
         return respond(api.failure_answer())
     return respond(api.payment_answer(booking.entry))
 
 
-async def hang_until_the_client_leaves() -> NoReturn:
+async def hang_until_the_client_leaves(hangs: set[asyncio.Future[None]]) -> NoReturn:
     # The payment is already charged; only the answer is lost. The handler is cancelled when the
-    # client disconnects (or at shutdown), so no task outlives its connection.
-    await asyncio.get_running_loop().create_future()
+    # client disconnects, or by drop_hung_requests at shutdown, so no task outlives its connection.
+    never = asyncio.get_running_loop().create_future()
+    hangs.add(never)
+    try:
+        await never
+    finally:
+        hangs.discard(never)
     raise AssertionError("a hung request only ever ends by cancellation")
+
+
+async def drop_hung_requests(app: web.Application) -> None:
+    # Without this, shutdown would wait its whole timeout for answers that never come; the
+    # connections close unanswered, as a crashed provider's would.
+    for never in app[HANGS]:
+        never.cancel()
 
 
 async def payment_status(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency
 
 PROVIDERS = {"mtn": mtn.API, "airtel": airtel.API}
 DEFAULT_PORTS = {"mtn": 9101, "airtel": 9102}
-# Long enough for an answer in flight to leave; hung requests would otherwise hold the exit.
+# How long answers in flight (sleeping out their latency) get to leave at shutdown.
 SHUTDOWN_TIMEOUT_S = 2.0
 
 

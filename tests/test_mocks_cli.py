@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -13,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from mock_providers.cli import build_parser, read_settings
-from tests.processes import VENV_BIN, free_port, mock_provider, running
+from mock_providers.cli import SHUTDOWN_TIMEOUT_S, build_parser, read_settings
+from tests.processes import VENV_BIN, free_port, mock_provider, running, wait_until
 
 Json = dict[str, Any]
 
@@ -177,3 +178,29 @@ def test_the_real_mock_reads_its_settings_from_the_environment_and_exits_0_on_si
         assert http("PUT", f"{base}/__mock/config", {})[1]["failure_rate"] == 1.0
         service.signal(signal.SIGINT)
         assert service.process.wait(timeout=10) == 0
+
+
+def test_a_hung_request_does_not_delay_the_real_mocks_exit_0_on_sigterm() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    body = json.dumps({
+        "amount": "1", "currency": "EUR", "externalId": "x",
+        "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
+    })
+    with (
+        running(mock_provider("mtn", port, "--hang-rate", "1"), f"{base}/healthz") as service,
+        socket.create_connection(("127.0.0.1", port)) as client,
+    ):
+        client.sendall(
+            f"POST /collection/v1_0/requesttopay HTTP/1.1\r\nHost: mock\r\n"
+            f"Authorization: Bearer t\r\nX-Reference-Id: {uuid.uuid4()}\r\n"
+            f"X-Target-Environment: sandbox\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        wait_until(
+            lambda: http("GET", f"{base}/__mock/stats")[1]["charges"] == 1,
+            what="the hung payment to be charged",
+        )
+        started = time.monotonic()
+        assert service.stop() == 0
+        assert time.monotonic() - started < SHUTDOWN_TIMEOUT_S  # the hang did not hold the exit
