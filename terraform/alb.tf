@@ -55,7 +55,6 @@ resource "aws_lb_target_group" "proxy" {
 
 resource "aws_lb_listener" "http" {
   #checkov:skip=CKV_AWS_2:HTTP forwards only while certificate_arn is empty (a demo without a domain); with a certificate it redirects to HTTPS
-  #checkov:skip=CKV2_AWS_20:HTTP forwards only while certificate_arn is empty (a demo without a domain); with a certificate it redirects to HTTPS
   #checkov:skip=CKV_AWS_103:the TLS policy applies to the HTTPS listener; this one is plain HTTP by design
   load_balancer_arn = aws_lb.payagg.arn
   port              = 80

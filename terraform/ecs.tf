@@ -4,65 +4,28 @@
 locals {
   image = "${aws_ecr_repository.payagg.repository_url}:${var.image_tag}"
 
-  # The slim image has no curl; the standard library is enough to probe a health endpoint.
-  health_probe = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:%d/healthz', timeout=2)"
-
-  mocks = {
-    mtn    = { port = 9101, failure_rate = var.mtn_failure_rate }
-    airtel = { port = 9102, failure_rate = var.airtel_failure_rate }
-  }
-
-  # Settings every container shares: non-root, nothing written outside the ephemeral /tmp, logs to
-  # CloudWatch, and 30 s between SIGTERM and SIGKILL because the proxy drains for up to 20 s.
-  container_defaults = {
+  # Each container is written out in full rather than merged from shared defaults, so that what ECS
+  # receives can be read (and is checked by tests/test_terraform.py) key by key. All three run as
+  # uid 10001 on a read-only root filesystem with a scratch /tmp, and get 30 s between SIGTERM and
+  # SIGKILL because the proxy drains in-flight payments for up to 20 s. The slim image has no curl,
+  # so the health checks use the standard library.
+  proxy_container = {
+    name                   = "proxy"
     image                  = local.image
+    essential              = true
+    command                = ["payagg", "serve"]
     user                   = "10001"
     readonlyRootFilesystem = true
     stopTimeout            = 30
     linuxParameters        = { initProcessEnabled = true }
-  }
-
-  mock_containers = [
-    for name, mock in local.mocks : merge(local.container_defaults, {
-      name      = name
-      essential = true
-      command   = ["payagg-mock", "--provider", name, "--host", "127.0.0.1", "--port", tostring(mock.port)]
-      environment = concat([
-        { name = "MOCK_FAILURE_RATE", value = tostring(mock.failure_rate) },
-        { name = "MOCK_DECLINE_RATE", value = tostring(var.mock_decline_rate) },
-        { name = "MOCK_HANG_RATE", value = tostring(var.mock_hang_rate) },
-        { name = "MOCK_LATENCY_MS", value = join(",", var.mock_latency_ms) },
-        ], var.mock_seed == null ? [] : [
-        { name = "MOCK_SEED", value = tostring(var.mock_seed) },
-      ])
-      healthCheck = {
-        command     = ["CMD", "python", "-c", format(local.health_probe, mock.port)]
-        interval    = 10
-        timeout     = 5
-        retries     = 3
-        startPeriod = 10
-      }
-      mountPoints = [{ sourceVolume = "tmp-${name}", containerPath = "/tmp", readOnly = false }]
-      logConfiguration = {
-        logDriver = "awslogs"
-        options = {
-          awslogs-group         = aws_cloudwatch_log_group.payagg.name
-          awslogs-region        = data.aws_region.current.name
-          awslogs-stream-prefix = name
-        }
-      }
-    })
-  ]
-
-  proxy_container = merge(local.container_defaults, {
-    name         = "proxy"
-    essential    = true
-    command      = ["payagg", "serve"]
-    portMappings = [{ containerPort = 8080, protocol = "tcp" }]
-    dependsOn    = [for name, _ in local.mocks : { containerName = name, condition = "HEALTHY" }]
+    portMappings           = [{ containerPort = 8080, protocol = "tcp" }]
+    dependsOn = [
+      { containerName = "mtn", condition = "HEALTHY" },
+      { containerName = "airtel", condition = "HEALTHY" },
+    ]
     environment = [
-      { name = "MTN_URL", value = "http://127.0.0.1:${local.mocks.mtn.port}" },
-      { name = "AIRTEL_URL", value = "http://127.0.0.1:${local.mocks.airtel.port}" },
+      { name = "MTN_URL", value = "http://127.0.0.1:9101" },
+      { name = "AIRTEL_URL", value = "http://127.0.0.1:9102" },
       { name = "PROVIDER_TIMEOUT_S", value = tostring(var.provider_timeout_s) },
       { name = "BREAKER_FAILURE_RATE_THRESHOLD", value = tostring(var.breaker_failure_rate_threshold) },
       { name = "BREAKER_MINIMUM_CALLS", value = tostring(var.breaker_minimum_calls) },
@@ -71,11 +34,11 @@ locals {
       { name = "BREAKER_HALF_OPEN_MAX_CALLS", value = tostring(var.breaker_half_open_max_calls) },
       { name = "LOG_LEVEL", value = var.log_level },
     ]
-    # REDIS_URL carries the auth token, so it is injected from Secrets Manager at start-up and never
-    # appears in the task definition.
+    # REDIS_URL carries the auth token: ECS resolves it from Secrets Manager when the task starts,
+    # so it never appears in the task definition.
     secrets = [{ name = "REDIS_URL", valueFrom = "${aws_secretsmanager_secret.redis.arn}:url::" }]
     healthCheck = {
-      command     = ["CMD", "python", "-c", format(local.health_probe, 8080)]
+      command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
       interval    = 10
       timeout     = 5
       retries     = 3
@@ -90,9 +53,77 @@ locals {
         awslogs-stream-prefix = "proxy"
       }
     }
-  })
+  }
 
-  containers = concat([local.proxy_container], local.mock_containers)
+  mtn_container = {
+    name                   = "mtn"
+    image                  = local.image
+    essential              = true
+    command                = ["payagg-mock", "--provider", "mtn", "--host", "127.0.0.1", "--port", "9101"]
+    user                   = "10001"
+    readonlyRootFilesystem = true
+    stopTimeout            = 30
+    linuxParameters        = { initProcessEnabled = true }
+    environment = [
+      { name = "MOCK_FAILURE_RATE", value = tostring(var.mtn_failure_rate) },
+      { name = "MOCK_DECLINE_RATE", value = tostring(var.mock_decline_rate) },
+      { name = "MOCK_HANG_RATE", value = tostring(var.mock_hang_rate) },
+      { name = "MOCK_LATENCY_MS", value = join(",", var.mock_latency_ms) },
+      { name = "MOCK_SEED", value = var.mock_seed == null ? "" : tostring(var.mock_seed) },
+    ]
+    healthCheck = {
+      command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9101/healthz', timeout=2)"]
+      interval    = 10
+      timeout     = 5
+      retries     = 3
+      startPeriod = 10
+    }
+    mountPoints = [{ sourceVolume = "tmp-mtn", containerPath = "/tmp", readOnly = false }]
+    logConfiguration = {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.payagg.name
+        awslogs-region        = data.aws_region.current.name
+        awslogs-stream-prefix = "mtn"
+      }
+    }
+  }
+
+  airtel_container = {
+    name                   = "airtel"
+    image                  = local.image
+    essential              = true
+    command                = ["payagg-mock", "--provider", "airtel", "--host", "127.0.0.1", "--port", "9102"]
+    user                   = "10001"
+    readonlyRootFilesystem = true
+    stopTimeout            = 30
+    linuxParameters        = { initProcessEnabled = true }
+    environment = [
+      { name = "MOCK_FAILURE_RATE", value = tostring(var.airtel_failure_rate) },
+      { name = "MOCK_DECLINE_RATE", value = tostring(var.mock_decline_rate) },
+      { name = "MOCK_HANG_RATE", value = tostring(var.mock_hang_rate) },
+      { name = "MOCK_LATENCY_MS", value = join(",", var.mock_latency_ms) },
+      { name = "MOCK_SEED", value = var.mock_seed == null ? "" : tostring(var.mock_seed) },
+    ]
+    healthCheck = {
+      command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9102/healthz', timeout=2)"]
+      interval    = 10
+      timeout     = 5
+      retries     = 3
+      startPeriod = 10
+    }
+    mountPoints = [{ sourceVolume = "tmp-airtel", containerPath = "/tmp", readOnly = false }]
+    logConfiguration = {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.payagg.name
+        awslogs-region        = data.aws_region.current.name
+        awslogs-stream-prefix = "airtel"
+      }
+    }
+  }
+
+  containers = [local.proxy_container, local.mtn_container, local.airtel_container]
 }
 
 resource "aws_cloudwatch_log_group" "payagg" {
@@ -128,7 +159,7 @@ resource "aws_ecs_task_definition" "payagg" {
 
   # Fargate task storage, one scratch /tmp per container: the root filesystems are read-only.
   dynamic "volume" {
-    for_each = toset(["proxy", "mtn", "airtel"])
+    for_each = toset([for container in local.containers : container.name])
     content {
       name = "tmp-${volume.value}"
     }

@@ -1,0 +1,1 @@
+"""Helpers of tests/test_terraform.py: the parsed HCL, the tools kept out of the project venv."""

