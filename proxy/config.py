@@ -79,13 +79,13 @@ class ProviderSettings(_Section):
 
 
 class ProviderDefaults(_Section):
-    """Keys applied to every provider unless the provider sets them itself."""
+    """Keys applied to every provider unless it sets them; checked as part of each provider."""
 
-    timeout_s: float | None = Field(None, gt=0, le=300)
-    breaker: dict[str, Any] | None = None
-    default_payer: str | None = None
-    request: dict[str, Any] | None = None
-    response: dict[str, Any] | None = None
+    timeout_s: Any = None
+    breaker: Any = None
+    default_payer: Any = None
+    request: Any = None
+    response: Any = None
 
 
 class _FileShape(_Section):
@@ -93,7 +93,15 @@ class _FileShape(_Section):
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
     defaults: ProviderDefaults = ProviderDefaults()
-    providers: dict[str, ProviderSettings]
+    # Each provider is validated on its own, so one bad provider hides no other's problems.
+    providers: dict[str, Any]
+
+    @field_validator("providers")
+    @classmethod
+    def _at_least_one(cls, providers: dict[str, Any]) -> dict[str, Any]:
+        if not providers:
+            raise ValueError("declares no provider; at least one is needed")
+        return providers
 
 
 @dataclass(frozen=True)
@@ -157,16 +165,22 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
     try:
         shape = _FileShape.model_validate(raw)
     except ValidationError as error:
-        problems.extend(_problems_from_pydantic(error, raw))
-    config = None
+        problems.extend(_problems_from_pydantic(error, ()))
+    providers_raw = raw.get("providers")
+    settings: dict[str, ProviderSettings] = {}
+    if isinstance(providers_raw, dict):
+        for name, provider_raw in providers_raw.items():
+            try:
+                settings[str(name)] = ProviderSettings.model_validate(provider_raw)
+            except ValidationError as error:
+                problems.extend(_problems_from_pydantic(error, ("providers", str(name))))
+    providers, provider_problems = _build_providers(settings)
+    problems.extend(provider_problems)
     if shape is not None:
-        providers, provider_problems = _build_providers(shape)
-        problems.extend(provider_problems)
-        problems.extend(_cross_field_problems(shape))
-        config = GatewayConfig(source, shape.server, shape.redis, shape.idempotency, providers)
-    if problems or config is None:
+        problems.extend(_lock_ttl_problems(shape.idempotency, settings))
+    if problems or shape is None:
         raise ConfigError(_format(problems, document, source))
-    return config
+    return GatewayConfig(source, shape.server, shape.redis, shape.idempotency, providers)
 
 
 def _merge_defaults(document: YamlDocument) -> dict[str, Any]:
@@ -199,23 +213,17 @@ def _deep_merge(
         key_path, base_key_path = (*path, str(key)), (*base_path, str(key))
         if key not in override:
             result[key] = value
-            _copy_lines(document, base_key_path, key_path)
+            document.aliases[key_path] = base_key_path
         elif isinstance(value, dict) and isinstance(override[key], dict):
             result[key] = _deep_merge(value, override[key], base_key_path, key_path, document)
     return result
 
 
-def _copy_lines(document: YamlDocument, source: Path, target: Path) -> None:
-    for path, line in list(document.lines.items()):
-        if path[: len(source)] == source:
-            document.lines[target + path[len(source) :]] = line
-
-
-def _problems_from_pydantic(error: ValidationError, raw: dict[str, Any]) -> list[Problem]:
+def _problems_from_pydantic(error: ValidationError, prefix: Path) -> list[Problem]:
     problems = []
     for item in error.errors(include_url=False):
-        path: Path = tuple(part for part in item["loc"] if not _is_union_tag(part))
-        problems.append(Problem(path, _describe(item, path, raw)))
+        path: Path = (*prefix, *(part for part in item["loc"] if not _is_union_tag(part)))
+        problems.append(Problem(path, _describe(item, path)))
     return problems
 
 
@@ -224,10 +232,10 @@ def _is_union_tag(part: str | int) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("int", "str", "bool", "float"))
 
 
-def _describe(item: Any, path: Path, raw: dict[str, Any]) -> str:
+def _describe(item: Any, path: Path) -> str:
     kind, context = item["type"], item.get("ctx", {})
     if kind == "extra_forbidden":
-        return "unknown key" + _did_you_mean(path, raw)
+        return "unknown key" + _did_you_mean(path)
     if kind == "missing":
         return "required key is missing"
     got = f", got {item['input']!r}"
@@ -239,7 +247,7 @@ def _describe(item: Any, path: Path, raw: dict[str, Any]) -> str:
     }
     if kind in bounds:
         limit = next(iter(context.values()))
-        return f"must be {bounds[kind]} {limit}{got}"
+        return f"must be {bounds[kind]} {limit:g}{got}"
     if kind == "value_error":
         return str(context.get("error", item["msg"]))
     if kind == "string_pattern_mismatch":
@@ -247,10 +255,7 @@ def _describe(item: Any, path: Path, raw: dict[str, Any]) -> str:
     return f"{item['msg'][0].lower()}{item['msg'][1:]}{got}"
 
 
-def _did_you_mean(path: Path, raw: dict[str, Any]) -> str:
-    parent: Any = raw
-    for part in path[:-1]:
-        parent = parent.get(part) if isinstance(parent, dict) else None
+def _did_you_mean(path: Path) -> str:
     model = _model_at(path[:-1])
     if model is None:
         return ""
@@ -276,13 +281,13 @@ def _model_at(path: Path) -> type[BaseModel] | None:
     return model
 
 
-def _build_providers(shape: _FileShape) -> tuple[tuple[Provider, ...], list[Problem]]:
+def _build_providers(
+    all_settings: dict[str, ProviderSettings],
+) -> tuple[tuple[Provider, ...], list[Problem]]:
     problems: list[Problem] = []
     providers = []
     seen: dict[str, str] = {}
-    if not shape.providers:
-        problems.append(Problem(("providers",), "declares no provider; at least one is needed"))
-    for name, settings in shape.providers.items():
+    for name, settings in all_settings.items():
         path: Path = ("providers", name)
         if not _PROVIDER_NAME.match(name) or name.lower() == "unknown":
             problems.append(
@@ -303,60 +308,66 @@ def _build_providers(shape: _FileShape) -> tuple[tuple[Provider, ...], list[Prob
             settings.request, settings.response, settings.default_payer is not None, path
         )
         problems.extend(mapping_problems)
+        problems.extend(_breaker_problems(settings.breaker, (*path, "breaker")))
         providers.append(Provider(name, settings, mapping))
     return tuple(providers), problems
 
 
-def _cross_field_problems(shape: _FileShape) -> list[Problem]:
+def _breaker_problems(breaker: BreakerSettings, path: Path) -> list[Problem]:
     problems = []
-    for name, settings in shape.providers.items():
-        breaker = settings.breaker
-        path: Path = ("providers", name, "breaker")
-        if breaker.minimum_calls < 1:
-            problems.append(
-                Problem(
-                    (*path, "minimum_calls"),
-                    f"must be >= 1, got {breaker.minimum_calls}: with no minimum, a single "
-                    "failed call in a quiet window is a 100% failure rate and opens the breaker",
-                )
+    if breaker.minimum_calls < 1:
+        problems.append(
+            Problem(
+                (*path, "minimum_calls"),
+                f"must be >= 1, got {breaker.minimum_calls}: with no minimum, a single failed "
+                "call in a quiet window is a 100% failure rate and opens the breaker",
             )
-        if breaker.half_open_max_calls < 1:
-            problems.append(
-                Problem(
-                    (*path, "half_open_max_calls"),
-                    f"must be >= 1, got {breaker.half_open_max_calls}: with no trial call "
-                    "a breaker that opened could never close again",
-                )
+        )
+    if breaker.half_open_max_calls < 1:
+        problems.append(
+            Problem(
+                (*path, "half_open_max_calls"),
+                f"must be >= 1, got {breaker.half_open_max_calls}: with no trial call a "
+                "breaker that opened could never close again",
             )
-        elif breaker.half_open_max_calls > max(breaker.minimum_calls, 1):
-            problems.append(
-                Problem(
-                    (*path, "half_open_max_calls"),
-                    f"must be <= minimum_calls ({breaker.minimum_calls}), got "
-                    f"{breaker.half_open_max_calls}: more trial calls than it takes to judge a "
-                    "provider would send a still-failing provider a burst instead of a probe",
-                )
+        )
+    elif breaker.half_open_max_calls > max(breaker.minimum_calls, 1):
+        problems.append(
+            Problem(
+                (*path, "half_open_max_calls"),
+                f"must be <= minimum_calls ({breaker.minimum_calls}), got "
+                f"{breaker.half_open_max_calls}: more trial calls than it takes to judge a "
+                "provider would send a still-failing provider a burst instead of a probe",
             )
-        if shape.idempotency.lock_ttl_s <= settings.timeout_s:
-            problems.append(
-                Problem(
-                    ("idempotency", "lock_ttl_s"),
-                    f"must exceed the largest provider timeout ({name}: timeout_s "
-                    f"{settings.timeout_s:g}), got {shape.idempotency.lock_ttl_s}: a lock that "
-                    "expires while the provider still works lets a retry charge twice",
-                )
-            )
+        )
     return problems
 
 
-def _format(problems: list[Problem], document: YamlDocument, source: str) -> list[str]:
-    lines = []
-    for problem in problems:
-        key = ".".join(str(part) for part in problem.path) or "(file)"
-        lines.append(
-            (
-                document.line_of(problem.path),
-                f"{source}:{document.line_of(problem.path)}: {key}: {problem.message}",
-            )
+def _lock_ttl_problems(
+    idempotency: IdempotencySettings, settings: dict[str, ProviderSettings]
+) -> list[Problem]:
+    if not settings:
+        return []
+    slowest = max(settings, key=lambda name: settings[name].timeout_s)
+    timeout_s = settings[slowest].timeout_s
+    if idempotency.lock_ttl_s > timeout_s:
+        return []
+    return [
+        Problem(
+            ("idempotency", "lock_ttl_s"),
+            f"must exceed the largest provider timeout ({slowest}: timeout_s {timeout_s:g}), "
+            f"got {idempotency.lock_ttl_s}: a lock that expires while the provider still "
+            "works lets a retry charge twice",
         )
-    return [text for _, text in sorted(lines, key=lambda item: item[0])]
+    ]
+
+
+def _format(problems: list[Problem], document: YamlDocument, source: str) -> list[str]:
+    """`file:line: key: problem`, in line order; a problem inherited from `defaults` once."""
+    located: dict[str, int] = {}
+    for problem in problems:
+        path = document.origin_of(problem.path)
+        line = document.line_of(path)
+        key = ".".join(str(part) for part in path) or "(file)"
+        located.setdefault(f"{source}:{line}: {key}: {problem.message}", line)
+    return sorted(located, key=lambda text: located[text])

