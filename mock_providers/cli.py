@@ -208,9 +208,9 @@ async def serve(settings: Settings) -> int:
         await web.TCPSite(runner, settings.host, settings.port).start()
     except OSError as error:
         await runner.cleanup()
-        reason = error.strerror or str(error)
         print(
-            f"payagg-mock: error: cannot listen on {settings.host} port {settings.port}: {reason}",
+            f"payagg-mock: error: cannot listen on {settings.host} port {settings.port}: "
+            f"{bind_problem(error)}",
             file=sys.stderr,
         )
         return 1
@@ -218,6 +218,14 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     await runner.cleanup()
     return 0
+
+
+def bind_problem(error: OSError) -> str:
+    # asyncio rewords bind errors into a long sentence; the errno says it best. Resolver errors
+    # (socket.gaierror) carry negative codes, so their own text is kept.
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno).lower()
+    return error.strerror or str(error)
 
 
 def announce(settings: Settings) -> None:
