@@ -85,7 +85,7 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
           CANON: {{url: "http://127.0.0.1:{upstream_port}/pay"}}
         """))
     upstream_argv = [sys.executable, "-m", "tests.canonical_upstream", "--port", str(upstream_port),
-                     "--failure-rate", "0.8", "--seed", "7"]
+                     "--failure-rate", "0.8", "--seed", "24"]
     proxy_argv = [str(VENV_BIN / "payagg"), "serve", "--config", str(config), "--host", "127.0.0.1",
                   "--port", str(proxy_port)]
     env = {"PYTHONPATH": str(ROOT)}
@@ -102,7 +102,7 @@ def test_the_seed_check_provider_answers_until_the_breaker_opens_then_only_fast_
     first_503 = statuses.index(503)
     assert first_503 >= 3, f"the breaker needs minimum_calls first: {statuses}"
     assert set(statuses[:first_503]) <= {200, 502}, statuses
-    assert 502 in statuses[:first_503]
+    assert {200, 502} <= set(statuses[:first_503]), "seed 24 gives a success among the failures"
     assert set(statuses[first_503:]) == {503}, statuses
     assert upstream_requests(stack.upstream) == first_503, "no upstream request while open"
     for answer in answers[first_503:]:
