@@ -100,6 +100,7 @@ def status_answer(entry: Entry | None, reference: str) -> Answer:
 
 API = ProviderApi(
     name="airtel",
+    default_port=9102,
     payment_path="/merchant/v1/payments/",
     status_path="/standard/v1/payments/{reference}",
     decline_reasons=tuple(DECLINES),

@@ -32,6 +32,7 @@ class ProviderApi:
     """One provider's dialect; the shared behaviour (faults, dedupe, admin) lives in app.py."""
 
     name: str
+    default_port: int
     payment_path: str
     status_path: str  # an aiohttp route with a `{reference}` part
     decline_reasons: tuple[str, ...]

@@ -20,8 +20,7 @@ from mock_providers.api import ProviderApi
 from mock_providers.app import create_app
 from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency, check_rate
 
-PROVIDERS = {"mtn": mtn.API, "airtel": airtel.API}
-DEFAULT_PORTS = {"mtn": 9101, "airtel": 9102}
+PROVIDERS = {api.name: api for api in (mtn.API, airtel.API)}
 # How long answers in flight (sleeping out their latency) get to leave at shutdown.
 SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -183,10 +182,11 @@ def read_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
     except InvalidFaultConfig as bad:
         parser.error(f"--failure-rate + --decline-rate + --hang-rate {bad.problem}")
     seed = values["seed"]
+    api = PROVIDERS[provider]
     return Settings(
-        api=PROVIDERS[provider],
+        api=api,
         host=values["host"] or "127.0.0.1",
-        port=values["port"] or DEFAULT_PORTS[provider],
+        port=values["port"] or api.default_port,
         faults=faults,
         # A drawn seed is printed at start-up, so even an unseeded run can be replayed.
         seed=random.SystemRandom().randrange(2**32) if seed is None else seed,

@@ -87,6 +87,7 @@ def status_answer(entry: Entry | None, reference: str) -> Answer:
 
 API = ProviderApi(
     name="mtn",
+    default_port=9101,
     payment_path="/collection/v1_0/requesttopay",
     status_path="/collection/v1_0/requesttopay/{reference}",
     decline_reasons=DECLINE_REASONS,

@@ -81,8 +81,11 @@ def decimal_string(document: Mapping[str, Any], path: str) -> str:
 def positive_number(document: Mapping[str, Any], path: str) -> str:
     """A positive amount written as a JSON number, the way Airtel wants it; returned as text."""
     value = lookup(document, path)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadField(path, f"must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    # bool is an int subclass, but `true` is not an amount.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
         raise BadField(path, f"must be a positive number, got {value!r}")
     return str(value)
