@@ -128,8 +128,8 @@ async def _gateway_middleware(request: web.Request, handler: Handler) -> web.Str
     except PaymentError as error:
         response, outcome = _error_response(error), error.outcome
     except web.HTTPException as http_error:
-        error = _HTTP_ERRORS.get(http_error.status, PaymentError)(http_error.reason)
-        response, outcome = _error_response(error), error.outcome
+        mapped = _HTTP_ERRORS.get(http_error.status, PaymentError)(http_error.reason)
+        response, outcome = _error_response(mapped), mapped.outcome
         if http_error.status == 405 and "Allow" in http_error.headers:
             response.headers["Allow"] = http_error.headers["Allow"]
     except Exception:
@@ -139,8 +139,8 @@ async def _gateway_middleware(request: web.Request, handler: Handler) -> web.Str
             request.path,
             extra={"fields": {"request_id": request_id}},
         )
-        error = PaymentError("unexpected error; it was logged with this request id")
-        response, outcome = _error_response(error), error.outcome
+        unexpected = PaymentError("unexpected error; it was logged with this request id")
+        response, outcome = _error_response(unexpected), unexpected.outcome
     response.headers["X-Request-ID"] = request_id
     if request.path == "/v1/pay" and outcome:
         provider = request.get(PROVIDER, UNKNOWN_PROVIDER)

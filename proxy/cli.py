@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})")
+    serve.add_argument(
+        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
+    )
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
     serve.set_defaults(run=_serve)

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -111,7 +111,7 @@ class IdempotencyStore:
 
     async def peek(self, idempotency_key: str) -> KeyState | None:
         with self._store_errors():
-            current = await self._redis.get(self.redis_key(idempotency_key))
+            current = cast(bytes | None, await self._redis.get(self.redis_key(idempotency_key)))
         return None if current is None else _decode(current)
 
     async def replay_or_raise(self, idempotency_key: str, fingerprint: str) -> StoredResult | None:

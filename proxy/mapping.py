@@ -1,4 +1,4 @@
-"""The provider mapping language: a payment rendered into a provider's request, its answer classified.
+"""The provider mapping language: a payment rendered as a provider's request, its answer read.
 
 Templates are parsed once at start-up into small render trees; a request renders without any
 string parsing. Placeholders are `{name}` or `{name:format}`; `{{` and `}}` are literal braces.
@@ -249,7 +249,7 @@ class Answer:
 
 
 def _normalise(value: JsonValue) -> str:
-    """Compare YAML and JSON scalars by their text, so `200` matches `"200"` and `true` matches true."""
+    """YAML and JSON scalars compare as text: `200` matches `"200"`, `true` matches true."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

@@ -16,7 +16,7 @@ from prometheus_client import (
 from proxy.breaker import BreakerState
 
 # The `_created` timestamps double the scrape size and no dashboard uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNKNOWN_PROVIDER = "unknown"
 OUTCOMES = (

@@ -9,9 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import ProviderUnavailable, UnsupportedMediaType
+from proxy.errors import NotFound, ProviderUnavailable, UnsupportedMediaType
 from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe
-from proxy.errors import NotFound
 from proxy.mapping import Answer
 from proxy.payment import Payment, parse_payment
 from proxy.upstream import ProviderClient

@@ -34,7 +34,13 @@ class Payment:
     def fingerprint(self, provider: str) -> str:
         """Hash of the request's meaning: what a reused key must match to be a replay."""
         canonical = json.dumps(
-            [self.transaction_id, str(self.amount.normalize()), self.currency, provider, self.payer],
+            [
+                self.transaction_id,
+                str(self.amount.normalize()),
+                self.currency,
+                provider,
+                self.payer,
+            ],
             separators=(",", ":"),
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -48,7 +54,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_payment(body: bytes, idempotency_header: str | None, known_providers: set[str]) -> Payment:
+def parse_payment(
+    body: bytes, idempotency_header: str | None, known_providers: set[str]
+) -> Payment:
     """Validate every field at once; raises InvalidRequest/UnknownProvider naming each bad one."""
     try:
         document = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
@@ -57,7 +65,9 @@ def parse_payment(body: bytes, idempotency_header: str | None, known_providers: 
     if not isinstance(document, dict):
         raise InvalidRequest({"body": "must be a JSON object"})
     problems: dict[str, str] = {}
-    transaction_id = _text(document, "TransactionID", _TRANSACTION_ID, "1-64 chars of A-Z a-z 0-9 . _ : -", problems)
+    transaction_id = _text(
+        document, "TransactionID", _TRANSACTION_ID, "1-64 chars of A-Z a-z 0-9 . _ : -", problems
+    )
     amount = _amount(document.get("Amount"), problems)
     currency = _text(document, "Currency", _CURRENCY, "3 upper-case letters (ISO 4217)", problems)
     provider_key = _text(document, "ProviderKey", None, "", problems)
@@ -69,12 +79,10 @@ def parse_payment(body: bytes, idempotency_header: str | None, known_providers: 
     unknown = provider_key is not None and provider_key.lower() not in known_providers
     if unknown:
         problems["ProviderKey"] = f"no provider named {provider_key!r} is configured"
-    if problems:
-        if unknown and len(problems) == 1:
-            raise UnknownProvider(problems, f"unknown provider {provider_key!r}")
+    if unknown and len(problems) == 1:
+        raise UnknownProvider(problems, f"unknown provider {provider_key!r}")
+    if problems or not (transaction_id and amount and currency and provider_key):
         raise InvalidRequest(problems)
-    assert transaction_id is not None and amount is not None and currency is not None
-    assert provider_key is not None
     return Payment(
         transaction_id=transaction_id,
         amount=amount,
@@ -86,7 +94,11 @@ def parse_payment(body: bytes, idempotency_header: str | None, known_providers: 
 
 
 def _text(
-    document: dict[str, Any], name: str, pattern: re.Pattern[str] | None, rule: str, problems: dict[str, str]
+    document: dict[str, Any],
+    name: str,
+    pattern: re.Pattern[str] | None,
+    rule: str,
+    problems: dict[str, str],
 ) -> str | None:
     value = document.get(name)
     if value is None:
@@ -127,4 +139,6 @@ def _amount(value: Any, problems: dict[str, str]) -> Decimal | None:
 
 
 def _json_type(value: Any) -> str:
-    return {str: "string", bool: "boolean", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    return {str: "string", bool: "boolean", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )

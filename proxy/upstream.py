@@ -74,7 +74,9 @@ class ProviderClient:
         except TimeoutError:
             raise ProviderTimeout(self.name, self.provider.settings.timeout_s) from None
         except (aiohttp.ClientError, OSError) as error:
-            raise ProviderFailed(self.name, f"cannot reach {self.name}: {_describe(error)}") from None
+            raise ProviderFailed(
+                self.name, f"cannot reach {self.name}: {_describe(error)}"
+            ) from None
         finally:
             self._duration.observe(time.perf_counter() - started)
         verdict = self._mapping.classify(status, raw)
@@ -87,5 +89,3 @@ class ProviderClient:
 
 def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
-
-

@@ -1,4 +1,4 @@
-"""YAML read with the line of every key, and `${VAR}` / `${VAR:-default}` taken from the environment."""
+"""YAML read with each key's line; `${VAR}` and `${VAR:-default}` come from the environment."""
 
 from __future__ import annotations
 
