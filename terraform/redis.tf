@@ -46,7 +46,7 @@ resource "aws_elasticache_replication_group" "redis" {
 
 # One secret holds the token and the full URL built from it; the task reads only its `url` key.
 resource "aws_secretsmanager_secret" "redis" {
-  #checkov:skip=CKV2_AWS_57:rotating the token means a coordinated ElastiCache auth-token update (a Lambda); rotate by tainting random_password.redis_auth and applying
+  #checkov:skip=CKV2_AWS_57:rotating the token means a coordinated ElastiCache auth-token update (a Lambda); rotate with terraform apply -replace=random_password.redis_auth (see README)
   name_prefix             = "${var.name}/redis-"
   description             = "payagg Redis auth token and the rediss:// URL the proxy reads"
   kms_key_id              = aws_kms_key.payagg.arn
