@@ -201,10 +201,13 @@ def test_every_container_runs_as_uid_10001_on_a_read_only_root_filesystem(name: 
 @pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
 def test_every_container_gets_a_scratch_tmp_from_a_task_volume(name: str) -> None:
     (mount,) = containers()[name]["mountPoints"]
-    assert mount["containerPath"] == "/tmp"
-    volumes = single(terraform().resource("aws_ecs_task_definition", "payagg")["dynamic"])
-    assert "volume" in volumes  # one ephemeral (no host path) volume per container name
-    assert mount["sourceVolume"] == f"tmp-{name}"
+    assert mount == {"sourceVolume": f"tmp-{name}", "containerPath": "/tmp", "readOnly": False}
+    volumes = single(terraform().resource("aws_ecs_task_definition", "payagg")["dynamic"])["volume"]
+    assert expression(volumes["for_each"]) == (
+        "toset([for container in local.containers : container.name])"
+    )
+    # Task storage: no host path and no EFS, so the volume lives and dies with the task.
+    assert single(volumes["content"]) == {"name": "tmp-${volume.value}"}
 
 
 @pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
