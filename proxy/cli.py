@@ -7,11 +7,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
+from proxy.demo import DEFAULT_PROXY_URL, run_demo
+from proxy.devstack import DevOptions, run_dev
 from proxy.logs import configure_logging
 
 log = logging.getLogger("payagg")
@@ -34,7 +38,65 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", help="the YAML file to check")
     check.set_defaults(run=_check_config)
+
+    dev = commands.add_parser(
+        "dev", help="run Redis, both mock providers and the proxy in the foreground (make dev)"
+    )
+    dev.add_argument("--port", type=_port, default=8080, help="the proxy's port (default 8080)")
+    dev.add_argument("--redis-port", type=_port, default=6379, help="Redis's port (default 6379)")
+    dev.add_argument("--mtn-port", type=_port, default=9101, help="MTN mock's port (default 9101)")
+    dev.add_argument(
+        "--airtel-port", type=_port, default=9102, help="Airtel mock's port (default 9102)"
+    )
+    dev.add_argument(
+        "--failure-rate",
+        type=_rate,
+        default=0.2,
+        metavar="R",
+        help="both mocks' failure rate (default 0.2)",
+    )
+    dev.add_argument(
+        "--seed", type=int, metavar="N", help="both mocks' --seed, for a reproducible run"
+    )
+    dev.add_argument(
+        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
+    )
+    dev.set_defaults(run=_dev)
+
+    demo = commands.add_parser(
+        "demo", help="send n payments in a row and summarise the answers (the breaker demo)"
+    )
+    demo.add_argument(
+        "--url", default=DEFAULT_PROXY_URL, help=f"the proxy (default {DEFAULT_PROXY_URL})"
+    )
+    demo.add_argument("--provider", default="AIRTEL", help="ProviderKey to pay (default AIRTEL)")
+    demo.add_argument(
+        "-n", type=_positive, default=10, dest="count", help="how many payments (default 10)"
+    )
+    demo.set_defaults(run=_demo)
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdecimal() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {text!r}")
+    return int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,12 +150,30 @@ def _serve(args: argparse.Namespace) -> int:
             shutdown_timeout=config.server.shutdown_timeout_s,
             access_log=None,
             print=None,
+            loop=uvloop.new_event_loop(),
         )
     except OSError as error:
         print(f"payagg: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
     log.info("payagg stopped")
     return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    options = DevOptions(
+        config=Path(_config_path(args)).resolve(),
+        port=args.port,
+        redis_port=args.redis_port,
+        mtn_port=args.mtn_port,
+        airtel_port=args.airtel_port,
+        failure_rate=args.failure_rate,
+        seed=args.seed,
+    )
+    return run_dev(options)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(args.url, args.provider, args.count)
 
 
 if __name__ == "__main__":
