@@ -39,6 +39,8 @@ else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 return 1
 """
 _LOCKED, _COMPLETED = b"L", b"C"
+# Bounds the memory of unanswered claims when Redis stays away; older ones expire in Redis anyway.
+_MAX_UNANSWERED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,10 @@ class IdempotencyStore:
         )
         self._claim = self._redis.register_script(_CLAIM)
         self._finish = self._redis.register_script(_FINISH)
+        # Claims whose reply never came (Redis stalled, not dead): Redis may still run them when
+        # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
+        # released, only if its exact value is still there, before the next claim or lookup.
+        self._unanswered: dict[bytes, bytes] = {}
 
     def redis_key(self, idempotency_key: str) -> bytes:
         # Client strings never become raw Redis keys: no key-space games, bounded length.
@@ -103,13 +109,21 @@ class IdempotencyStore:
         """Own the key, or get its replay; raises RequestInProgress, KeyReused, StoreUnavailable."""
         key = self.redis_key(idempotency_key)
         lock = b"L|" + secrets.token_hex(16).encode() + b"|" + fingerprint.encode()
-        with self._store_errors():
-            current = await self._claim(keys=[key], args=[lock, self._ttl.lock_ttl_s])
+        if self._unanswered:
+            await self._release_unanswered()
+        try:
+            with self._store_errors():
+                current = await self._claim(keys=[key], args=[lock, self._ttl.lock_ttl_s])
+        except StoreUnavailable:
+            self._remember_unanswered(key, lock)
+            raise
         if current is None:
             return Claim(self, key, lock, self._ttl.result_ttl_s, reference)
         return _judge(_decode(current), fingerprint)
 
     async def peek(self, idempotency_key: str) -> KeyState | None:
+        if self._unanswered:
+            await self._release_unanswered()
         with self._store_errors():
             current = cast(bytes | None, await self._redis.get(self.redis_key(idempotency_key)))
         return None if current is None else _decode(current)
@@ -118,6 +132,17 @@ class IdempotencyStore:
         """Without taking the lock: the stored answer, an error for a busy/reused key, or None."""
         state = await self.peek(idempotency_key)
         return None if state is None else _judge(state, fingerprint)
+
+    def _remember_unanswered(self, key: bytes, lock: bytes) -> None:
+        if len(self._unanswered) >= _MAX_UNANSWERED:
+            self._unanswered.pop(next(iter(self._unanswered)))
+        self._unanswered[key] = lock
+
+    async def _release_unanswered(self) -> None:
+        for key, lock in list(self._unanswered.items()):
+            await self.finish(key, lock, b"", 0)
+            if self._unanswered.get(key) == lock:
+                del self._unanswered[key]
 
     async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
         with self._store_errors():

@@ -58,6 +58,24 @@ class YamlSyntaxError(Exception):
         self.message = message
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false.
+
+    YAML 1.1 also reads NO, on, yes, off as booleans, so a country code `NO` (Norway) or a
+    provider code `ON` in a template or an answer rule would silently become false/true.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def substitute_env(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
     """Replace `${VAR}` and `${VAR:-default}`; returns the text and the names that were unset."""
     missing: list[str] = []
@@ -81,7 +99,7 @@ def load_yaml(text: str, environ: Mapping[str, str]) -> YamlDocument:
     Substituting after parsing means a value from the environment can never change the
     document's structure (a `:` or newline in a secret stays part of one string).
     """
-    loader = yaml.SafeLoader(text)
+    loader = _Yaml12Loader(text)
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as error:
@@ -98,7 +116,7 @@ def load_yaml(text: str, environ: Mapping[str, str]) -> YamlDocument:
 def _build(
     node: yaml.Node,
     path: Path,
-    loader: yaml.SafeLoader,
+    loader: _Yaml12Loader,
     document: YamlDocument,
     environ: Mapping[str, str],
 ) -> Any:

@@ -498,21 +498,7 @@ async def test_without_redis_payments_fail_closed_fast_and_resume_by_themselves(
     assert state.requests == 2
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "killed",
-        pytest.param(
-            "frozen",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known bug: a claim whose reply timed out is still executed when Redis "
-                "wakes up, so its orphaned lock answers 409 until lock_ttl_s expires",
-            ),
-        ),
-    ],
-    ids=["redis-killed", "redis-frozen"],
-)
+@pytest.mark.parametrize("kind", ["killed", "frozen"], ids=["redis-killed", "redis-frozen"])
 async def test_a_key_refused_while_redis_was_down_can_be_retried_as_soon_as_it_is_back(
     upstream: Upstream, redis_url: str, redis_server: RedisServer, kind: str
 ) -> None:

@@ -936,11 +936,6 @@ def test_every_mapping_error_of_a_provider_is_reported_at_once():
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/yaml_source.py uses PyYAML's YAML 1.1 SafeLoader: NO/ON/yes/off are booleans, so "
-    "a country code NO or a provider code ON silently becomes false/true (the 'Norway problem')",
-)
 def test_a_bare_word_such_as_a_country_code_stays_a_string():
     config = parse_config(
         PROVIDER_HEAD
