@@ -37,7 +37,6 @@ class RedisSettings(_Section):
     key_prefix: str = "payagg:"
     # Every Redis call is bounded by this, so a hung Redis cannot hang a payment.
     timeout_s: float = Field(0.5, gt=0, le=10)
-    max_connections: int = Field(64, ge=1, le=10_000)
 
     @field_validator("url")
     @classmethod

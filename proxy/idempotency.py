@@ -15,29 +15,27 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
-
-import redis.asyncio as redis
-from redis.exceptions import RedisError
+from typing import Any
 
 from proxy.config import IdempotencySettings, RedisSettings
 from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
+from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
 
 log = logging.getLogger("payagg.idempotency")
 
 # One round trip whatever the key holds: take the lock, or say what is there instead.
-_CLAIM = """
+_CLAIM = Script("""
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
 return redis.call('GET', KEYS[1])
-"""
+""")
 # Store a result (ARGV[2] non-empty) or release (ARGV[2] empty), only as the lock's owner.
-_FINISH = """
+_FINISH = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1])
 else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 return 1
-"""
+""")
 _LOCKED, _COMPLETED = b"L", b"C"
 # Bounds the memory of unanswered claims when Redis stays away; older ones expire in Redis anyway.
 _MAX_UNANSWERED = 10_000
@@ -76,15 +74,7 @@ class IdempotencyStore:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
         self._metrics = metrics
-        self._redis = redis.Redis.from_url(
-            settings.url,
-            socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.timeout_s,
-            max_connections=settings.max_connections,
-            retry=None,
-        )
-        self._claim = self._redis.register_script(_CLAIM)
-        self._finish = self._redis.register_script(_FINISH)
+        self._redis = RedisClient(settings.url, settings.timeout_s)
         # Claims whose reply never came (Redis stalled, not dead): Redis may still run them when
         # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
         # released, only if its exact value is still there, before the next claim or lookup.
@@ -98,7 +88,7 @@ class IdempotencyStore:
     def _store_errors(self) -> Iterator[None]:
         try:
             yield
-        except (RedisError, OSError, TimeoutError) as error:
+        except (RedisUnavailable, RedisReplyError, OSError) as error:
             self._metrics.store_errors.inc()
             log.warning("idempotency store unavailable: %s", error)
             raise StoreUnavailable() from error
@@ -113,7 +103,7 @@ class IdempotencyStore:
             await self._release_unanswered()
         try:
             with self._store_errors():
-                current = await self._claim(keys=[key], args=[lock, self._ttl.lock_ttl_s])
+                current = await self._redis.run_script(_CLAIM, [key], [lock, self._ttl.lock_ttl_s])
         except StoreUnavailable:
             self._remember_unanswered(key, lock)
             raise
@@ -125,7 +115,7 @@ class IdempotencyStore:
         if self._unanswered:
             await self._release_unanswered()
         with self._store_errors():
-            current = cast(bytes | None, await self._redis.get(self.redis_key(idempotency_key)))
+            current = await self._redis.execute(b"GET", self.redis_key(idempotency_key))
         return None if current is None else _decode(current)
 
     async def replay_or_raise(self, idempotency_key: str, fingerprint: str) -> StoredResult | None:
@@ -146,15 +136,15 @@ class IdempotencyStore:
 
     async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
         with self._store_errors():
-            done = await self._finish(keys=[key], args=[lock, value, ttl_s])
+            done = await self._redis.run_script(_FINISH, [key], [lock, value, ttl_s])
         return bool(done)
 
     async def ping(self) -> bool:
         with self._store_errors():
-            return bool(await self._redis.ping())
+            return bool(await self._redis.execute(b"PING"))
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.close()
 
 
 def _judge(state: KeyState, fingerprint: str) -> StoredResult:
