@@ -173,7 +173,7 @@ def main() -> int:
         )
         payagg = start([str(VENV_BIN / "payagg"), "serve", "--config", str(config), "--host", "127.0.0.1",
                         "--port", str(payagg_port), *(["--workers", str(args.workers)] if args.workers > 1 else [])],
-                       "payagg.log", env={"LOG_LEVEL": "WARNING"})
+                       "payagg.log")
         base = f"http://127.0.0.1:{payagg_port}"
         wait_http(f"{base}/readyz")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
@@ -191,9 +191,10 @@ def main() -> int:
         assert post(f"{base}/v1/pay", replay_key) == 200, "priming the replayed key"
         for scenario in scenarios:  # warm-up, not recorded
             run_wrk(scenario, 2, args.connections, run_id, "warm")
+        profiler = None
         if args.profile:
-            span = args.rounds * len(scenarios) * (args.seconds + 1)
-            start(["py-spy", "record", "--pid", str(payagg.pid), "--duration", str(span), "--rate", "200",
+            span = args.rounds * len(scenarios) * args.seconds
+            profiler = start(["py-spy", "record", "--pid", str(payagg.pid), "--duration", str(span), "--rate", "200",
                    "--nonblocking", "--format", "raw", "-o", args.profile], "py-spy.log")
         rss_before = rss_kib(payagg.pid)
         served_before = sum(r.requests for s in scenarios[1:] for r in s.results)
@@ -208,6 +209,8 @@ def main() -> int:
             extra = run_wrk(scenarios[1], args.seconds, args.connections, run_id, f"rss{served}")
             served += extra.requests
         rss_after = rss_kib(payagg.pid)
+        if profiler is not None:
+            profiler.wait()
         report = summarise(scenarios, args, rss_before, rss_after, served)
         print(report)
         if not args.no_record:

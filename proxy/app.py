@@ -145,6 +145,14 @@ async def _gateway_middleware(request: web.Request, handler: Handler) -> web.Str
     if request.path == "/v1/pay" and outcome:
         provider = request.get(PROVIDER, UNKNOWN_PROVIDER)
         request.app[METRICS].count(provider, outcome)
+    if access_log.isEnabledFor(logging.INFO):
+        _log_request(request, request_id, outcome, response.status, started)
+    return response
+
+
+def _log_request(
+    request: web.Request, request_id: str, outcome: str, status: int, started: float
+) -> None:
     access_log.info(
         "request",
         extra={
@@ -154,12 +162,11 @@ async def _gateway_middleware(request: web.Request, handler: Handler) -> web.Str
                 "path": request.path,
                 "provider": request.get(PROVIDER),
                 "outcome": outcome or None,
-                "status": response.status,
+                "status": status,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             }
         },
     )
-    return response
 
 
 def _error_response(error: PaymentError) -> web.Response:

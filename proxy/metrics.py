@@ -71,15 +71,19 @@ class GatewayMetrics:
             "Redis calls that failed or timed out.",
             registry=self.registry,
         )
+        # Children resolved once: `labels()` on every request costs more than the increment.
+        self._request_counters = {
+            (provider, outcome): self.requests.labels(provider, outcome)
+            for provider in (*providers, UNKNOWN_PROVIDER)
+            for outcome in OUTCOMES
+        }
         for provider in (*providers, UNKNOWN_PROVIDER):
-            for outcome in OUTCOMES:
-                self.requests.labels(provider, outcome)
             if provider != UNKNOWN_PROVIDER:
                 self.upstream_duration.labels(provider)
                 self.show_state(provider, BreakerState.CLOSED)
 
     def count(self, provider: str, outcome: str) -> None:
-        self.requests.labels(provider, outcome).inc()
+        self._request_counters[provider, outcome].inc()
 
     def show_state(self, provider: str, current: BreakerState) -> None:
         for state in BreakerState:

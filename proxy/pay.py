@@ -42,14 +42,13 @@ class PaymentService:
             if stored is None:
                 raise ProviderUnavailable(provider.name, provider.breaker.retry_after_s())
             return _replay(request, stored)
-        claimed = await self._store.claim(
-            payment.idempotency_key, fingerprint, payment.provider_reference(provider.name)
-        )
+        reference = payment.provider_reference(provider.name)
+        claimed = await self._store.claim(payment.idempotency_key, fingerprint, reference)
         if isinstance(claimed, StoredResult):
             return _replay(request, claimed)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
         # charging; the result is still stored, and the client's retry gets the replay.
-        task = asyncio.ensure_future(self._settle(provider, payment, claimed))
+        task = asyncio.ensure_future(self._settle(provider, payment, reference, claimed))
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         status, body = await asyncio.shield(task)
@@ -57,14 +56,14 @@ class PaymentService:
         return web.Response(status=status, body=body, content_type=_JSON)
 
     async def _settle(
-        self, provider: ProviderClient, payment: Payment, claim: Claim
+        self, provider: ProviderClient, payment: Payment, reference: str, claim: Claim
     ) -> tuple[int, bytes]:
         try:
-            answer = await provider.pay(payment)
+            answer = await provider.pay(payment, reference)
         except BaseException:
             await claim.release()
             raise
-        status, body = _final_answer(provider.name, payment, answer)
+        status, body = _final_answer(provider.name, payment, reference, answer)
         await claim.keep(status, body)
         return status, body
 
@@ -92,7 +91,9 @@ def _replay(request: web.Request, stored: StoredResult) -> web.Response:
     )
 
 
-def _final_answer(provider: str, payment: Payment, answer: Answer) -> tuple[int, bytes]:
+def _final_answer(
+    provider: str, payment: Payment, reference: str, answer: Answer
+) -> tuple[int, bytes]:
     body: dict[str, Any]
     if answer.outcome == "success":
         status = 200
@@ -100,7 +101,7 @@ def _final_answer(provider: str, payment: Payment, answer: Answer) -> tuple[int,
             "status": "SUCCESS",
             "transaction_id": payment.transaction_id,
             "provider": provider,
-            "provider_reference": answer.provider_reference or payment.provider_reference(provider),
+            "provider_reference": answer.provider_reference or reference,
             "amount": float(payment.amount),
             "currency": payment.currency,
         }

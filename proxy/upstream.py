@@ -42,14 +42,14 @@ class ProviderClient:
         if self._mapping.requires_payer and payment.payer is None:
             raise InvalidRequest({"Payer": f"is required by provider {self.name}"})
 
-    async def pay(self, payment: Payment) -> Answer:
+    async def pay(self, payment: Payment, reference: str) -> Answer:
         """SUCCESS or DECLINED; raises ProviderUnavailable/ProviderFailed/ProviderTimeout."""
         fields = PaymentFields(
             transaction_id=payment.transaction_id,
             amount=payment.amount,
             currency=payment.currency,
             payer=payment.payer or self._default_payer,
-            reference=payment.provider_reference(self.name),
+            reference=reference,
             idempotency_key=payment.idempotency_key,
             provider=self.name,
         )

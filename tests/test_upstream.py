@@ -23,6 +23,7 @@ from proxy.upstream import ProviderClient
 from tests.conftest import make_config
 
 URL = "http://provider.test/pay"
+REFERENCE = str(uuid.uuid5(REFERENCE_NAMESPACE, "CANON\x00TXN-1"))
 
 
 class _Aiohttp314Response(aiohttp.ClientResponse):
@@ -61,9 +62,10 @@ async def client():
 async def test_the_canonical_request_carries_a_uuid5_reference_and_the_payment(client):
     with aioresponses() as mocked:
         mocked.post(URL, payload={"status": "SUCCESS", "provider_reference": "P-1"})
-        answer = await client.pay(a_payment(key="KEY-9"))
+        expected = a_payment(key="KEY-9").provider_reference("CANON")
+        answer = await client.pay(a_payment(key="KEY-9"), expected)
         (call,) = mocked.requests[("POST", aiohttp.client.URL(URL))]
-    expected = str(uuid.uuid5(REFERENCE_NAMESPACE, "CANON\x00KEY-9"))
+    assert expected == str(uuid.uuid5(REFERENCE_NAMESPACE, "CANON\x00KEY-9"))
     assert call.kwargs["headers"]["X-Reference-Id"] == expected
     assert json.loads(call.kwargs["data"]) == {
         "reference": expected, "transaction_id": "TXN-1", "amount": 20,
@@ -82,7 +84,7 @@ async def test_the_same_key_gives_the_same_reference_and_another_key_another(cli
 async def test_a_declined_answer_carries_the_reason(client):
     with aioresponses() as mocked:
         mocked.post(URL, payload={"status": "DECLINED", "reason": "NOT_ENOUGH_FUNDS"})
-        answer = await client.pay(a_payment())
+        answer = await client.pay(a_payment(), REFERENCE)
     assert (answer.outcome, answer.reason) == ("declined", "NOT_ENOUGH_FUNDS")
 
 
@@ -105,7 +107,7 @@ async def test_answers_that_are_neither_success_nor_decline_are_provider_failure
         else:
             mocked.post(URL, status=status, payload=body)
         with pytest.raises(error) as raised:
-            await client.pay(a_payment())
+            await client.pay(a_payment(), REFERENCE)
     assert raised.value.status == 502
     assert raised.value.details["provider"] == "CANON"
 
@@ -114,14 +116,14 @@ async def test_a_connection_error_is_a_provider_failure(client):
     with aioresponses() as mocked:
         mocked.post(URL, exception=aiohttp.ClientConnectionError("connection refused"))
         with pytest.raises(ProviderFailed, match="connection refused"):
-            await client.pay(a_payment())
+            await client.pay(a_payment(), REFERENCE)
 
 
 async def test_no_answer_within_the_timeout_is_a_provider_timeout(client):
     with aioresponses() as mocked:
         mocked.post(URL, exception=asyncio.TimeoutError())
         with pytest.raises(ProviderTimeout) as raised:
-            await client.pay(a_payment())
+            await client.pay(a_payment(), REFERENCE)
     assert raised.value.status == 504
     assert raised.value.body()["status"] == "TIMEOUT"
 
@@ -134,7 +136,7 @@ async def test_failures_feed_the_providers_breaker_and_client_errors_do_not(clie
             mocked.post(URL, status=500, payload={})
         for _ in range(4):
             with pytest.raises(ProviderFailed):
-                await client.pay(a_payment())
+                await client.pay(a_payment(), REFERENCE)
     counts = client.breaker.window_counts()
     assert (counts.calls, counts.failures) == (4, 2)
 
