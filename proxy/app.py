@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 
 from proxy.breaker import BreakerState, ProviderBreaker
@@ -90,20 +89,17 @@ def _transition_hook(metrics: GatewayMetrics) -> Callable[[str, BreakerState, Br
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    # One pooled session for every provider: connections are reused across payments.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=60),
-        raise_for_status=False,
-    )
     store = IdempotencyStore(config.redis, config.idempotency, app[METRICS])
+    # Each provider keeps a pool of keep-alive connections, reused across payments.
     clients = {
-        provider.name: ProviderClient(provider, session, app[METRICS], app[BREAKERS][provider.name])
+        provider.name: ProviderClient(provider, app[METRICS], app[BREAKERS][provider.name])
         for provider in config.providers
     }
     app[STORE] = store
     app[PAYMENTS] = PaymentService(clients, store)
     yield
-    await session.close()
+    for client in clients.values():
+        client.close()
     await store.close()
 
 

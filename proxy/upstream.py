@@ -2,40 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from proxy.breaker import ProviderBreaker
 from proxy.config import Provider
 from proxy.errors import InvalidRequest, ProviderFailed, ProviderRejected, ProviderTimeout
+from proxy.http_wire import ConnectionPool, UpstreamConnectionError
 from proxy.mapping import Answer, PaymentFields
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
-
-# A provider's answer is a small JSON document; anything larger is not one we can use.
-_MAX_ANSWER_BYTES = 1024 * 1024
 
 
 class ProviderClient:
     """A configured provider as the request path sees it: `pay()` or a PaymentError."""
 
     def __init__(
-        self,
-        provider: Provider,
-        session: aiohttp.ClientSession,
-        metrics: GatewayMetrics,
-        breaker: ProviderBreaker,
+        self, provider: Provider, metrics: GatewayMetrics, breaker: ProviderBreaker
     ) -> None:
         self.name = provider.name
         self.provider = provider
         self.breaker = breaker
-        self._session = session
-        self._metrics = metrics
+        self._pool = ConnectionPool(provider.url)
         self._mapping = provider.mapping
-        self._timeout = aiohttp.ClientTimeout(total=provider.settings.timeout_s)
+        self._timeout_s = provider.settings.timeout_s
         self._default_payer = provider.settings.default_payer
         self._duration = metrics.upstream_duration.labels(provider.name)
+        parts = urlsplit(provider.url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # Everything but the rendered headers and body is the same for every payment.
+        self._request_head = (
+            f"{self._mapping.method} {target} HTTP/1.1\r\n"
+            f"Host: {parts.netloc}\r\n"
+            "Content-Type: application/json\r\n"
+            "Accept: application/json\r\n"
+        ).encode()
 
     def check(self, payment: Payment) -> None:
         """Reject, before any side effect, a payment this provider's mapping cannot express."""
@@ -56,35 +58,41 @@ class ProviderClient:
         with self.breaker.call():
             return await self._exchange(fields)
 
-    async def _exchange(self, fields: PaymentFields) -> Answer:
-        headers = self._mapping.render_headers(fields)
-        headers["Content-Type"] = "application/json"
+    def render_request(self, fields: PaymentFields) -> bytes:
         body = self._mapping.render_body(fields)
+        headers = "".join(
+            f"{name}: {value}\r\n" for name, value in self._mapping.render_headers(fields).items()
+        )
+        return b"%s%sContent-Length: %d\r\n\r\n%s" % (
+            self._request_head,
+            headers.encode(),
+            len(body),
+            body,
+        )
+
+    async def _exchange(self, fields: PaymentFields) -> Answer:
+        request = self.render_request(fields)
         started = time.perf_counter()
         try:
-            async with self._session.request(
-                self._mapping.method,
-                self.provider.url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-            ) as answer:
-                raw = await answer.content.read(_MAX_ANSWER_BYTES)
-                status = answer.status
+            async with asyncio.timeout(self._timeout_s):
+                answer = await self._pool.exchange(request)
         except TimeoutError:
-            raise ProviderTimeout(self.name, self.provider.settings.timeout_s) from None
-        except (aiohttp.ClientError, OSError) as error:
+            raise ProviderTimeout(self.name, self._timeout_s) from None
+        except (UpstreamConnectionError, OSError) as error:
             raise ProviderFailed(
                 self.name, f"cannot reach {self.name}: {_describe(error)}"
             ) from None
         finally:
             self._duration.observe(time.perf_counter() - started)
-        verdict = self._mapping.classify(status, raw)
+        verdict = self._mapping.classify(answer.status, answer.body)
         if verdict.outcome == "rejected":
             raise ProviderRejected(self.name, verdict.detail)
         if verdict.outcome == "failure":
             raise ProviderFailed(self.name, f"{self.name} failed: {verdict.detail}")
         return verdict
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 def _describe(error: BaseException) -> str:
