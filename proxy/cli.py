@@ -17,6 +17,7 @@ from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_c
 from proxy.demo import DEFAULT_PROXY_URL, run_demo
 from proxy.devstack import DevOptions, run_dev
 from proxy.logs import configure_logging
+from proxy.workers import is_worker, run_workers
 
 log = logging.getLogger("payagg")
 
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="processes sharing the port with SO_REUSEPORT, e.g. one per vCPU (default 1)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
@@ -133,6 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     host = args.host or config.server.host
     port = args.port or config.server.port
+    if args.workers > 1:
+        serve_args = ["--config", config.source, "--host", host, "--port", str(port)]
+        return run_workers(args.workers, serve_args, config.server.shutdown_timeout_s + 5)
     log.info(
         "payagg serving on http://%s:%d with %s",
         host,
@@ -151,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=None,
             print=None,
             loop=uvloop.new_event_loop(),
+            reuse_port=is_worker(),
         )
     except OSError as error:
         print(f"payagg: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)

@@ -49,6 +49,8 @@ class RedisSettings(_Section):
 class IdempotencySettings(_Section):
     lock_ttl_s: int = Field(30, gt=0)
     result_ttl_s: int = Field(86400, gt=0)
+    # Completed answers kept in this process too, so replays skip Redis; 0 turns it off.
+    replay_cache_size: int = Field(10_000, ge=0, le=10_000_000)
 
 
 class BreakerSettings(_Section):

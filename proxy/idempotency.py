@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,13 +22,19 @@ from proxy.config import IdempotencySettings, RedisSettings
 from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
 from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
+from proxy.replays import ReplayCache
 
 log = logging.getLogger("payagg.idempotency")
 
-# One round trip whatever the key holds: take the lock, or say what is there instead.
+# One round trip whatever the key holds: take the lock, or say what is there (and for how long).
 _CLAIM = Script("""
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
-return redis.call('GET', KEYS[1])
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+""")
+_PEEK = Script("""
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+return {value, redis.call('PTTL', KEYS[1])}
 """)
 # Store a result (ARGV[2] non-empty) or release (ARGV[2] empty), only as the lock's owner.
 _FINISH = Script("""
@@ -75,6 +82,7 @@ class IdempotencyStore:
         self._ttl = ttl
         self._metrics = metrics
         self._redis = RedisClient(settings.url, settings.timeout_s)
+        self._replays: ReplayCache[KeyState] = ReplayCache(ttl.replay_cache_size)
         # Claims whose reply never came (Redis stalled, not dead): Redis may still run them when
         # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
         # released, only if its exact value is still there, before the next claim or lookup.
@@ -98,6 +106,9 @@ class IdempotencyStore:
     ) -> Claim | StoredResult:
         """Own the key, or get its replay; raises RequestInProgress, KeyReused, StoreUnavailable."""
         key = self.redis_key(idempotency_key)
+        known = self._replays.get(key)
+        if known is not None:
+            return _judge(known, fingerprint)
         lock = b"L|" + secrets.token_hex(16).encode() + b"|" + fingerprint.encode()
         if self._unanswered:
             await self._release_unanswered()
@@ -109,14 +120,29 @@ class IdempotencyStore:
             raise
         if current is None:
             return Claim(self, key, lock, self._ttl.result_ttl_s, reference)
-        return _judge(_decode(current), fingerprint)
+        return _judge(self._read(key, current), fingerprint)
 
     async def peek(self, idempotency_key: str) -> KeyState | None:
+        key = self.redis_key(idempotency_key)
+        known = self._replays.get(key)
+        if known is not None:
+            return known
         if self._unanswered:
             await self._release_unanswered()
         with self._store_errors():
-            current = await self._redis.execute(b"GET", self.redis_key(idempotency_key))
-        return None if current is None else _decode(current)
+            current = await self._redis.run_script(_PEEK, [key], [])
+        return None if current is None else self._read(key, current)
+
+    def _read(self, key: bytes, reply: list[Any]) -> KeyState:
+        value, ttl_ms = reply
+        state = _decode(value)
+        if state.result is not None:
+            self._replays.put(key, state, ttl_ms / 1000)
+        return state
+
+    def remember(self, key: bytes, state: KeyState, ttl_s: float) -> None:
+        """A result this process just stored: later replays need no Redis round trip."""
+        self._replays.put(key, state, ttl_s)
 
     async def replay_or_raise(self, idempotency_key: str, fingerprint: str) -> StoredResult | None:
         """Without taking the lock: the stored answer, an error for a busy/reused key, or None."""
@@ -169,13 +195,18 @@ class Claim:
         """Keep a final answer for replay; never raises: the client gets its answer regardless."""
         fingerprint = self.lock.split(b"|", 2)[2]
         value = b"C|" + fingerprint + b"|" + str(status).encode() + b"|" + body
-        await self._finish(value, self.result_ttl_s, "store the result of")
+        # The copy's clock starts before Redis's does, so it never outlives the original.
+        stored_at = time.monotonic()
+        if await self._finish(value, self.result_ttl_s, "store the result of"):
+            remaining = self.result_ttl_s - (time.monotonic() - stored_at)
+            state = KeyState(fingerprint.decode(), StoredResult(status, body))
+            self.store.remember(self.key, state, remaining)
 
     async def release(self) -> None:
         """Free the key so the client may retry (502/503/504); never raises."""
         await self._finish(b"", 0, "release")
 
-    async def _finish(self, value: bytes, ttl_s: int, action: str) -> None:
+    async def _finish(self, value: bytes, ttl_s: int, action: str) -> bool:
         try:
             owned = await self.store.finish(self.key, self.lock, value, ttl_s)
         except StoreUnavailable:
@@ -187,7 +218,7 @@ class Claim:
                 self.reference,
                 self.key.decode(),
             )
-            return
+            return False
         if not owned:
             log.error(
                 "lock on %s expired before we could %s payment %s",
@@ -195,6 +226,7 @@ class Claim:
                 action,
                 self.reference,
             )
+        return owned
 
 
 def describe(state: KeyState) -> dict[str, Any]:

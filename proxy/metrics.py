@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -11,6 +12,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 
 from proxy.breaker import BreakerState
@@ -56,9 +58,12 @@ class GatewayMetrics:
         )
         self.breaker_state = Gauge(
             "payagg_circuit_breaker_state",
-            "1 for the breaker's current state, 0 for the others.",
+            "1 for the breaker's current state, 0 for the others (summed over workers).",
             ["provider", "state"],
             registry=self.registry,
+            # With `--workers N` each worker has its own breaker: the gauge counts the workers
+            # in each state; with one worker it is exactly 1 or 0.
+            multiprocess_mode="livesum",
         )
         self.breaker_transitions = Counter(
             "payagg_circuit_breaker_transitions_total",
@@ -94,4 +99,9 @@ class GatewayMetrics:
         self.show_state(provider, after)
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Every worker's values, merged from the files prometheus-client keeps per process.
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)
