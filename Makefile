@@ -23,5 +23,9 @@ lint: $(STAMP)
 dev: $(STAMP)
 	exec $(BIN)/payagg dev
 
+# Needs nginx and wrk from the system's packages (bench/run.py says how to install them).
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

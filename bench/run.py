@@ -146,6 +146,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="payagg serve --workers")
+    parser.add_argument("--rss-requests", type=int, default=100_000,
+                        help="payagg requests to serve between the two RSS readings (default 100000)")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--no-record", action="store_true", help="print only, do not append")
     parser.add_argument("--profile", metavar="FILE",
@@ -216,7 +218,7 @@ def main() -> int:
                 print(f"round {round_number}/{args.rounds} {scenario.name:9} {result.rps:9.0f} req/s  "
                       f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms", flush=True)
         served = sum(r.requests for s in scenarios[1:] for r in s.results) - served_before
-        while served < 100_000:
+        while served < args.rss_requests:
             extra = run_wrk(scenarios[1], args.seconds, args.connections, run_id, f"rss{served}")
             served += extra.requests
         rss_after = rss_kib(payagg.pid)
