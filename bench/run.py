@@ -63,8 +63,9 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
 
 
 def post(url: str, body: dict[str, object]) -> int:
-    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as answer:
             return int(answer.status)
@@ -83,8 +84,15 @@ def open_down_breakers(base: str, run_id: str) -> None:
     """Fail DOWN until every worker's breaker is open (each worker has its own)."""
     in_a_row = 0
     for attempt in range(500):
-        status = post(f"{base}/v1/pay", {"TransactionID": f"{run_id}-open-{attempt}", "Amount": 1,
-                                         "Currency": "ZAR", "ProviderKey": "DOWN"})
+        status = post(
+            f"{base}/v1/pay",
+            {
+                "TransactionID": f"{run_id}-open-{attempt}",
+                "Amount": 1,
+                "Currency": "ZAR",
+                "ProviderKey": "DOWN",
+            },
+        )
         in_a_row = in_a_row + 1 if status == 503 else 0
         if in_a_row == 30:
             return
@@ -117,41 +125,81 @@ class Scenario:
 def run_wrk(scenario: Scenario, seconds: int, connections: int, run_id: str, label: str) -> Result:
     # Replays use one key for the whole run (primed before); the others a fresh key per request.
     prefix = run_id if scenario.replay else f"{run_id}-{scenario.name}-{label}"
-    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(HERE / "pay.lua"),
-            scenario.url, "--", prefix, scenario.provider, "replay" if scenario.replay else "fresh"]
+    argv = [
+        "wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(HERE / "pay.lua"),
+        scenario.url,
+        "--",
+        prefix,
+        scenario.provider,
+        "replay" if scenario.replay else "fresh",
+    ]
     output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     line = next(row for row in output.splitlines() if row.startswith("RESULT "))
     data = json.loads(line.removeprefix("RESULT "))
-    result = Result(data["requests"], data["duration_us"] / 1e6, data["p50_us"] / 1000,
-                    data["p99_us"] / 1000, {str(k): v for k, v in data["statuses"].items()})
-    unexpected = {status: n for status, n in result.statuses.items() if status != scenario.expected_status}
+    result = Result(
+        data["requests"],
+        data["duration_us"] / 1e6,
+        data["p50_us"] / 1000,
+        data["p99_us"] / 1000,
+        {str(k): v for k, v in data["statuses"].items()},
+    )
+    unexpected = {
+        status: n for status, n in result.statuses.items() if status != scenario.expected_status
+    }
     if unexpected or data["errors"]:
-        raise SystemExit(f"bench: {scenario.name} got answers other than {scenario.expected_status}: "
-                         f"{unexpected}, socket errors {data['errors']}: throughput would be a lie")
+        raise SystemExit(
+            f"bench: {scenario.name} got answers other than {scenario.expected_status}: "
+            f"{unexpected}, socket errors {data['errors']}: throughput would be a lie"
+        )
     return result
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
-    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; {nginx}; "
-            f"{wrk.split(' [')[0]}; {platform.system()} {platform.release()}")
+    return (
+        f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; {nginx}; "
+        f"{wrk.split(' [')[0]}; {platform.system()} {platform.release()}"
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement (default 8)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seconds", type=int, default=8, help="length of one measurement (default 8)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="payagg serve --workers")
-    parser.add_argument("--rss-requests", type=int, default=100_000,
-                        help="payagg requests to serve between the two RSS readings (default 100000)")
+    parser.add_argument(
+        "--rss-requests",
+        type=int,
+        default=100_000,
+        help="payagg requests to serve between the two RSS readings (default 100000)",
+    )
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--no-record", action="store_true", help="print only, do not append")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="record payagg with py-spy (must be installed) into FILE, raw format")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record payagg with py-spy (must be installed) into FILE, raw format",
+    )
     args = parser.parse_args()
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
@@ -163,20 +211,42 @@ def main() -> int:
     upstream_port, nginx_port, redis_port, payagg_port = (free_port() for _ in range(4))
     children: list[subprocess.Popen[bytes]] = []
 
-    def start(argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(argv, stdout=open(workdir / log, "wb"), stderr=subprocess.STDOUT,
-                                 env={**os.environ, **(env or {})})
+    def start(
+        argv: list[str], log: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with open(workdir / log, "wb") as output:  # the child keeps its own copy of the fd
+            child = subprocess.Popen(
+                argv, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         children.append(child)
         return child
 
     try:
         conf = (HERE / "nginx.conf").read_text()
-        for key, value in {"workdir": workdir, "upstream_port": upstream_port, "proxy_port": nginx_port}.items():
+        for key, value in {
+            "workdir": workdir,
+            "upstream_port": upstream_port,
+            "proxy_port": nginx_port,
+        }.items():
             conf = conf.replace("{" + key + "}", str(value))
         (workdir / "nginx.conf").write_text(conf)
         start(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)], "nginx.log")
-        start([redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(workdir)], "redis.log")
+        start(
+            [
+                redis_server_binary(),
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            "redis.log",
+        )
         config = workdir / "gateway.yaml"
         config.write_text(
             f'redis: {{url: "redis://127.0.0.1:{redis_port}/0"}}\n'
@@ -185,9 +255,20 @@ def main() -> int:
             f'  DOWN: {{url: "http://127.0.0.1:{free_port()}/pay", timeout_s: 1,\n'
             "         breaker: {minimum_calls: 1, failure_rate_threshold: 0.1, open_s: 86400}}\n"
         )
-        payagg = start([str(VENV_BIN / "payagg"), "serve", "--config", str(config), "--host", "127.0.0.1",
-                        "--port", str(payagg_port), *(["--workers", str(args.workers)] if args.workers > 1 else [])],
-                       "payagg.log")
+        payagg = start(
+            [
+                str(VENV_BIN / "payagg"),
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(payagg_port),
+                *(["--workers", str(args.workers)] if args.workers > 1 else []),
+            ],
+            "payagg.log",
+        )
         base = f"http://127.0.0.1:{payagg_port}"
         wait_http(f"{base}/readyz")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
@@ -199,24 +280,49 @@ def main() -> int:
             Scenario("failfast", f"{base}/v1/pay", "DOWN", "503"),
             Scenario("replay", f"{base}/v1/pay", "FAST", "200", replay=True),
         ]
-        replay_key = {"TransactionID": f"{run_id}-replay", "Amount": 20.00, "Currency": "ZAR",
-                      "ProviderKey": "FAST"}
+        replay_key = {
+            "TransactionID": f"{run_id}-replay",
+            "Amount": 20.00,
+            "Currency": "ZAR",
+            "ProviderKey": "FAST",
+        }
         assert post(f"{base}/v1/pay", replay_key) == 200, "priming the replayed key"
         for scenario in scenarios:  # warm-up, not recorded
             run_wrk(scenario, 2, args.connections, run_id, "warm")
         profiler = None
         if args.profile:
             span = args.rounds * len(scenarios) * args.seconds
-            profiler = start(["py-spy", "record", "--pid", str(payagg.pid), "--duration", str(span), "--rate", "200",
-                   "--nonblocking", "--format", "raw", "-o", args.profile], "py-spy.log")
+            profiler = start(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(payagg.pid),
+                    "--duration",
+                    str(span),
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "-o",
+                    args.profile,
+                ],
+                "py-spy.log",
+            )
         rss_before = rss_kib(payagg.pid)
         served_before = sum(r.requests for s in scenarios[1:] for r in s.results)
         for round_number in range(1, args.rounds + 1):
             for scenario in scenarios:
-                result = run_wrk(scenario, args.seconds, args.connections, run_id, str(round_number))
+                result = run_wrk(
+                    scenario, args.seconds, args.connections, run_id, str(round_number)
+                )
                 scenario.results.append(result)
-                print(f"round {round_number}/{args.rounds} {scenario.name:9} {result.rps:9.0f} req/s  "
-                      f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms", flush=True)
+                print(
+                    f"round {round_number}/{args.rounds} {scenario.name:9} {result.rps:9.0f} req/s  "
+                    f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms",
+                    flush=True,
+                )
         served = sum(r.requests for s in scenarios[1:] for r in s.results) - served_before
         while served < args.rss_requests:
             extra = run_wrk(scenarios[1], args.seconds, args.connections, run_id, f"rss{served}")
@@ -242,29 +348,38 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def summarise(scenarios: list[Scenario], args: argparse.Namespace, rss_before: int, rss_after: int,
-              served: int) -> str:
+def summarise(
+    scenarios: list[Scenario],
+    args: argparse.Namespace,
+    rss_before: int,
+    rss_after: int,
+    served: int,
+) -> str:
     nginx_rps = statistics.median(r.rps for r in scenarios[0].results)
     rows = []
     for scenario in scenarios:
         rps = statistics.median(r.rps for r in scenario.results)
         p50 = statistics.median(r.p50_ms for r in scenario.results)
         p99 = statistics.median(r.p99_ms for r in scenario.results)
-        rows.append(f"| {scenario.name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / nginx_rps:.2f} |")
+        rows.append(
+            f"| {scenario.name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / nginx_rps:.2f} |"
+        )
     growth = (rss_after - rss_before) / rss_before * 100 if rss_before else 0.0
-    return "\n".join([
-        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.connections} connections, "
-        f"{args.rounds} interleaved rounds of {args.seconds} s, payagg workers: {args.workers}",
-        "",
-        f"Machine: {machine()}",
-        "",
-        "| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx |",
-        "| --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        f"payagg RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after {served:,} "
-        f"more requests ({growth:+.1f}%).",
-    ])
+    return "\n".join(
+        [
+            f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.connections} connections, "
+            f"{args.rounds} interleaved rounds of {args.seconds} s, payagg workers: {args.workers}",
+            "",
+            f"Machine: {machine()}",
+            "",
+            "| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx |",
+            "| --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"payagg RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after {served:,} "
+            f"more requests ({growth:+.1f}%).",
+        ]
+    )
 
 
 if __name__ == "__main__":
