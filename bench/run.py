@@ -319,7 +319,8 @@ def main() -> int:
                 )
                 scenario.results.append(result)
                 print(
-                    f"round {round_number}/{args.rounds} {scenario.name:9} {result.rps:9.0f} req/s  "
+                    f"round {round_number}/{args.rounds} {scenario.name:9} "
+                    f"{result.rps:9.0f} req/s  "
                     f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms",
                     flush=True,
                 )
@@ -367,7 +368,8 @@ def summarise(
     growth = (rss_after - rss_before) / rss_before * 100 if rss_before else 0.0
     return "\n".join(
         [
-            f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.connections} connections, "
+            f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+            f"{args.connections} connections, "
             f"{args.rounds} interleaved rounds of {args.seconds} s, payagg workers: {args.workers}",
             "",
             f"Machine: {machine()}",
@@ -376,8 +378,8 @@ def summarise(
             "| --- | --- | --- | --- | --- |",
             *rows,
             "",
-            f"payagg RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after {served:,} "
-            f"more requests ({growth:+.1f}%).",
+            f"payagg RSS: {rss_before / 1024:.1f} MiB before, "
+            f"{rss_after / 1024:.1f} MiB after {served:,} more requests ({growth:+.1f}%).",
         ]
     )
 
