@@ -45,8 +45,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = ServiceProcess(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ]
         )
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 
@@ -122,9 +133,7 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[TestClient]:
 
 
 @pytest.fixture
-async def gateway(
-    upstream: tuple[UpstreamState, str], redis_url: str
-) -> AsyncIterator[TestClient]:
+async def gateway(upstream: tuple[UpstreamState, str], redis_url: str) -> AsyncIterator[TestClient]:
     """The gateway in-process, in front of the canonical upstream, on the test Redis."""
     async with running_gateway(make_config(gateway_yaml(upstream[1], redis_url))) as client:
         yield client

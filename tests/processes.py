@@ -53,7 +53,10 @@ class ServiceProcess:
         self._log = self.log_path.open("wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
             start_new_session=True,
         )
 
@@ -65,7 +68,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"{self.argv} exited with {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(
+                    f"{self.argv} exited with {self.process.returncode}:\n{self.log()}"
+                )
             if http_ok(url):
                 return
             time.sleep(0.02)
@@ -90,8 +95,9 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def running(argv: Sequence[str], ready_url: str, env: dict[str, str] | None = None,
-            timeout_s: float = 20.0) -> Iterator[ServiceProcess]:
+def running(
+    argv: Sequence[str], ready_url: str, env: dict[str, str] | None = None, timeout_s: float = 20.0
+) -> Iterator[ServiceProcess]:
     """Start `argv`, wait until `ready_url` answers 2xx, stop it afterwards."""
     service = ServiceProcess(argv, env)
     try:
@@ -103,5 +109,13 @@ def running(argv: Sequence[str], ready_url: str, env: dict[str, str] | None = No
 
 def mock_provider(provider: str, port: int, *extra: str) -> list[str]:
     """argv of a mock provider process (`payagg-mock`) on 127.0.0.1:`port`."""
-    return [str(VENV_BIN / "payagg-mock"), "--provider", provider, "--host", "127.0.0.1",
-            "--port", str(port), *extra]
+    return [
+        str(VENV_BIN / "payagg-mock"),
+        "--provider",
+        provider,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]

@@ -22,14 +22,23 @@ class FakeClock:
         self.now += seconds
 
 
-def make_breaker(clock: FakeClock, transitions: list[tuple[str, str]] | None = None, **settings: float) -> ProviderBreaker:
-    defaults = {"failure_rate_threshold": 0.6, "minimum_calls": 3, "window_s": 5, "open_s": 30,
-                "half_open_max_calls": 1}
+def make_breaker(
+    clock: FakeClock, transitions: list[tuple[str, str]] | None = None, **settings: float
+) -> ProviderBreaker:
+    defaults = {
+        "failure_rate_threshold": 0.6,
+        "minimum_calls": 3,
+        "window_s": 5,
+        "open_s": 30,
+        "half_open_max_calls": 1,
+    }
     defaults.update(settings)
     hook = None
     if transitions is not None:
+
         def hook(provider: str, before: BreakerState, after: BreakerState) -> None:
             transitions.append((before.value, after.value))
+
     return ProviderBreaker("P", BreakerSettings(**defaults), on_transition=hook, clock=clock)
 
 

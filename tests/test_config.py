@@ -43,7 +43,9 @@ def test_the_shipped_config_loads_with_both_providers():
 
 
 def test_environment_variables_replace_references_and_defaults_apply_when_unset():
-    config = load_config(SHIPPED, environ={"MTN_URL": "http://mtn.internal:80", "BREAKER_OPEN_S": "7"})
+    config = load_config(
+        SHIPPED, environ={"MTN_URL": "http://mtn.internal:80", "BREAKER_OPEN_S": "7"}
+    )
     assert config.providers[0].url == "http://mtn.internal:80/collection/v1_0/requesttopay"
     assert config.providers[1].url.startswith("http://127.0.0.1:9102/")
     assert all(provider.settings.breaker.open_s == 7 for provider in config.providers)
@@ -65,41 +67,77 @@ def test_defaults_are_merged_into_each_provider_and_a_provider_may_override_them
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (VALID.replace("server: {port: 8080}", "server: {port: 8080, prot: 1}"),
-         "gw.yaml:1: server.prot: unknown key (did you mean 'port'?)"),
-        (VALID.replace("timeout_s: 5", "timeout_s: five"),
-         "gw.yaml:3: defaults.timeout_s: "),
-        (VALID.replace("timeout_s: 5", "timeout_s: -1"),
-         "gw.yaml:3: defaults.timeout_s: must be > 0, got -1"),
-        (VALID.replace("failure_rate_threshold: 0.6", "failure_rate_threshold: 1.5"),
-         "gw.yaml:4: defaults.breaker.failure_rate_threshold: must be <= 1, got 1.5"),
-        (VALID.replace('"http://127.0.0.1:9999/pay"', '"${UPSTREAM_URL}"'),
-         "gw.yaml:7: providers.CANON.url: environment variable UPSTREAM_URL is not set and has no default"),
-        ("providers: {}\n",
-         "gw.yaml:1: providers: declares no provider; at least one is needed"),
-        (VALID.replace('    url: "http://127.0.0.1:9999/pay"\n', '    timeout_s: 2\n'),
-         "gw.yaml:6: providers.CANON.url: required key is missing"),
-        (VALID.replace("minimum_calls: 3", "minimum_calls: 0"),
-         "gw.yaml:4: defaults.breaker.minimum_calls: must be >= 1, got 0: with no minimum"),
-        (VALID.replace("open_s: 30}", "open_s: 30, half_open_max_calls: 5}"),
-         "gw.yaml:4: defaults.breaker.half_open_max_calls: must be <= minimum_calls (3), got 5"),
-        (VALID + "idempotency: {lock_ttl_s: 5}\n",
-         "gw.yaml:8: idempotency.lock_ttl_s: must exceed the largest provider timeout"),
-        (VALID.replace('"http://127.0.0.1:9999/pay"', '"ftp://x/pay"'),
-         "gw.yaml:7: providers.CANON.url: must be an http:// or https:// URL with a host"),
-        (VALID.replace("server: {port: 8080}", "server: {port: 8080}\nserver: {port: 1}"),
-         "gw.yaml:2: server: duplicate key"),
+        (
+            VALID.replace("server: {port: 8080}", "server: {port: 8080, prot: 1}"),
+            "gw.yaml:1: server.prot: unknown key (did you mean 'port'?)",
+        ),
+        (VALID.replace("timeout_s: 5", "timeout_s: five"), "gw.yaml:3: defaults.timeout_s: "),
+        (
+            VALID.replace("timeout_s: 5", "timeout_s: -1"),
+            "gw.yaml:3: defaults.timeout_s: must be > 0, got -1",
+        ),
+        (
+            VALID.replace("failure_rate_threshold: 0.6", "failure_rate_threshold: 1.5"),
+            "gw.yaml:4: defaults.breaker.failure_rate_threshold: must be <= 1, got 1.5",
+        ),
+        (
+            VALID.replace('"http://127.0.0.1:9999/pay"', '"${UPSTREAM_URL}"'),
+            "gw.yaml:7: providers.CANON.url: environment variable UPSTREAM_URL is not set and has "
+            "no default",
+        ),
+        ("providers: {}\n", "gw.yaml:1: providers: declares no provider; at least one is needed"),
+        (
+            VALID.replace('    url: "http://127.0.0.1:9999/pay"\n', "    timeout_s: 2\n"),
+            "gw.yaml:6: providers.CANON.url: required key is missing",
+        ),
+        (
+            VALID.replace("minimum_calls: 3", "minimum_calls: 0"),
+            "gw.yaml:4: defaults.breaker.minimum_calls: must be >= 1, got 0: with no minimum",
+        ),
+        (
+            VALID.replace("open_s: 30}", "open_s: 30, half_open_max_calls: 5}"),
+            "gw.yaml:4: defaults.breaker.half_open_max_calls: must be <= minimum_calls (3), got 5",
+        ),
+        (
+            VALID + "idempotency: {lock_ttl_s: 5}\n",
+            "gw.yaml:8: idempotency.lock_ttl_s: must exceed the largest provider timeout",
+        ),
+        (
+            VALID.replace('"http://127.0.0.1:9999/pay"', '"ftp://x/pay"'),
+            "gw.yaml:7: providers.CANON.url: must be an http:// or https:// URL with a host",
+        ),
+        (
+            VALID.replace("server: {port: 8080}", "server: {port: 8080}\nserver: {port: 1}"),
+            "gw.yaml:2: server: duplicate key",
+        ),
         ("providers: [\n", "gw.yaml:2: not valid YAML"),
-        (VALID + "  canon:\n    url: http://127.0.0.1:1/pay\n",
-         "gw.yaml:8: providers.canon: same name as 'CANON': ProviderKey is case-insensitive"),
-        (VALID.replace('redis', 'redis').replace("server: {port: 8080}", 'redis: {url: "http://x"}'),
-         "gw.yaml:1: redis.url: must start with redis://, rediss:// or unix://"),
+        (
+            VALID + "  canon:\n    url: http://127.0.0.1:1/pay\n",
+            "gw.yaml:8: providers.canon: same name as 'CANON': ProviderKey is case-insensitive",
+        ),
+        (
+            VALID.replace("redis", "redis").replace(
+                "server: {port: 8080}", 'redis: {url: "http://x"}'
+            ),
+            "gw.yaml:1: redis.url: must start with redis://, rediss:// or unix://",
+        ),
     ],
     ids=[
-        "unknown-key", "wrong-type", "negative-timeout", "threshold-outside-0-1",
-        "undefined-env-var-without-default", "empty-providers", "missing-url", "minimum-calls-below-1",
-        "more-trial-calls-than-minimum-calls", "lock-ttl-not-above-timeout", "url-not-http",
-        "duplicate-key", "not-yaml", "providers-equal-ignoring-case", "redis-url-scheme",
+        "unknown-key",
+        "wrong-type",
+        "negative-timeout",
+        "threshold-outside-0-1",
+        "undefined-env-var-without-default",
+        "empty-providers",
+        "missing-url",
+        "minimum-calls-below-1",
+        "more-trial-calls-than-minimum-calls",
+        "lock-ttl-not-above-timeout",
+        "url-not-http",
+        "duplicate-key",
+        "not-yaml",
+        "providers-equal-ignoring-case",
+        "redis-url-scheme",
     ],
 )
 def test_each_kind_of_error_is_reported_with_its_line(text, expected):
@@ -123,16 +161,24 @@ def test_every_error_is_reported_at_once_in_line_order():
 
 
 def test_mapping_templates_with_unknown_placeholders_are_errors_with_their_line():
-    text = VALID + textwrap.dedent("""\
+    text = (
+        VALID
+        + textwrap.dedent("""\
         request:
           body: {amount: "{amont}", id: "{reference}"}
         response:
           success: [{status: 200, field: status, equals: OK}]
-    """).replace("\n", "\n    ").rstrip() + "\n"
+    """)
+        .replace("\n", "\n    ")
+        .rstrip()
+        + "\n"
+    )
     text = text.replace("\nrequest:", "\n    request:")
     reported = problems(text)
-    assert any("gw.yaml:9: providers.CANON.request.body.amount: unknown placeholder {amont}" in line
-               for line in reported), reported
+    assert any(
+        "gw.yaml:9: providers.CANON.request.body.amount: unknown placeholder {amont}" in line
+        for line in reported
+    ), reported
 
 
 def test_check_config_prints_a_summary_and_exits_0_for_the_shipped_file():
@@ -153,23 +199,28 @@ def test_check_config_prints_every_error_and_exits_1(tmp_path):
 
 
 def test_check_config_on_a_missing_file_says_so_without_a_traceback(tmp_path):
-    result = subprocess.run([PAYAGG, "check-config", str(tmp_path / "nope.yaml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [PAYAGG, "check-config", str(tmp_path / "nope.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 1
-    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot read" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_serve_with_a_bad_config_fails_at_start_up_naming_file_key_and_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(VALID.replace("window_s: 5", "window_s: -1"))
-    result = subprocess.run([PAYAGG, "serve", "--config", str(bad)], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [PAYAGG, "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1
     assert f"{bad}:4: defaults.breaker.window_s: must be > 0, got -1" in result.stderr
 
 
 def test_a_problem_inherited_from_defaults_is_reported_once_at_the_defaults_line():
-    text = VALID.replace("window_s: 5", "window_sec: 5") + '  OTHER: {url: "http://127.0.0.1:1/pay"}\n'
+    text = (
+        VALID.replace("window_s: 5", "window_sec: 5") + '  OTHER: {url: "http://127.0.0.1:1/pay"}\n'
+    )
     reported = problems(text)
     assert reported == [
         "gw.yaml:4: defaults.breaker.window_sec: unknown key (did you mean 'window_s'?)"

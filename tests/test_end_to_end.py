@@ -32,8 +32,9 @@ class Answer:
 
 def call(url: str, method: str = "GET", document: object = None, timeout: float = 10) -> Answer:
     data = json.dumps(document).encode() if document is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
@@ -44,8 +45,16 @@ def call(url: str, method: str = "GET", document: object = None, timeout: float 
 
 
 def pay(base: str, transaction_id: str, provider: str = "CANON") -> Answer:
-    return call(f"{base}/v1/pay", "POST", {"TransactionID": transaction_id, "Amount": 20.00,
-                                           "Currency": "ZAR", "ProviderKey": provider})
+    return call(
+        f"{base}/v1/pay",
+        "POST",
+        {
+            "TransactionID": transaction_id,
+            "Amount": 20.00,
+            "Currency": "ZAR",
+            "ProviderKey": provider,
+        },
+    )
 
 
 def upstream_requests(upstream: str) -> int:
@@ -76,22 +85,43 @@ class Stack:
 def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
     upstream_port, proxy_port = free_port(), free_port()
     config = tmp_path_factory.mktemp("e2e") / "gateway.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         redis: {{url: "{redis_server.url}"}}
         defaults:
           timeout_s: 2
           breaker: {{failure_rate_threshold: 0.6, minimum_calls: 3, window_s: 30, open_s: 2}}
         providers:
           CANON: {{url: "http://127.0.0.1:{upstream_port}/pay"}}
-        """))
-    upstream_argv = [sys.executable, "-m", "tests.canonical_upstream", "--port", str(upstream_port),
-                     "--failure-rate", "0.8", "--seed", "24"]
-    proxy_argv = [str(VENV_BIN / "payagg"), "serve", "--config", str(config), "--host", "127.0.0.1",
-                  "--port", str(proxy_port)]
+        """)
+    )
+    upstream_argv = [
+        sys.executable,
+        "-m",
+        "tests.canonical_upstream",
+        "--port",
+        str(upstream_port),
+        "--failure-rate",
+        "0.8",
+        "--seed",
+        "24",
+    ]
+    proxy_argv = [
+        str(VENV_BIN / "payagg"),
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(proxy_port),
+    ]
     env = {"PYTHONPATH": str(ROOT)}
     upstream = f"http://127.0.0.1:{upstream_port}"
-    with running(upstream_argv, f"{upstream}/healthz", env=env), \
-         running(proxy_argv, f"http://127.0.0.1:{proxy_port}/readyz") as proxy:
+    with (
+        running(upstream_argv, f"{upstream}/healthz", env=env),
+        running(proxy_argv, f"http://127.0.0.1:{proxy_port}/readyz") as proxy,
+    ):
         yield Stack(f"http://127.0.0.1:{proxy_port}", upstream, proxy)
 
 
@@ -110,13 +140,25 @@ def test_the_seed_check_provider_answers_until_the_breaker_opens_then_only_fast_
         assert answer.body["provider"] == "CANON"
         assert 1 <= int(answer.headers["Retry-After"]) <= 2
     assert metric(stack.proxy, "payagg_circuit_breaker_state", provider="CANON", state="open") == 1
-    assert metric(stack.proxy, "payagg_requests_total", provider="CANON",
-                  outcome="breaker_open") == 10 - first_503
-    answered = sum(metric(stack.proxy, "payagg_requests_total", provider="CANON", outcome=o)
-                   for o in ("success", "provider_error"))
+    assert (
+        metric(stack.proxy, "payagg_requests_total", provider="CANON", outcome="breaker_open")
+        == 10 - first_503
+    )
+    answered = sum(
+        metric(stack.proxy, "payagg_requests_total", provider="CANON", outcome=o)
+        for o in ("success", "provider_error")
+    )
     assert answered == first_503
-    assert metric(stack.proxy, "payagg_circuit_breaker_transitions_total", provider="CANON",
-                  from_state="closed", to_state="open") == 1
+    assert (
+        metric(
+            stack.proxy,
+            "payagg_circuit_breaker_transitions_total",
+            provider="CANON",
+            from_state="closed",
+            to_state="open",
+        )
+        == 1
+    )
 
     # Recovery: once open_s has passed, a trial call goes through and closes the breaker.
     control(stack.upstream, failure_rate=0)
@@ -128,11 +170,22 @@ def test_the_seed_check_provider_answers_until_the_breaker_opens_then_only_fast_
 
     wait_until(trial_succeeds, timeout_s=10, what="the breaker to let a trial call through")
     assert {answer.status for answer in recovered[:-1]} <= {503}
-    assert metric(stack.proxy, "payagg_circuit_breaker_state", provider="CANON", state="closed") == 1
-    assert metric(stack.proxy, "payagg_circuit_breaker_transitions_total", provider="CANON",
-                  from_state="open", to_state="half_open") == 1
-    assert metric(stack.proxy, "payagg_upstream_request_duration_seconds_count",
-                  provider="CANON") == upstream_requests(stack.upstream)
+    assert (
+        metric(stack.proxy, "payagg_circuit_breaker_state", provider="CANON", state="closed") == 1
+    )
+    assert (
+        metric(
+            stack.proxy,
+            "payagg_circuit_breaker_transitions_total",
+            provider="CANON",
+            from_state="open",
+            to_state="half_open",
+        )
+        == 1
+    )
+    assert metric(
+        stack.proxy, "payagg_upstream_request_duration_seconds_count", provider="CANON"
+    ) == upstream_requests(stack.upstream)
 
 
 def test_health_readiness_providers_and_openapi_answer(stack):
@@ -144,14 +197,22 @@ def test_health_readiness_providers_and_openapi_answer(stack):
     assert set(provider["window"]) == {"calls", "failures"}
     document = call(f"{stack.proxy}/openapi.json").body
     assert document["openapi"] == "3.1.0"
-    assert {"/v1/pay", "/v1/payments/{idempotency_key}", "/v1/providers", "/healthz", "/readyz",
-            "/metrics"} <= set(document["paths"])  # type: ignore[arg-type]
+    assert {
+        "/v1/pay",
+        "/v1/payments/{idempotency_key}",
+        "/v1/providers",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(document["paths"])  # type: ignore[arg-type]
 
 
 def test_every_request_is_one_json_log_line_with_request_id_provider_outcome_status_latency(stack):
     pay(stack.proxy, "LOGGED-1")
     lines = [json.loads(line) for line in stack.process.log().splitlines() if line.startswith("{")]
-    requests = [line for line in lines if line.get("msg") == "request" and line["path"] == "/v1/pay"]
+    requests = [
+        line for line in lines if line.get("msg") == "request" and line["path"] == "/v1/pay"
+    ]
     assert requests, stack.process.log()
     assert {"request_id", "provider", "outcome", "status", "latency_ms"} <= set(requests[-1])
     assert any(line.get("to_state") == "open" for line in lines), "state changes are logged"
@@ -160,18 +221,33 @@ def test_every_request_is_one_json_log_line_with_request_id_provider_outcome_sta
 def test_sigterm_lets_an_in_flight_payment_finish_then_exits_0(redis_server, tmp_path):
     upstream_port, proxy_port = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         redis: {{url: "{redis_server.url}"}}
         providers:
           CANON: {{url: "http://127.0.0.1:{upstream_port}/pay", timeout_s: 5}}
-        """))
+        """)
+    )
     upstream = f"http://127.0.0.1:{upstream_port}"
     base = f"http://127.0.0.1:{proxy_port}"
-    with running([sys.executable, "-m", "tests.canonical_upstream", "--port", str(upstream_port)],
-                 f"{upstream}/healthz", env={"PYTHONPATH": str(ROOT)}):
+    with running(
+        [sys.executable, "-m", "tests.canonical_upstream", "--port", str(upstream_port)],
+        f"{upstream}/healthz",
+        env={"PYTHONPATH": str(ROOT)},
+    ):
         control(upstream, delay_s=1.0)
-        proxy = ServiceProcess([str(VENV_BIN / "payagg"), "serve", "--config", str(config),
-                                "--host", "127.0.0.1", "--port", str(proxy_port)])
+        proxy = ServiceProcess(
+            [
+                str(VENV_BIN / "payagg"),
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(proxy_port),
+            ]
+        )
         proxy.wait_ready(f"{base}/readyz")
         in_flight: list[Answer] = []
         worker = threading.Thread(target=lambda: in_flight.append(pay(base, "DRAIN-1")))
@@ -180,7 +256,8 @@ def test_sigterm_lets_an_in_flight_payment_finish_then_exits_0(redis_server, tmp
         proxy.signal(signal.SIGTERM)
         worker.join(timeout=10)
         assert proxy.process.wait(timeout=10) == 0
-        assert in_flight and in_flight[0].status == 200, in_flight
+        assert in_flight, "the in-flight payment got no answer"
+        assert in_flight[0].status == 200, in_flight
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"{base}/healthz", timeout=1)
         proxy.stop()

@@ -1,4 +1,4 @@
-"""POST /v1/pay input checks: every malformed request is a 4xx JSON error that reaches no provider."""
+"""POST /v1/pay input checks: each malformed request is a 4xx JSON error that reaches no provider."""
 
 from __future__ import annotations
 
@@ -52,22 +52,59 @@ CASES = [
     (body(Payer="1234567"), JSON, 400, "invalid_request", ["Payer"]),
     (body(), {**JSON, "Idempotency-Key": "é" * 3}, 400, "invalid_request", ["Idempotency-Key"]),
     (body(), {**JSON, "Idempotency-Key": "k" * 256}, 400, "invalid_request", ["Idempotency-Key"]),
-    (body(TransactionID=..., Amount=-1, Currency="usd", ProviderKey="NOPE"), JSON, 400,
-     "invalid_request", ["TransactionID", "Amount", "Currency", "ProviderKey"]),
+    (
+        body(TransactionID=..., Amount=-1, Currency="usd", ProviderKey="NOPE"),
+        JSON,
+        400,
+        "invalid_request",
+        ["TransactionID", "Amount", "Currency", "ProviderKey"],
+    ),
     (body(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type", []),
-    (body(), {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type", []),
+    (
+        body(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        415,
+        "unsupported_media_type",
+        [],
+    ),
     (body(), {}, 415, "unsupported_media_type", []),
     (b'{"pad": "' + b"x" * 20000 + b'"}', JSON, 413, "payload_too_large", []),
 ]
 IDS = [
-    "malformed-json", "empty-body", "array-body", "string-body", "missing-transaction-id",
-    "empty-transaction-id", "transaction-id-too-long", "transaction-id-bad-chars",
-    "transaction-id-not-string", "missing-amount", "zero-amount", "negative-amount",
-    "amount-as-string", "amount-three-decimals", "amount-above-1e9", "amount-boolean",
-    "amount-null", "amount-nan", "amount-infinity", "missing-currency", "currency-lower-case",
-    "currency-four-letters", "missing-provider", "provider-not-string", "unknown-provider",
-    "payer-not-digits", "payer-too-short", "idempotency-key-not-ascii", "idempotency-key-too-long",
-    "every-field-at-once", "text-plain", "form-encoded", "no-content-type", "body-too-large",
+    "malformed-json",
+    "empty-body",
+    "array-body",
+    "string-body",
+    "missing-transaction-id",
+    "empty-transaction-id",
+    "transaction-id-too-long",
+    "transaction-id-bad-chars",
+    "transaction-id-not-string",
+    "missing-amount",
+    "zero-amount",
+    "negative-amount",
+    "amount-as-string",
+    "amount-three-decimals",
+    "amount-above-1e9",
+    "amount-boolean",
+    "amount-null",
+    "amount-nan",
+    "amount-infinity",
+    "missing-currency",
+    "currency-lower-case",
+    "currency-four-letters",
+    "missing-provider",
+    "provider-not-string",
+    "unknown-provider",
+    "payer-not-digits",
+    "payer-too-short",
+    "idempotency-key-not-ascii",
+    "idempotency-key-too-long",
+    "every-field-at-once",
+    "text-plain",
+    "form-encoded",
+    "no-content-type",
+    "body-too-large",
 ]
 
 
@@ -75,7 +112,9 @@ IDS = [
 async def test_a_malformed_request_is_a_json_4xx_that_reaches_no_provider(
     gateway, upstream, raw, headers, status, code, fields
 ):
-    answer = await gateway.post("/v1/pay", data=raw, headers=headers, skip_auto_headers={"Content-Type"})
+    answer = await gateway.post(
+        "/v1/pay", data=raw, headers=headers, skip_auto_headers={"Content-Type"}
+    )
     assert answer.status == status
     assert answer.content_type == "application/json"
     error = await answer.json()
@@ -99,7 +138,9 @@ async def test_an_unknown_route_is_a_json_404(gateway):
     assert (await answer.json())["error"] == "not_found"
 
 
-async def test_the_provider_key_is_matched_case_insensitively_and_answers_carry_its_yaml_name(gateway):
+async def test_the_provider_key_is_matched_case_insensitively_and_answers_carry_its_yaml_name(
+    gateway,
+):
     answer = await gateway.post("/v1/pay", json=payment(ProviderKey="canon"))
     assert answer.status == 200
     assert (await answer.json())["provider"] == "CANON"
