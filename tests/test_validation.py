@@ -1,4 +1,4 @@
-"""POST /v1/pay input checks: each malformed request is a 4xx JSON error that reaches no provider."""
+"""POST /v1/pay input checks: a malformed request is a 4xx JSON error that reaches no provider."""
 
 from __future__ import annotations
 
