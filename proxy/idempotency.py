@@ -114,13 +114,14 @@ class IdempotencyStore:
             await self._release_unanswered()
         try:
             with self._store_errors():
+                sent_at = time.monotonic()
                 current = await self._redis.run_script(_CLAIM, [key], [lock, self._ttl.lock_ttl_s])
         except StoreUnavailable:
             self._remember_unanswered(key, lock)
             raise
         if current is None:
             return Claim(self, key, lock, self._ttl.result_ttl_s, reference)
-        return _judge(self._read(key, current), fingerprint)
+        return _judge(self._read(key, current, sent_at), fingerprint)
 
     async def peek(self, idempotency_key: str) -> KeyState | None:
         key = self.redis_key(idempotency_key)
@@ -130,14 +131,17 @@ class IdempotencyStore:
         if self._unanswered:
             await self._release_unanswered()
         with self._store_errors():
+            sent_at = time.monotonic()
             current = await self._redis.run_script(_PEEK, [key], [])
-        return None if current is None else self._read(key, current)
+        return None if current is None else self._read(key, current, sent_at)
 
-    def _read(self, key: bytes, reply: list[Any]) -> KeyState:
+    def _read(self, key: bytes, reply: list[Any], sent_at: float) -> KeyState:
         value, ttl_ms = reply
         state = _decode(value)
         if state.result is not None:
-            self._replays.put(key, state, ttl_ms / 1000)
+            # Redis read the PTTL after `sent_at`: counted from there, not from the reply's
+            # arrival, the copy cannot outlive the original by the round trip.
+            self._replays.put(key, state, ttl_ms / 1000 - (time.monotonic() - sent_at))
         return state
 
     def remember(self, key: bytes, state: KeyState, ttl_s: float) -> None:

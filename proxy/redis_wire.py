@@ -52,7 +52,7 @@ class RedisAddress:
         username = unquote(parts.username) if parts.username else None
         if parts.scheme == "unix":
             db = int(query.get("db", ["0"])[0])
-            return cls(unix_path=parts.path, db=db, username=username, password=password)
+            return cls(unix_path=unquote(parts.path), db=db, username=username, password=password)
         path_db = parts.path.lstrip("/")
         return cls(
             host=parts.hostname or "127.0.0.1",
@@ -229,5 +229,6 @@ class RedisClient:
             steps.append(connection.send(encode_command([b"AUTH", *credentials])))
         if address.db:
             steps.append(connection.send(encode_command([b"SELECT", address.db])))
-        for step in steps:
-            await step
+        # gather, not one await per step: when AUTH fails, SELECT's error is retrieved too, or
+        # asyncio would log "Future exception was never retrieved" on every reconnect attempt.
+        await asyncio.gather(*steps)

@@ -10,6 +10,7 @@ and the parent exits non-zero, so the orchestrator (ECS) replaces the whole task
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -46,8 +47,11 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
         nonlocal stopping
         stopping = True
         for worker in workers.values():
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
+            # os.kill, not Popen.poll()/send_signal(): those reap a worker that already died,
+            # and os.wait() below would then wait for a child that is gone (ChildProcessError).
+            # A worker still in `workers` is not reaped yet, so its pid cannot have been reused.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
