@@ -47,6 +47,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._framed = False  # Content-Length or chunked: the end is known without EOF
+        self._headers_done = False
         self._received_any = False
         self.closed = False
         self.reused = False
@@ -59,6 +60,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
         self._body, self._body_size, self._framed, self._received_any = [], 0, False, False
+        self._headers_done = False
         self._transport.write(request)
         return self._waiter
 
@@ -66,9 +68,22 @@ class _Connection(asyncio.Protocol):
         self._received_any = True
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, AnswerTooLarge) as error:
-            self._fail(UpstreamConnectionError(f"unreadable answer: {error}"))
+        except httptools.HttpParserError as error:
+            # httptools wraps a callback's exception; AnswerTooLarge is worth naming as such.
+            cause = error.__context__
+            if not isinstance(cause, UpstreamConnectionError):
+                cause = UpstreamConnectionError(f"unreadable answer: {error}")
+            self._fail(cause)
             self.close()
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamConnectionError("the provider switched protocols (HTTP 101)"))
+            self.close()
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # Bytes nobody asked for (an extra answer, or one after a cancelled exchange): the
+            # connection is out of step with the provider and must never carry another request.
+            raise UpstreamConnectionError("an answer arrived with no request waiting for it")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
@@ -83,8 +98,16 @@ class _Connection(asyncio.Protocol):
             raise AnswerTooLarge(f"answer larger than {MAX_ANSWER_BYTES} bytes")
         self._body.append(body)
 
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
     def on_message_complete(self) -> None:
-        answer = HttpAnswer(self._parser.get_status_code(), b"".join(self._body))
+        status = self._parser.get_status_code()
+        if status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows.
+            self._body, self._body_size, self._framed, self._headers_done = [], 0, False, False
+            return
+        answer = HttpAnswer(status, b"".join(self._body))
         waiter, self._waiter = self._waiter, None
         if self._parser.should_keep_alive() and not self.closed:
             self._pool.give_back(self)
@@ -99,8 +122,9 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._received_any and not self._framed:
-            # An answer without Content-Length or chunking ends when the connection does.
+        if self._headers_done and not self._framed:
+            # An answer without Content-Length or chunking ends when the connection does (but
+            # one whose head was cut short is no answer at all).
             self._waiter = None
             waiter.set_result(HttpAnswer(self._parser.get_status_code(), b"".join(self._body)))
             return
