@@ -11,7 +11,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -187,7 +186,7 @@ async def _providers(request: web.Request) -> web.Response:
         answer.append(
             {
                 "name": provider.name,
-                "upstream_host": urlsplit(provider.url).netloc,
+                "upstream_host": provider.host,
                 "state": state.value,
                 "retry_after_s": breaker.retry_after_s() if state is BreakerState.OPEN else 0,
                 "window": {"calls": counts.calls, "failures": counts.failures},

@@ -117,6 +117,15 @@ class Provider:
     def url(self) -> str:
         return self.settings.url
 
+    @property
+    def host(self) -> str:
+        """`host[:port]` of the URL, never its user:password (the Host header, /v1/providers)."""
+        parts = urlsplit(self.settings.url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{parts.port}" if parts.port else host
+
 
 @dataclass(frozen=True)
 class GatewayConfig:

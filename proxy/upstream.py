@@ -34,7 +34,7 @@ class ProviderClient:
         # Everything but the rendered headers and body is the same for every payment.
         self._request_head = (
             f"{self._mapping.method} {target} HTTP/1.1\r\n"
-            f"Host: {parts.netloc}\r\n"
+            f"Host: {provider.host}\r\n"
             "Content-Type: application/json\r\n"
             "Accept: application/json\r\n"
         ).encode()

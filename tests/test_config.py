@@ -230,3 +230,17 @@ def test_a_problem_inherited_from_defaults_is_reported_once_at_the_defaults_line
 def test_a_provider_override_is_reported_at_the_providers_own_line():
     text = VALID + "    breaker: {open_s: -3}\n"
     assert problems(text) == ["gw.yaml:8: providers.CANON.breaker.open_s: must be > 0, got -3"]
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://127.0.0.1:9101/pay", "127.0.0.1:9101"),
+        ("https://user:secret@provider.example/pay", "provider.example"),
+        ("http://[::1]:8080/pay", "[::1]:8080"),
+    ],
+    ids=["ip-and-port", "credentials-never-shown", "ipv6"],
+)
+def test_a_providers_host_never_carries_the_urls_credentials(url, host):
+    config = parse_config(VALID.replace('"http://127.0.0.1:9999/pay"', f'"{url}"'), "gw.yaml", {})
+    assert config.providers[0].host == host
