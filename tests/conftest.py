@@ -29,19 +29,28 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A real redis-server on a free port that a test may stop and start again."""
+    """A real redis-server on a free port that a test may stop and start again.
 
-    def __init__(self, directory: Path) -> None:
+    `extra` goes to redis-server's command line (`--requirepass`, `--unixsocket`, ...);
+    `password` is what the test's own sync client authenticates with.
+    """
+
+    def __init__(self, directory: Path, *extra: str, password: str | None = None) -> None:
         self.port = free_port()
         self.directory = directory
+        self.extra = extra
+        self.password = password
         self.process: ServiceProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for()
 
-    def client(self) -> redis_sync.Redis:
-        return redis_sync.Redis(port=self.port, socket_timeout=2)
+    def url_for(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis_sync.Redis:
+        return redis_sync.Redis(port=self.port, db=db, password=self.password, socket_timeout=2)
 
     def start(self) -> None:
         self.process = ServiceProcess(
@@ -57,9 +66,14 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.extra,
             ]
         )
         wait_until(self._answers, what=f"redis-server on port {self.port}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.signal(signum)
 
     def stop(self) -> None:
         if self.process is not None:

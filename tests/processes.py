@@ -107,6 +107,21 @@ def running(
         service.stop()
 
 
+def payagg_serve(config: object, port: int, *extra: str) -> list[str]:
+    """argv of the proxy (`payagg serve`) with `config` on 127.0.0.1:`port`."""
+    return [
+        str(VENV_BIN / "payagg"),
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 def mock_provider(provider: str, port: int, *extra: str) -> list[str]:
     """argv of a mock provider process (`payagg-mock`) on 127.0.0.1:`port`."""
     return [

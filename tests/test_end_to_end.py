@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import VENV_BIN, ServiceProcess, free_port, running, wait_until
+from tests.processes import ServiceProcess, free_port, payagg_serve, running, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,16 +106,7 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
         "--seed",
         "24",
     ]
-    proxy_argv = [
-        str(VENV_BIN / "payagg"),
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(proxy_port),
-    ]
+    proxy_argv = payagg_serve(config, proxy_port)
     env = {"PYTHONPATH": str(ROOT)}
     upstream = f"http://127.0.0.1:{upstream_port}"
     with (
@@ -236,18 +227,7 @@ def test_sigterm_lets_an_in_flight_payment_finish_then_exits_0(redis_server, tmp
         env={"PYTHONPATH": str(ROOT)},
     ):
         control(upstream, delay_s=1.0)
-        proxy = ServiceProcess(
-            [
-                str(VENV_BIN / "payagg"),
-                "serve",
-                "--config",
-                str(config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(proxy_port),
-            ]
-        )
+        proxy = ServiceProcess(payagg_serve(config, proxy_port))
         proxy.wait_ready(f"{base}/readyz")
         in_flight: list[Answer] = []
         worker = threading.Thread(target=lambda: in_flight.append(pay(base, "DRAIN-1")))

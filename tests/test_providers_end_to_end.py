@@ -22,7 +22,13 @@ import pytest
 import redis as redis_sync
 
 from proxy.payment import REFERENCE_NAMESPACE
-from tests.processes import VENV_BIN, ServiceProcess, free_port, mock_provider, running
+from tests.processes import (
+    ServiceProcess,
+    free_port,
+    mock_provider,
+    payagg_serve,
+    running,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "gateway.yaml"
@@ -194,16 +200,7 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
         "BREAKER_MINIMUM_CALLS": "100",  # the breaker is tested elsewhere; here it must stay closed
     }
     kinds = {"MTN": "mtn", "AIRTEL": "airtel", "AIRTEL_KE": "airtel"}
-    proxy_argv = [
-        str(VENV_BIN / "payagg"),
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(proxy_port),
-    ]
+    proxy_argv = payagg_serve(config, proxy_port)
     with ExitStack() as processes:
         mocks = {}
         for seed, (name, port) in enumerate(ports.items(), start=1):

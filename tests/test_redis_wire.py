@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as redis_sync
 import trustme
 
 from proxy.redis_wire import (
@@ -31,64 +30,24 @@ from proxy.redis_wire import (
     RedisUnavailable,
     Script,
 )
-from tests.conftest import RedisServer, redis_server_binary
-from tests.processes import ServiceProcess, free_port, wait_until
+from tests.conftest import RedisServer
+from tests.processes import free_port
 
 TIMEOUT_S = 0.3
 # How much later than its timeout a failing call may return, on a busy shared machine.
 SLACK_S = 0.5
 
 
-class TestRedis(RedisServer):
-    """A redis-server of the test's own, with extra arguments and maybe a password."""
-
-    __test__ = False
-
-    def __init__(self, directory: Path, *extra: str, password: str | None = None) -> None:
-        super().__init__(directory)
-        self.extra = extra
-        self.password = password
-
-    def url_for(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def client(self, db: int = 0) -> redis_sync.Redis:
-        return redis_sync.Redis(port=self.port, db=db, password=self.password, socket_timeout=2)
-
-    def start(self) -> None:
-        self.process = ServiceProcess(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-                *self.extra,
-            ]
-        )
-        wait_until(self._answers, what=f"redis-server on port {self.port}")
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.signal(signum)
-
-
-StartRedis = Callable[..., TestRedis]
+StartRedis = Callable[..., RedisServer]
 
 
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
     """Start redis-servers for one test (`start_redis("--requirepass", "x", password="x")`)."""
-    started: list[TestRedis] = []
+    started: list[RedisServer] = []
 
-    def start(*extra: str, password: str | None = None) -> TestRedis:
-        server = TestRedis(tmp_path, *extra, password=password)
+    def start(*extra: str, password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path, *extra, password=password)
         started.append(server)
         server.start()
         return server
@@ -101,9 +60,9 @@ def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
 
 
 @pytest.fixture(scope="module")
-def plain_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestRedis]:
+def plain_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One server for the tests that neither freeze, stop nor reconfigure it."""
-    server = TestRedis(tmp_path_factory.mktemp("plain-redis"))
+    server = RedisServer(tmp_path_factory.mktemp("plain-redis"))
     server.start()
     yield server
     server.stop()
@@ -176,7 +135,7 @@ class Relay:
 # 1. Commands and replies -----------------------------------------------------------------------
 
 
-async def test_replies_come_back_as_bytes_integers_none_and_lists(plain_redis: TestRedis) -> None:
+async def test_replies_come_back_as_bytes_integers_none_and_lists(plain_redis: RedisServer) -> None:
     async with connected(plain_redis.url_for()) as redis:
         assert await redis.execute("SET", "wire:text", b"caf\xc3\xa9\x00\r\n") == b"OK"
         assert await redis.execute("GET", "wire:text") == b"caf\xc3\xa9\x00\r\n"
@@ -190,7 +149,7 @@ async def test_replies_come_back_as_bytes_integers_none_and_lists(plain_redis: T
 
 
 async def test_an_error_reply_raises_redis_reply_error_and_the_connection_stays_usable(
-    plain_redis: TestRedis,
+    plain_redis: RedisServer,
 ) -> None:
     async with connected(plain_redis.url_for()) as redis:
         await redis.execute("SET", "wire:string", "x")
@@ -204,7 +163,7 @@ async def test_an_error_reply_raises_redis_reply_error_and_the_connection_stays_
 
 
 async def test_a_thousand_concurrent_commands_share_one_connection_and_get_their_own_replies(
-    plain_redis: TestRedis,
+    plain_redis: RedisServer,
 ) -> None:
     keys = [f"wire:concurrent:{i}" for i in range(1000)]
     plain_redis.client().delete(*keys)
@@ -225,7 +184,7 @@ async def test_a_thousand_concurrent_commands_share_one_connection_and_get_their
 
 
 async def test_a_script_runs_by_sha_and_again_after_the_server_forgot_it(
-    plain_redis: TestRedis,
+    plain_redis: RedisServer,
 ) -> None:
     script = Script("return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}")
     async with connected(plain_redis.url_for()) as redis:
@@ -242,7 +201,7 @@ async def test_a_script_runs_by_sha_and_again_after_the_server_forgot_it(
 
 
 async def test_a_script_error_is_a_reply_error_not_a_retry_with_eval(
-    plain_redis: TestRedis,
+    plain_redis: RedisServer,
 ) -> None:
     script = Script("return redis.call('NOSUCHCOMMAND')")
     async with connected(plain_redis.url_for()) as redis:
@@ -346,7 +305,7 @@ def tls_server_context(ca: trustme.CA) -> ssl.SSLContext:
 
 
 async def test_a_rediss_url_speaks_tls_verified_against_ssl_cert_file(
-    plain_redis: TestRedis,
+    plain_redis: RedisServer,
     certificate_authority: trustme.CA,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -363,7 +322,7 @@ async def test_a_rediss_url_speaks_tls_verified_against_ssl_cert_file(
 
 
 async def test_a_certificate_from_an_untrusted_authority_is_redis_unavailable(
-    plain_redis: TestRedis,
+    plain_redis: RedisServer,
     certificate_authority: trustme.CA,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

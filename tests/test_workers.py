@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main
-from tests.processes import VENV_BIN, ServiceProcess, free_port, running, wait_until
+from tests.processes import ServiceProcess, free_port, payagg_serve, running, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
@@ -156,18 +156,7 @@ def workers(redis_url: str, upstream_port: int, tmp_path: Path) -> Iterator[Work
     )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    argv = [
-        str(VENV_BIN / "payagg"),
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(WORKERS),
-    ]
+    argv = payagg_serve(config, port, "--workers", str(WORKERS))
     parent = ServiceProcess(argv, env={"PYTHONPATH": str(ROOT)})
     try:
         parent.wait_ready(f"{base}/readyz")
