@@ -20,6 +20,8 @@ import httptools
 
 # A provider's answer is a small JSON document; anything larger is not one we can use.
 MAX_ANSWER_BYTES = 1024 * 1024
+# Status line and headers; the parser buffers a header until it ends, so this bounds it too.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamConnectionError(Exception):
@@ -48,6 +50,7 @@ class _Connection(asyncio.Protocol):
         self._body_size = 0
         self._framed = False  # Content-Length or chunked: the end is known without EOF
         self._headers_done = False
+        self._head_size = 0
         self._received_any = False
         self.closed = False
         self.reused = False
@@ -60,12 +63,13 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
         self._body, self._body_size, self._framed, self._received_any = [], 0, False, False
-        self._headers_done = False
+        self._headers_done, self._head_size = False, 0
         self._transport.write(request)
         return self._waiter
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
+        self._head_size += 0 if self._headers_done else len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -77,6 +81,10 @@ class _Connection(asyncio.Protocol):
             self.close()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamConnectionError("the provider switched protocols (HTTP 101)"))
+            self.close()
+        if not self._headers_done and self._head_size > MAX_HEAD_BYTES and not self.closed:
+            # Everything received so far is still status line and headers: endless headers end.
+            self._fail(AnswerTooLarge(f"answer headers larger than {MAX_HEAD_BYTES} bytes"))
             self.close()
 
     def on_message_begin(self) -> None:

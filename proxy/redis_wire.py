@@ -127,6 +127,9 @@ class _Connection(asyncio.Protocol):
         self._outgoing.clear()
 
     def close(self) -> None:
+        # Closed at once for senders: a command issued before connection_lost runs must not
+        # be queued on a connection that will never answer it.
+        self.closed = True
         if self._transport is not None:
             self._transport.close()
 

@@ -38,9 +38,7 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
     metrics_dir = tempfile.mkdtemp(prefix="payagg-metrics-")
     env = {**os.environ, WORKER_ENV: "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     argv = [sys.executable, "-m", "proxy.cli", "serve", *serve_args]
-    workers = {
-        worker.pid: worker for worker in (subprocess.Popen(argv, env=env) for _ in range(count))
-    }
+    workers: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -53,15 +51,20 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGTERM)
 
+    # Handlers first: a SIGTERM that arrives while workers start still reaches every one.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for _ in range(count):
+        if stopping:
+            break
+        started = subprocess.Popen(argv, env=env)
+        workers[started.pid] = started
     log.info("started %d workers: %s", count, " ".join(str(pid) for pid in workers))
     failed = False
     try:
         while workers:
             pid, status = os.wait()
-            worker = workers.pop(pid, None)
-            if worker is None:
+            if workers.pop(pid, None) is None:
                 continue
             multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
             code = os.waitstatus_to_exitcode(status)

@@ -7,6 +7,7 @@ send byte-exact (and misbehaving) answers where the test needs control of every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -793,3 +794,23 @@ def test_the_main_paths_work_on_uvloop_transports(
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_endless_answer_headers_are_cut_off_at_the_head_limit() -> None:
+    async def endless_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            while not writer.is_closing():
+                writer.write(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+                await writer.drain()
+
+    server = await asyncio.start_server(endless_headers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = ConnectionPool(f"http://127.0.0.1:{port}/")
+    try:
+        with pytest.raises(AnswerTooLarge, match="headers larger than"):
+            await asyncio.wait_for(pool.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 10)
+    finally:
+        pool.close()
+        server.close()
