@@ -43,7 +43,7 @@ if ARGV[2] == '' then redis.call('DEL', KEYS[1])
 else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 return 1
 """)
-_LOCKED, _COMPLETED = b"L", b"C"
+_COMPLETED = b"C"  # a stored result; a lock starts with b"L"
 # Bounds the memory of unanswered claims when Redis stays away; older ones expire in Redis anyway.
 _MAX_UNANSWERED = 10_000
 
