@@ -46,12 +46,26 @@ class Payment:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def provider_reference(self, provider: str) -> str:
-        """Same provider and key, same reference: a retry is recognisable by the provider."""
-        return str(uuid.uuid5(REFERENCE_NAMESPACE, f"{provider}\x00{self.idempotency_key}"))
+        """Same provider and key, same reference: a retry is recognisable by the provider.
+
+        `uuid.uuid5(REFERENCE_NAMESPACE, f"{provider}\\x00{key}")`, computed without building
+        UUID objects (a third of the cost, on every payment).
+        """
+        name = f"{provider}\x00{self.idempotency_key}".encode()
+        digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest())
+        digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+        digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+        text = digest[:16].hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+_NAMESPACE_BYTES = REFERENCE_NAMESPACE.bytes
+# Built once: json.loads builds a new decoder on every call when given parse_float.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
 def parse_payment(
@@ -59,7 +73,7 @@ def parse_payment(
 ) -> Payment:
     """Validate every field at once; raises InvalidRequest/UnknownProvider naming each bad one."""
     try:
-        document = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+        document = _DECODER.decode(body.decode())
     except (ValueError, RecursionError) as error:
         raise InvalidRequest({"body": f"not valid JSON: {error}"}) from None
     if not isinstance(document, dict):

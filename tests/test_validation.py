@@ -24,6 +24,7 @@ def body(**changes: object) -> bytes:
 # (request body, headers, status, error code, the fields the error must name)
 CASES = [
     (b"{not json", JSON, 400, "invalid_request", ["body"]),
+    (b'{"TransactionID": "\xff\xfe"}', JSON, 400, "invalid_request", ["body"]),
     (b"", JSON, 400, "invalid_request", ["body"]),
     (b"[1, 2]", JSON, 400, "invalid_request", ["body"]),
     (b'"just a string"', JSON, 400, "invalid_request", ["body"]),
@@ -72,6 +73,7 @@ CASES = [
 ]
 IDS = [
     "malformed-json",
+    "not-utf-8",
     "empty-body",
     "array-body",
     "string-body",
