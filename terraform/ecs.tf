@@ -13,7 +13,7 @@ locals {
     name                   = "proxy"
     image                  = local.image
     essential              = true
-    command                = ["payagg", "serve"]
+    command                = ["payagg", "serve", "--workers", tostring(var.proxy_workers)]
     user                   = "10001"
     readonlyRootFilesystem = true
     stopTimeout            = 30

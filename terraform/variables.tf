@@ -75,6 +75,17 @@ variable "task_cpu" {
   }
 }
 
+variable "proxy_workers" {
+  description = "payagg serve --workers: proxy processes sharing port 8080; about one per vCPU of task_cpu."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.proxy_workers >= 1 && var.proxy_workers <= 16
+    error_message = "proxy_workers must be between 1 and 16."
+  }
+}
+
 variable "task_memory" {
   description = "Fargate task memory in MiB, shared by the three containers; must suit task_cpu."
   type        = number

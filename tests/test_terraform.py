@@ -33,7 +33,7 @@ HEALTH_PROBE = (
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)"
 )
 COMMANDS = {
-    "proxy": ["payagg", "serve"],
+    "proxy": ["payagg", "serve", "--workers", "${tostring(var.proxy_workers)}"],
     "mtn": ["payagg-mock", "--provider", "mtn", "--host", "127.0.0.1", "--port", "9101"],
     "airtel": ["payagg-mock", "--provider", "airtel", "--host", "127.0.0.1", "--port", "9102"],
 }
