@@ -59,13 +59,10 @@ def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def plain_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for the tests that neither freeze, stop nor reconfigure it."""
-    server = RedisServer(tmp_path_factory.mktemp("plain-redis"))
-    server.start()
-    yield server
-    server.stop()
+@pytest.fixture
+def plain_redis(redis_server: RedisServer, redis_url: str) -> RedisServer:
+    """The session's server, flushed and running, for tests that neither freeze nor stop it."""
+    return redis_server
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main
+from tests.conftest import gateway_yaml
 from tests.processes import ServiceProcess, free_port, payagg_serve, running, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,16 +144,7 @@ class Workers:
 def workers(redis_url: str, upstream_port: int, tmp_path: Path) -> Iterator[Workers]:
     """`payagg serve --workers 2`, returned once both workers answer."""
     config = tmp_path / "gateway.yaml"
-    config.write_text(
-        textwrap.dedent(f"""\
-        redis: {{url: "{redis_url}"}}
-        defaults:
-          timeout_s: 2
-          breaker: {{failure_rate_threshold: 0.6, minimum_calls: 3, window_s: 30, open_s: 30}}
-        providers:
-          CANON: {{url: "http://127.0.0.1:{upstream_port}/pay"}}
-        """)
-    )
+    config.write_text(gateway_yaml(f"http://127.0.0.1:{upstream_port}/pay", redis_url))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     argv = payagg_serve(config, port, "--workers", str(WORKERS))
