@@ -294,7 +294,7 @@ def main() -> int:
             span = args.rounds * len(scenarios) * args.seconds
             profiler = start(
                 [
-                    "py-spy",
+                    shutil.which("py-spy") or str(VENV_BIN / "py-spy"),
                     "record",
                     "--pid",
                     str(payagg.pid),

@@ -11,13 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 
-from proxy.app import build_app
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
 from proxy.demo import DEFAULT_PROXY_URL, run_demo
 from proxy.devstack import DevOptions, run_dev
 from proxy.logs import configure_logging
+from proxy.serving import serve
 from proxy.workers import is_worker, run_workers
 
 log = logging.getLogger("payagg")
@@ -153,18 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     _tune_garbage_collector()
     try:
-        # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight
-        # requests finish within shutdown_timeout, then the process exits 0 as ECS expects.
-        web.run_app(
-            build_app(config),
-            host=host,
-            port=port,
-            shutdown_timeout=config.server.shutdown_timeout_s,
-            access_log=None,
-            print=None,
-            loop=uvloop.new_event_loop(),
-            reuse_port=is_worker(),
-        )
+        uvloop.run(serve(config, host, port, reuse_port=is_worker()))
     except OSError as error:
         print(f"payagg: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1

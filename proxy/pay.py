@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from proxy.upstream import ProviderClient
 PROVIDER = web.RequestKey("provider", str)
 OUTCOME = web.RequestKey("outcome", str)
 _JSON = "application/json"
+_REPLAY_HEADERS = {"Content-Type": _JSON, "Idempotent-Replayed": "true"}
 
 
 class PaymentService:
@@ -28,7 +30,7 @@ class PaymentService:
         # Payments still settling; kept so shutdown can wait for them and the GC cannot drop them.
         self.settling: set[asyncio.Task[tuple[int, bytes]]] = set()
 
-    async def pay(self, request: web.Request) -> web.Response:
+    async def pay(self, request: web.BaseRequest) -> web.Response:
         payment = parse_payment(
             await _json_body(request), request.headers.get("Idempotency-Key"), self._known
         )
@@ -42,13 +44,16 @@ class PaymentService:
             if stored is None:
                 raise ProviderUnavailable(provider.name, provider.breaker.retry_after_s())
             return _replay(request, stored)
-        reference = payment.provider_reference(provider.name)
-        claimed = await self._store.claim(payment.idempotency_key, fingerprint, reference)
+        claimed = await self._store.claim(
+            payment.idempotency_key,
+            fingerprint,
+            functools.partial(payment.provider_reference, provider.name),
+        )
         if isinstance(claimed, StoredResult):
             return _replay(request, claimed)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
         # charging; the result is still stored, and the client's retry gets the replay.
-        task = asyncio.ensure_future(self._settle(provider, payment, reference, claimed))
+        task = asyncio.ensure_future(self._settle(provider, payment, claimed))
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         status, body = await asyncio.shield(task)
@@ -56,39 +61,35 @@ class PaymentService:
         return web.Response(status=status, body=body, content_type=_JSON)
 
     async def _settle(
-        self, provider: ProviderClient, payment: Payment, reference: str, claim: Claim
+        self, provider: ProviderClient, payment: Payment, claim: Claim
     ) -> tuple[int, bytes]:
         try:
-            answer = await provider.pay(payment, reference)
+            answer = await provider.pay(payment, claim.reference)
         except BaseException:
             await claim.release()
             raise
-        status, body = _final_answer(provider.name, payment, reference, answer)
+        status, body = _final_answer(provider.name, payment, claim.reference, answer)
         await claim.keep(status, body)
         return status, body
 
-    async def lookup(self, request: web.Request) -> web.Response:
-        state = await self._store.peek(request.match_info["idempotency_key"])
+    async def lookup(self, idempotency_key: str) -> web.Response:
+        state = await self._store.peek(idempotency_key)
         if state is None:
             raise NotFound("no payment with this idempotency key")
         return web.json_response(describe(state))
 
 
-async def _json_body(request: web.Request) -> bytes:
-    if request.content_type != _JSON:
+async def _json_body(request: web.BaseRequest) -> bytes:
+    # The exact header is the common case; only other spellings need aiohttp's parser.
+    if request.headers.get("Content-Type") != _JSON and request.content_type != _JSON:
         raise UnsupportedMediaType(f"Content-Type must be {_JSON}, got {request.content_type!r}")
     # aiohttp enforces client_max_size (= server.max_body_bytes) while reading: 413.
     return await request.read()
 
 
-def _replay(request: web.Request, stored: StoredResult) -> web.Response:
+def _replay(request: web.BaseRequest, stored: StoredResult) -> web.Response:
     request[OUTCOME] = "replayed"
-    return web.Response(
-        status=stored.status,
-        body=stored.body,
-        content_type=_JSON,
-        headers={"Idempotent-Replayed": "true"},
-    )
+    return web.Response(status=stored.status, body=stored.body, headers=_REPLAY_HEADERS)
 
 
 def _final_answer(

@@ -7,12 +7,14 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_sync
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
-from proxy.app import build_app
+from proxy.app import Gateway
 from proxy.config import GatewayConfig, parse_config
 from tests.canonical_upstream import UpstreamState, build_upstream
 from tests.processes import ServiceProcess, free_port, wait_until
@@ -133,21 +135,43 @@ async def upstream() -> AsyncIterator[tuple[UpstreamState, str]]:
     await server.close()
 
 
-GatewayFactory = Callable[[GatewayConfig], Awaitable[TestClient]]
+class GatewayTestServer(BaseTestServer):
+    """The gateway's own low-level server (its request factory included) on a free port."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__(host="127.0.0.1")
+        self.gateway = gateway
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        return web.ServerRunner(self.gateway.server())
+
+
+class GatewayClient(TestClient):  # type: ignore[type-arg]
+    """A test client of an in-process gateway, with the gateway itself at hand."""
+
+    gateway: Gateway
+
+
+GatewayFactory = Callable[[GatewayConfig], Awaitable[GatewayClient]]
 
 
 @asynccontextmanager
-async def running_gateway(config: GatewayConfig) -> AsyncIterator[TestClient]:
-    client = TestClient(TestServer(build_app(config), host="127.0.0.1"))
+async def running_gateway(config: GatewayConfig) -> AsyncIterator[GatewayClient]:
+    gateway = Gateway(config)
+    client = GatewayClient(GatewayTestServer(gateway))
+    client.gateway = gateway
     await client.start_server()
     try:
         yield client
     finally:
         await client.close()
+        await gateway.close(config.server.shutdown_timeout_s)
 
 
 @pytest.fixture
-async def gateway(upstream: tuple[UpstreamState, str], redis_url: str) -> AsyncIterator[TestClient]:
+async def gateway(
+    upstream: tuple[UpstreamState, str], redis_url: str
+) -> AsyncIterator[GatewayClient]:
     """The gateway in-process, in front of the canonical upstream, on the test Redis."""
     async with running_gateway(make_config(gateway_yaml(upstream[1], redis_url))) as client:
         yield client

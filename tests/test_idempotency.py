@@ -24,11 +24,8 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import BREAKERS, STORE
 from proxy.breaker import ProviderBreaker
 from proxy.config import GatewayConfig, IdempotencySettings, RedisSettings
 from proxy.errors import ProviderFailed
@@ -36,10 +33,16 @@ from proxy.idempotency import Claim, IdempotencyStore, StoredResult
 from proxy.metrics import GatewayMetrics
 from proxy.payment import parse_payment
 from tests.canonical_upstream import UpstreamState
-from tests.conftest import RedisServer, make_config, payment, running_gateway
+from tests.conftest import (
+    GatewayClient,
+    RedisServer,
+    make_config,
+    payment,
+    running_gateway,
+)
 
 Upstream = tuple[UpstreamState, str]
-Client = TestClient[web.Request, web.Application]
+Client = GatewayClient
 PREFIX = b"payagg:"
 REDIS_TIMEOUT_S = 0.3
 
@@ -336,8 +339,8 @@ async def _provider_hangs(state: UpstreamState, client: Client) -> None:
 
 
 async def _breaker_opens_after_the_claim(state: UpstreamState, client: Client) -> None:
-    store = client.app[STORE]
-    breaker = client.app[BREAKERS]["CANON"]
+    store = client.gateway.store
+    breaker = client.gateway.breakers["CANON"]
     real_claim = store.claim
 
     async def claim_then_open(*args: str) -> Claim | StoredResult:
@@ -354,7 +357,7 @@ async def _breaker_opens_after_the_claim(state: UpstreamState, client: Client) -
 async def _provider_recovers(state: UpstreamState, client: Client) -> None:
     state.failure_rate = 0.0
     state.delay_s = 0.0
-    breaker = client.app[BREAKERS]["CANON"]
+    breaker = client.gateway.breakers["CANON"]
 
     async def admits_calls() -> bool:
         return not breaker.rejects_now()
@@ -425,7 +428,7 @@ async def test_a_stale_owner_cannot_overwrite_or_delete_a_newer_lock(
     caplog: pytest.LogCaptureFixture,
     finish: Callable[[Claim], Awaitable[None]],
 ) -> None:
-    claim = await store.claim("stale-key", "fp", "ref-old")
+    claim = await store.claim("stale-key", "fp", lambda: "ref-old")
     assert isinstance(claim, Claim)
     redis = redis_server.client()
     # The old lock expired and another request claimed the key with its own token.

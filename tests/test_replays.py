@@ -16,18 +16,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from proxy.app import STORE
 from proxy.config import GatewayConfig
 from proxy.replays import ReplayCache
 from tests.canonical_upstream import UpstreamState
-from tests.conftest import RedisServer, make_config, payment, running_gateway
+from tests.conftest import (
+    GatewayClient,
+    RedisServer,
+    make_config,
+    payment,
+    running_gateway,
+)
 from tests.test_redis_wire import Relay
 
 Upstream = tuple[UpstreamState, str]
-Client = TestClient[web.Request, web.Application]
+Client = GatewayClient
 
 
 class Clock:
@@ -239,7 +242,7 @@ async def test_the_copy_expires_with_the_original_in_the_gateway_that_stored_it(
         first = await pay(client, payment("TXN-ttl"))
         replay = await pay(client, payment("TXN-ttl"))
         await asyncio.to_thread(
-            wait_until_redis_forgets, redis_server, client.app[STORE].redis_key("TXN-ttl")
+            wait_until_redis_forgets, redis_server, client.gateway.store.redis_key("TXN-ttl")
         )
 
         again = await pay(client, payment("TXN-ttl"))
@@ -260,7 +263,7 @@ async def test_a_copy_read_over_a_slow_link_does_not_outlive_the_original(
         slow_url = f"redis://127.0.0.1:{slow_link.port}/0"
         async with running_gateway(config(url, redis_url, result_ttl_s=1)) as storing:
             first = await pay(storing, payment("TXN-slow"))
-            key = storing.app[STORE].redis_key("TXN-slow")
+            key = storing.gateway.store.redis_key("TXN-slow")
         async with running_gateway(
             config(url, slow_url, result_ttl_s=1, redis_timeout_s=2)
         ) as reading:
