@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -102,9 +102,13 @@ class IdempotencyStore:
             raise StoreUnavailable() from error
 
     async def claim(
-        self, idempotency_key: str, fingerprint: str, reference: str
+        self, idempotency_key: str, fingerprint: str, reference: Callable[[], str]
     ) -> Claim | StoredResult:
-        """Own the key, or get its replay; raises RequestInProgress, KeyReused, StoreUnavailable."""
+        """Own the key, or get its replay; raises RequestInProgress, KeyReused, StoreUnavailable.
+
+        `reference` gives the provider reference the claim is made for; it is computed only
+        when the key is really claimed, not for a replay.
+        """
         key = self.redis_key(idempotency_key)
         known = self._replays.get(key)
         if known is not None:
@@ -120,7 +124,7 @@ class IdempotencyStore:
             self._remember_unanswered(key, lock)
             raise
         if current is None:
-            return Claim(self, key, lock, self._ttl.result_ttl_s, reference)
+            return Claim(self, key, lock, self._ttl.result_ttl_s, reference())
         return _judge(self._read(key, current, sent_at), fingerprint)
 
     async def peek(self, idempotency_key: str) -> KeyState | None:

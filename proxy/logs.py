@@ -10,7 +10,10 @@ import sys
 import time
 from typing import Any, TextIO
 
+import orjson
+
 REQUEST_LOGGER = "payagg.request"
+_request_log = logging.getLogger(REQUEST_LOGGER)
 _second = -1
 _second_text = ""
 
@@ -90,16 +93,16 @@ def log_request(fields: dict[str, Any]) -> None:
     Building a LogRecord and running it through the logging machinery costs several times
     the line itself; the line goes to the same buffer, so the order of all lines is kept.
     """
-    logger = logging.getLogger(REQUEST_LOGGER)
-    if not logger.isEnabledFor(logging.INFO):
+    if not _request_log.isEnabledFor(logging.INFO):
         return
     if _sink is None:  # logging not configured by `payagg serve` (an embedding app, tests)
-        logger.info("request", extra={"fields": fields})
+        _request_log.info("request", extra={"fields": fields})
         return
     entry = {"ts": _timestamp(time.time()), "level": "info", "logger": REQUEST_LOGGER}
     entry["msg"] = "request"
     entry.update(fields)
-    _sink.write_line(json.dumps(entry))
+    # orjson: a tenth of json.dumps's time on the line every request writes.
+    _sink.write_line(orjson.dumps(entry).decode())
 
 
 def configure_logging(level: str | None = None) -> None:

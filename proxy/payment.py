@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -9,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import orjson
 
 from proxy.errors import InvalidRequest, UnknownProvider
 
@@ -32,16 +35,17 @@ class Payment:
     idempotency_key: str
 
     def fingerprint(self, provider: str) -> str:
-        """Hash of the request's meaning: what a reused key must match to be a replay."""
-        canonical = json.dumps(
-            [
-                self.transaction_id,
-                str(self.amount.normalize()),
-                self.currency,
-                provider,
-                self.payer,
-            ],
-            separators=(",", ":"),
+        """Hash of the request's meaning: what a reused key must match to be a replay.
+
+        The hash of the compact JSON array `[transaction_id, amount, currency, provider, payer]`
+        (stored in Redis, so it must never change). Validation leaves only JSON-safe characters
+        in the payment's fields, so the array is joined by hand; only the provider's name is
+        encoded with `json.dumps`.
+        """
+        payer = "null" if self.payer is None else f'"{self.payer}"'
+        canonical = (
+            f'["{self.transaction_id}","{self.amount.normalize()}","{self.currency}",'
+            f"{_json_string(provider)},{payer}]"
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -63,9 +67,28 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+@functools.cache
+def _json_string(text: str) -> str:
+    return json.dumps(text)
+
+
 _NAMESPACE_BYTES = REFERENCE_NAMESPACE.bytes
 # Built once: json.loads builds a new decoder on every call when given parse_float.
 _DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
+# A run of 16 or more digits (and dots) may be a number a float cannot hold exactly.
+_LONG_NUMBER = re.compile(rb"[0-9.]{16,}")
+
+
+def _parse_json(body: bytes) -> Any:
+    """orjson, several times faster than the standard library, unless a float could lose digits.
+
+    Every decimal number of at most 15 significant digits survives a float exactly (the shortest
+    `repr` of the float is that number again), so `Amount` is checked exactly either way; a body
+    with a longer digit run is decoded with exact Decimals instead (and with integers of any size).
+    """
+    if _LONG_NUMBER.search(body) is None:
+        return orjson.loads(body)
+    return _DECODER.decode(body.decode())
 
 
 def parse_payment(
@@ -73,7 +96,7 @@ def parse_payment(
 ) -> Payment:
     """Validate every field at once; raises InvalidRequest/UnknownProvider naming each bad one."""
     try:
-        document = _DECODER.decode(body.decode())
+        document = _parse_json(body)
     except (ValueError, RecursionError) as error:
         raise InvalidRequest({"body": f"not valid JSON: {error}"}) from None
     if not isinstance(document, dict):
@@ -132,11 +155,11 @@ def _amount(value: Any, problems: dict[str, str]) -> Decimal | None:
     if value is None:
         problems["Amount"] = "is required"
         return None
-    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
         problems["Amount"] = f"must be a number, got {_json_type(value)}"
         return None
     try:
-        amount = Decimal(value)
+        amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
         exact = amount.quantize(_CENT) == amount
     except InvalidOperation:
         exact = False

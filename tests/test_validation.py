@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from decimal import Decimal
 
 import pytest
 
+from proxy.payment import parse_payment
 from tests.conftest import payment
 
 JSON = {"Content-Type": "application/json"}
+KNOWN = {str(payment()["ProviderKey"]).lower()}
 
 
 def body(**changes: object) -> bytes:
@@ -39,6 +43,9 @@ CASES = [
     (body(Amount="20.00"), JSON, 400, "invalid_request", ["Amount"]),
     (body(Amount=20.001), JSON, 400, "invalid_request", ["Amount"]),
     (body(Amount=1e10), JSON, 400, "invalid_request", ["Amount"]),
+    (body().replace(b"20.0", b"20.000000000000001"), JSON, 400, "invalid_request", ["Amount"]),
+    (body().replace(b"20.0", b"12345678901234567890123"), JSON, 400, "invalid_request", ["Amount"]),
+    (body().replace(b"20.0", b"2000e-2001"), JSON, 400, "invalid_request", ["Amount"]),
     (body(Amount=True), JSON, 400, "invalid_request", ["Amount"]),
     (body(Amount=None), JSON, 400, "invalid_request", ["Amount"]),
     (body().replace(b"20.0", b"NaN"), JSON, 400, "invalid_request", ["body"]),
@@ -88,6 +95,9 @@ IDS = [
     "amount-as-string",
     "amount-three-decimals",
     "amount-above-1e9",
+    "amount-decimals-beyond-a-float",
+    "amount-integer-beyond-64-bits",
+    "amount-underflows-a-float",
     "amount-boolean",
     "amount-null",
     "amount-nan",
@@ -158,3 +168,44 @@ async def test_every_answer_carries_a_request_id_echoed_when_given(gateway):
     assert echoed.headers["X-Request-ID"] == "abc-123"
     generated = await gateway.get("/healthz")
     assert len(generated.headers["X-Request-ID"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("literal", "expected"),
+    [
+        (b"0.01", "0.01"),
+        (b"20", "20"),
+        (b"20.10", "20.1"),
+        (b"999999999.99", "999999999.99"),
+        (b"1e9", "1E+9"),
+        (b"1000000000.00", "1000000000"),
+        (b"2.5E1", "25"),
+        # Sixteen digits and more take the exact Decimal decoder instead of a float.
+        (b"0.010000000000000000", "0.01"),
+        (b"999999999.9900000", "999999999.99"),
+    ],
+)
+def test_a_valid_amount_is_read_exactly_whatever_its_notation(literal, expected):
+    document = body().replace(b"20.0", literal)
+    parsed = parse_payment(document, None, KNOWN)
+    assert parsed.amount.normalize() == Decimal(expected).normalize()
+
+
+def test_the_fingerprint_is_the_sha256_of_the_compact_json_array_it_always_was():
+    # Stored in Redis with every key: a change would turn retries across a deploy into 422s.
+    for document, provider in [
+        (body(), "MTN"),
+        (body(Payer="27831234567", Amount=1234.5), 'Airtel Money \u00e9"q\\'),
+    ]:
+        parsed = parse_payment(document, None, KNOWN)
+        canonical = json.dumps(
+            [
+                parsed.transaction_id,
+                str(parsed.amount.normalize()),
+                parsed.currency,
+                provider,
+                parsed.payer,
+            ],
+            separators=(",", ":"),
+        )
+        assert parsed.fingerprint(provider) == hashlib.sha256(canonical.encode()).hexdigest()
