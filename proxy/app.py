@@ -8,11 +8,9 @@ request clone cost a tenth of a replayed payment (measured with `make bench`).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -36,6 +34,7 @@ from proxy.idempotency import IdempotencyStore
 from proxy.logs import log_request
 from proxy.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.pay import OUTCOME, PROVIDER, PaymentService
+from proxy.tokens import unique_tokens
 from proxy.upstream import ProviderClient
 
 log = logging.getLogger("payagg")
@@ -43,14 +42,7 @@ log = logging.getLogger("payagg")
 PAY_PATH = "/v1/pay"
 LOOKUP_PREFIX = "/v1/payments/"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# A random per-process prefix and a counter: unique across processes without a system call
-# for randomness on every request (uuid4 was a tenth of a replay's CPU time).
-_REQUEST_ID_PREFIX = secrets.token_hex(8)
-_request_numbers = itertools.count(1)
-
-
-def _new_request_id() -> str:
-    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+_new_request_id = unique_tokens()
 
 
 _HTTP_ERRORS: dict[int, Callable[[str], PaymentError]] = {

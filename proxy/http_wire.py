@@ -41,8 +41,9 @@ class HttpAnswer:
 class _Connection(asyncio.Protocol):
     """One socket carrying one exchange at a time."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
+        self._loop = loop
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[HttpAnswer] | None = None
@@ -61,7 +62,7 @@ class _Connection(asyncio.Protocol):
 
     def exchange(self, request: bytes) -> asyncio.Future[HttpAnswer]:
         assert self._transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         self._body, self._body_size, self._framed, self._received_any = [], 0, False, False
         self._headers_done, self._head_size = False, 0
         self._transport.write(request)
@@ -196,8 +197,9 @@ class ConnectionPool:
         return await self._open()
 
     async def _open(self) -> _Connection:
-        _, connection = await asyncio.get_running_loop().create_connection(
-            lambda: _Connection(self), self.host, self.port, ssl=self._tls
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            lambda: _Connection(self, loop), self.host, self.port, ssl=self._tls
         )
         return connection
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
 from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
 from proxy.replays import ReplayCache
+from proxy.tokens import unique_tokens
 
 log = logging.getLogger("payagg.idempotency")
 
@@ -44,6 +44,7 @@ else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 return 1
 """)
 _COMPLETED = b"C"  # a stored result; a lock starts with b"L"
+_new_lock_token = unique_tokens()
 # Bounds the memory of unanswered claims when Redis stays away; older ones expire in Redis anyway.
 _MAX_UNANSWERED = 10_000
 
@@ -113,7 +114,7 @@ class IdempotencyStore:
         known = self._replays.get(key)
         if known is not None:
             return _judge(known, fingerprint)
-        lock = b"L|" + secrets.token_hex(16).encode() + b"|" + fingerprint.encode()
+        lock = b"L|" + _new_lock_token().encode() + b"|" + fingerprint.encode()
         if self._unanswered:
             await self._release_unanswered()
         try:

@@ -53,7 +53,7 @@ class PaymentService:
             return _replay(request, claimed)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
         # charging; the result is still stored, and the client's retry gets the replay.
-        task = asyncio.ensure_future(self._settle(provider, payment, claimed))
+        task = request.task.get_loop().create_task(self._settle(provider, payment, claimed))
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         status, body = await asyncio.shield(task)

@@ -21,6 +21,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from proxy.deadlines import fail_after
+
 Argument = bytes | str | int
 
 
@@ -77,7 +79,7 @@ class _Connection(asyncio.Protocol):
     """One socket; replies resolve the oldest waiting command, as RESP guarantees order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._reader = hiredis.Reader()
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._outgoing: list[bytes] = []
@@ -108,7 +110,7 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(RedisUnavailable(f"connection to Redis lost: {exc}"))
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        waiter: asyncio.Future[Any] = self._loop.create_future()
+        waiter: asyncio.Future[Any] = self.loop.create_future()
         if self.closed:
             waiter.set_exception(RedisUnavailable("connection to Redis closed"))
             return waiter
@@ -117,7 +119,7 @@ class _Connection(asyncio.Protocol):
         if not self._flush_scheduled:
             # Commands issued during this loop iteration leave together: one write, one packet.
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         return waiter
 
     def _flush(self) -> None:
@@ -157,13 +159,15 @@ class RedisClient:
         if connection is None or connection.closed:
             connection = await self._connect()
         waiter = connection.send(encode_command(args))
+        expiry = fail_after(connection.loop, self._timeout_s, waiter)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await waiter
+            return await waiter
         except TimeoutError:
             # A connection that stopped answering is not trusted again; the next call reconnects.
             connection.close()
             raise RedisUnavailable(f"Redis did not answer within {self._timeout_s:g}s") from None
+        finally:
+            expiry.cancel()
 
     async def run_script(
         self, script: Script, keys: Sequence[Argument], args: Sequence[Argument]

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from proxy.breaker import ProviderBreaker
 from proxy.config import Provider
+from proxy.deadlines import CancelAfter
 from proxy.errors import InvalidRequest, ProviderFailed, ProviderRejected, ProviderTimeout
 from proxy.http_wire import ConnectionPool, UpstreamConnectionError
 from proxy.mapping import Answer, PaymentFields
@@ -25,6 +26,7 @@ class ProviderClient:
         self.provider = provider
         self.breaker = breaker
         self._pool = ConnectionPool(provider.url)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._mapping = provider.mapping
         self._timeout_s = provider.settings.timeout_s
         self._default_payer = provider.settings.default_payer
@@ -74,7 +76,7 @@ class ProviderClient:
         request = self.render_request(fields)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
+            with CancelAfter(self._bound_loop(), self._timeout_s):
                 answer = await self._pool.exchange(request)
         except TimeoutError:
             raise ProviderTimeout(self.name, self._timeout_s) from None
@@ -90,6 +92,12 @@ class ProviderClient:
         if verdict.outcome == "failure":
             raise ProviderFailed(self.name, f"{self.name} failed: {verdict.detail}")
         return verdict
+
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: a client and its pooled connections live in one loop.
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def close(self) -> None:
         self._pool.close()
