@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from proxy.config import IdempotencySettings, RedisSettings
@@ -88,19 +88,11 @@ class IdempotencyStore:
         # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
         # released, only if its exact value is still there, before the next claim or lookup.
         self._unanswered: dict[bytes, bytes] = {}
+        self._store_errors = _StoreErrors(metrics)
 
     def redis_key(self, idempotency_key: str) -> bytes:
         # Client strings never become raw Redis keys: no key-space games, bounded length.
         return self._prefix + hashlib.sha256(idempotency_key.encode()).hexdigest().encode()
-
-    @contextmanager
-    def _store_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (RedisUnavailable, RedisReplyError, OSError) as error:
-            self._metrics.store_errors.inc()
-            log.warning("idempotency store unavailable: %s", error)
-            raise StoreUnavailable() from error
 
     async def claim(
         self, idempotency_key: str, fingerprint: str, reference: Callable[[], str]
@@ -118,7 +110,7 @@ class IdempotencyStore:
         if self._unanswered:
             await self._release_unanswered()
         try:
-            with self._store_errors():
+            with self._store_errors:
                 sent_at = time.monotonic()
                 current = await self._redis.run_script(_CLAIM, [key], [lock, self._ttl.lock_ttl_s])
         except StoreUnavailable:
@@ -135,7 +127,7 @@ class IdempotencyStore:
             return known
         if self._unanswered:
             await self._release_unanswered()
-        with self._store_errors():
+        with self._store_errors:
             sent_at = time.monotonic()
             current = await self._redis.run_script(_PEEK, [key], [])
         return None if current is None else self._read(key, current, sent_at)
@@ -170,16 +162,41 @@ class IdempotencyStore:
                 del self._unanswered[key]
 
     async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
-        with self._store_errors():
+        with self._store_errors:
             done = await self._redis.run_script(_FINISH, [key], [lock, value, ttl_s])
         return bool(done)
 
     async def ping(self) -> bool:
-        with self._store_errors():
+        with self._store_errors:
             return bool(await self._redis.execute(b"PING"))
 
     async def close(self) -> None:
         await self._redis.close()
+
+
+class _StoreErrors:
+    """Turns Redis failures into StoreUnavailable, counted and logged once each.
+
+    A plain class, not @contextmanager: entered on every Redis call, where a generator-based
+    context manager costs several times more; it keeps no state, so one instance is shared.
+    """
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(error, RedisUnavailable | RedisReplyError | OSError):
+            self._metrics.store_errors.inc()
+            log.warning("idempotency store unavailable: %s", error)
+            raise StoreUnavailable() from error
 
 
 def _judge(state: KeyState, fingerprint: str) -> StoredResult:
