@@ -20,6 +20,7 @@ _PAYER = re.compile(r"^[0-9]{8,15}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _MAX_AMOUNT = Decimal("1e9")
 _CENT = Decimal("0.01")
+_MAX_FLOAT_AMOUNT = float(_MAX_AMOUNT)
 # Fixed forever: changing it would change every provider reference and defeat provider dedupe.
 REFERENCE_NAMESPACE = uuid.UUID("6f1d2b9e-5c3a-5d7e-9a41-7061796167ff")
 
@@ -76,8 +77,10 @@ def _json_string(text: str) -> str:
 _NAMESPACE_BYTES = REFERENCE_NAMESPACE.bytes
 # Built once: json.loads builds a new decoder on every call when given parse_float.
 _DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
-# A run of 16 or more digits (and dots) may be a number a float cannot hold exactly.
-_LONG_NUMBER = re.compile(rb"[0-9.]{16,}")
+# A run of 16 or more digits (and dots) may be a number a float cannot hold exactly. Found by
+# mapping digits and dots to "d" and looking for 16 in a row: a regex scan costs 4 times more.
+_NUMBER_CHARS = bytes(ord("d") if chr(c) in "0123456789." else ord(" ") for c in range(256))
+_LONG_NUMBER = b"d" * 16
 
 
 def _parse_json(body: bytes) -> Any:
@@ -87,7 +90,7 @@ def _parse_json(body: bytes) -> Any:
     `repr` of the float is that number again), so `Amount` is checked exactly either way; a body
     with a longer digit run is decoded with exact Decimals instead (and with integers of any size).
     """
-    if _LONG_NUMBER.search(body) is None:
+    if _LONG_NUMBER not in body.translate(_NUMBER_CHARS):
         return orjson.loads(body)
     return _DECODER.decode(body.decode())
 
@@ -153,6 +156,11 @@ def _text(
 
 
 def _amount(value: Any, problems: dict[str, str]) -> Decimal | None:
+    if type(value) is float and 0 < value <= _MAX_FLOAT_AMOUNT:
+        # The common case, answered from the float's shortest repr (exact, see _parse_json).
+        text = repr(value)
+        if "e" not in text and len(text) - text.index(".") <= 3:
+            return Decimal(text)
     if value is None:
         problems["Amount"] = "is required"
         return None
