@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import redis.asyncio as aioredis
-import redis.exceptions
 
 from proxy.config import ConfigError, load_config
 from proxy.demo import DEFAULT_PROXY_URL
+from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable
 
 HOST = "127.0.0.1"
 # How long a child gets to become healthy, and to exit after SIGTERM before it is killed.
@@ -193,13 +192,13 @@ async def http_ok(url: str) -> bool:
 
 
 async def redis_answers(port: int) -> bool:
-    client = aioredis.Redis(host=HOST, port=port, socket_connect_timeout=1, socket_timeout=1)
+    client = RedisClient(f"redis://{HOST}:{port}/0", timeout_s=1)
     try:
-        return bool(await client.ping())
-    except (redis.exceptions.RedisError, OSError):
+        return bool(await client.execute(b"PING"))
+    except (RedisUnavailable, RedisReplyError, OSError):
         return False
     finally:
-        await client.aclose()
+        await client.close()
 
 
 def port_problems(services: list[Service]) -> list[str]:
