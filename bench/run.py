@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import profile_summary
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV_BIN = Path(sys.executable).parent
@@ -74,10 +76,15 @@ def post(url: str, body: dict[str, object]) -> int:
 
 
 def rss_kib(pid: int) -> int:
+    """Resident memory of a process and all its descendants (the workers of `--workers N`)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            total = int(line.split()[1])
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_kib(int(child))
+    return total
 
 
 def open_down_breakers(base: str, run_id: str) -> None:
@@ -198,7 +205,8 @@ def main() -> int:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="record payagg with py-spy (must be installed) into FILE, raw format",
+        help="record payagg with py-spy (must be installed) into FILE, raw format, and print "
+        "where its time went; a profiled run is not recorded",
     )
     args = parser.parse_args()
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
@@ -300,9 +308,12 @@ def main() -> int:
                     str(payagg.pid),
                     "--duration",
                     str(span),
+                    # Native frames show what Python frames hide: the socket system calls,
+                    # the event loop's C code. Sampling pauses the process, so a profiled
+                    # run's figures are lower and are not recorded.
+                    "--native",
                     "--rate",
-                    "200",
-                    "--nonblocking",
+                    "100",
                     "--format",
                     "raw",
                     "-o",
@@ -333,7 +344,10 @@ def main() -> int:
             profiler.wait()
         report = summarise(scenarios, args, rss_before, rss_after, served)
         print(report)
-        if not args.no_record:
+        if args.profile:
+            print(f"\nprofile ({args.profile}), where the proxy's CPU time went:")
+            print(profile_summary.summarise(Path(args.profile)))
+        elif not args.no_record:
             with open(args.output, "a") as out:
                 out.write(report + "\n")
             print(f"appended to {args.output}")
