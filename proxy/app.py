@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -179,9 +180,7 @@ class Gateway:
     def _route(self, request: web.BaseRequest, path: str) -> Awaitable[web.StreamResponse]:
         methods = self._routes.get(path)
         if methods is None:
-            # `{idempotency_key}` is one path segment, as in the OpenAPI document.
-            key = path[len(LOOKUP_PREFIX) :] if path.startswith(LOOKUP_PREFIX) else ""
-            if not key or "/" in key:
+            if not _lookup_key(request):
                 raise NotFound("no such route")
             methods = self._lookup_route
         handler = methods.get(request.method)
@@ -192,7 +191,7 @@ class Gateway:
         return handler(request)
 
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
-        return await self.payments.lookup(request.path[len(LOOKUP_PREFIX) :])
+        return await self.payments.lookup(_lookup_key(request))
 
     async def _providers(self, request: web.BaseRequest) -> web.Response:
         answer = []
@@ -250,6 +249,18 @@ def _transition_hook(metrics: GatewayMetrics) -> Callable[[str, BreakerState, Br
         )
 
     return on_transition
+
+
+def _lookup_key(request: web.BaseRequest) -> str:
+    """`{idempotency_key}` of `/v1/payments/{idempotency_key}`, or "" for another path.
+
+    The key is one path segment, as in the OpenAPI document; a key with a `/` arrives as `%2F`,
+    which `path_safe` keeps encoded (with `%25`) so the segment can be split off first.
+    """
+    path = request.rel_url.path_safe
+    if not path.startswith(LOOKUP_PREFIX) or "/" in path[len(LOOKUP_PREFIX) :]:
+        return ""
+    return unquote(path[len(LOOKUP_PREFIX) :])
 
 
 def _error_response(error: PaymentError) -> web.Response:

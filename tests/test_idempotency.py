@@ -598,7 +598,7 @@ async def test_the_lookup_endpoint_shows_unknown_in_progress_and_completed_payme
 async def test_redis_keys_are_the_prefix_and_a_sha256_of_the_clients_key(
     upstream: Upstream, redis_url: str, redis_server: RedisServer
 ) -> None:
-    odd_key = 'order 42 * [retry]?|x|"q" \\ #1'
+    odd_key = 'order 42 * [retry]?|x|"q" \\ #1 a/b 100%2F'
     async with running_gateway(config(upstream[1], redis_url, key_prefix="tenant-7:")) as client:
         assert (await pay(client, payment(), key=odd_key)).status == 200
         found = await get(client, f"/v1/payments/{quote(odd_key, safe='')}")
