@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import NotFound, ProviderUnavailable, UnsupportedMediaType
+from proxy.errors import NotFound, PayloadTooLarge, ProviderUnavailable, UnsupportedMediaType
 from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe
 from proxy.mapping import Answer
 from proxy.payment import Payment, parse_payment
@@ -83,6 +83,14 @@ async def _json_body(request: web.BaseRequest) -> bytes:
     # The exact header is the common case; only other spellings need aiohttp's parser.
     if request.headers.get("Content-Type") != _JSON and request.content_type != _JSON:
         raise UnsupportedMediaType(f"Content-Type must be {_JSON}, got {request.content_type!r}")
+    content = request.content
+    if content.is_eof():
+        # The whole body came in with the headers (the common case): taken as it is, without
+        # the chunk loop and copies of request.read().
+        body = content.read_nowait()
+        if len(body) > request.client_max_size:
+            raise PayloadTooLarge(f"the body is larger than {request.client_max_size} bytes")
+        return body
     # aiohttp enforces client_max_size (= server.max_body_bytes) while reading: 413.
     return await request.read()
 

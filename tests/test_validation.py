@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
+from aiohttp import web
 
 from proxy.payment import parse_payment
 from tests.conftest import payment
@@ -213,3 +216,31 @@ def test_the_fingerprint_is_the_sha256_of_the_compact_json_array_it_always_was()
             separators=(",", ":"),
         )
         assert parsed.fingerprint(provider) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _in_pieces(data: bytes, arrived: asyncio.Event) -> AsyncIterator[bytes]:
+    """A request body sent chunked, the rest only once the gateway has seen the first piece."""
+    yield data[:10]
+    await arrived.wait()
+    yield data[10:]
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [(body(), 200), (b'{"pad": "' + b"x" * 20000 + b'"}', 413)],
+    ids=["valid", "too-large"],
+)
+async def test_a_body_still_arriving_when_the_handler_starts_is_read_and_limited_the_same(
+    gateway, upstream, monkeypatch, data, status
+):
+    arrived = asyncio.Event()
+    real_read = web.BaseRequest.read
+
+    async def read(request: web.BaseRequest) -> bytes:
+        arrived.set()  # the handler is reading a body that has not all arrived yet
+        return await real_read(request)
+
+    monkeypatch.setattr(web.BaseRequest, "read", read)
+    answer = await gateway.post("/v1/pay", data=_in_pieces(data, arrived), headers=JSON)
+    assert answer.status == status
+    assert arrived.is_set()
