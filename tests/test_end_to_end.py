@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -241,3 +243,21 @@ def test_sigterm_lets_an_in_flight_payment_finish_then_exits_0(redis_server, tmp
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"{base}/healthz", timeout=1)
         proxy.stop()
+
+
+def test_a_port_already_taken_is_a_one_line_error_and_exit_1(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        'redis: {url: "redis://127.0.0.1:1/0"}\n'
+        'providers:\n  CANON: {url: "http://127.0.0.1:9/pay"}\n'
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            payagg_serve(config, port), capture_output=True, text=True, timeout=30, check=False
+        )
+    assert result.returncode == 1
+    assert f"payagg: cannot listen on 127.0.0.1:{port}: " in result.stderr
+    assert "Traceback" not in result.stderr
