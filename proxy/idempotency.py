@@ -8,6 +8,7 @@ delete the state of the request that took the key after it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -88,6 +89,7 @@ class IdempotencyStore:
         # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
         # released, only if its exact value is still there, before the next claim or lookup.
         self._unanswered: dict[bytes, bytes] = {}
+        self._releasing: asyncio.Future[None] | None = None
         self._store_errors = _StoreErrors(metrics)
 
     def redis_key(self, idempotency_key: str) -> bytes:
@@ -156,8 +158,23 @@ class IdempotencyStore:
         self._unanswered[key] = lock
 
     async def _release_unanswered(self) -> None:
-        for key, lock in list(self._unanswered.items()):
-            await self.finish(key, lock, b"", 0)
+        # Claims arriving together after an outage share one release instead of each sending
+        # them all again.
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.ensure_future(self._release_all())
+            # Retrieved here too, so a release every waiter gave up on is not reported unhandled.
+            self._releasing.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.shield(self._releasing)
+
+    async def _release_all(self) -> None:
+        # All at once, pipelined on the one connection: after a long outage thousands may be
+        # waiting, and the claim that found them must not pay a round trip for each.
+        pending = list(self._unanswered.items())
+        with self._store_errors:
+            await asyncio.gather(
+                *(self._redis.run_script(_FINISH, [key], [lock, b"", 0]) for key, lock in pending)
+            )
+        for key, lock in pending:
             if self._unanswered.get(key) == lock:
                 del self._unanswered[key]
 
