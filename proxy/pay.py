@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from proxy.errors import NotFound, PayloadTooLarge, ProviderUnavailable, UnsupportedMediaType
 from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe
@@ -89,10 +89,30 @@ async def _json_body(request: web.BaseRequest) -> bytes:
         # the chunk loop and copies of request.read().
         body = content.read_nowait()
         if len(body) > request.client_max_size:
-            raise PayloadTooLarge(f"the body is larger than {request.client_max_size} bytes")
+            raise _too_large(request)
         return body
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await _let_the_body_come(request)
     # aiohttp enforces client_max_size (= server.max_body_bytes) while reading: 413.
     return await request.read()
+
+
+async def _let_the_body_come(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue`, as aiohttp's router did for web.Application.
+
+    A client that asks (curl for large bodies, .NET's HttpClient) waits for the go-ahead before
+    sending the body; unanswered, every such payment would stall for the client's own timeout.
+    A body announced as too large is refused at once instead, which is what the header is for.
+    """
+    if (request.content_length or 0) > request.client_max_size:
+        raise _too_large(request)
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response's size
+
+
+def _too_large(request: web.BaseRequest) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is larger than {request.client_max_size} bytes")
 
 
 def _replay(request: web.BaseRequest, stored: StoredResult) -> web.Response:

@@ -244,3 +244,33 @@ async def test_a_body_still_arriving_when_the_handler_starts_is_read_and_limited
     answer = await gateway.post("/v1/pay", data=_in_pieces(data, arrived), headers=JSON)
     assert answer.status == status
     assert arrived.is_set()
+
+
+async def _post_expecting_continue(gateway, data: bytes, announced: int) -> tuple[bytes, bytes]:
+    """POST with `Expect: 100-continue`: the interim answer, then the final one after the body."""
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        writer.write(
+            b"POST /v1/pay HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % announced
+        )
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        if first.startswith(b"HTTP/1.1 100"):
+            writer.write(data)
+            return first, await asyncio.wait_for(reader.read(), timeout=5)
+        return first, b""
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_expects_100_continue_gets_it_before_sending_its_body(gateway):
+    data = body()
+    interim, final = await _post_expecting_continue(gateway, data, len(data))
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    assert final.startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_a_body_announced_too_large_is_refused_without_asking_for_it(gateway):
+    interim, _ = await _post_expecting_continue(gateway, b"", 10_000_000)
+    assert interim.startswith(b"HTTP/1.1 413")
