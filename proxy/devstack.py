@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.children import stop_with_parent
 from proxy.config import ConfigError, load_config
 from proxy.demo import DEFAULT_PROXY_URL
 from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable
@@ -283,6 +284,7 @@ class DevStack:
                 # Its own process group: a terminal's Ctrl-C reaches only this supervisor, which
                 # then stops the children in order instead of racing them to the exit.
                 start_new_session=True,
+                preexec_fn=stop_with_parent(),
             )
         child = Child(service, process, log_path)
         self.children.append(child)

@@ -24,6 +24,8 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
+from proxy.children import stop_with_parent
+
 log = logging.getLogger("payagg.workers")
 
 WORKER_ENV = "PAYAGG_WORKER"
@@ -57,7 +59,7 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
     for _ in range(count):
         if stopping:
             break
-        started = subprocess.Popen(argv, env=env)
+        started = subprocess.Popen(argv, env=env, preexec_fn=stop_with_parent())
         workers[started.pid] = started
     log.info("started %d workers: %s", count, " ".join(str(pid) for pid in workers))
     failed = False

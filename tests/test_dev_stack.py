@@ -171,3 +171,14 @@ def test_bad_dev_options_are_refused_before_anything_starts(flags, problem):
                             text=True, timeout=20, check=False)
     assert result.returncode == 2
     assert problem in result.stderr
+
+
+def test_a_killed_supervisor_takes_its_children_with_it():
+    with dev_stack() as stack:
+        children = stack.children()
+        assert set(children) == set(SERVICES), children
+        stack.process.process.kill()  # SIGKILL: no handler runs, the kernel stops the children
+        wait_until(
+            lambda: not [name for name, pid in children.items() if alive(pid)],
+            what="every child of the killed supervisor to exit",
+        )

@@ -257,3 +257,10 @@ def test_workers_that_all_die_at_once_make_the_parent_fail_cleanly(workers: Work
     log = workers.parent.log()
     assert "Traceback" not in log, log
     assert port_is_free(workers.port)
+
+
+def test_workers_of_a_killed_supervisor_stop_and_free_the_port(workers: Workers) -> None:
+    children = live_children(workers.pid)
+    workers.parent.process.kill()  # SIGKILL: the supervisor cannot pass anything on
+    wait_until(lambda: not any(is_alive(pid) for pid in children), what="orphaned workers to exit")
+    wait_until(lambda: port_is_free(workers.port), what="the port to be free")
