@@ -107,7 +107,7 @@ class IdempotencyStore:
         key = self.redis_key(idempotency_key)
         known = self._replays.get(key)
         if known is not None:
-            return _judge(known, fingerprint)
+            return judge(known, fingerprint)
         lock = b"L|" + _new_lock_token().encode() + b"|" + fingerprint.encode()
         if self._unanswered:
             await self._release_unanswered()
@@ -120,7 +120,7 @@ class IdempotencyStore:
             raise
         if current is None:
             return Claim(self, key, lock, self._ttl.result_ttl_s, reference())
-        return _judge(self._read(key, current, sent_at), fingerprint)
+        return judge(self._read(key, current, sent_at), fingerprint)
 
     async def peek(self, idempotency_key: str) -> KeyState | None:
         key = self.redis_key(idempotency_key)
@@ -146,11 +146,6 @@ class IdempotencyStore:
     def remember(self, key: bytes, state: KeyState, ttl_s: float) -> None:
         """A result this process just stored: later replays need no Redis round trip."""
         self._replays.put(key, state, ttl_s)
-
-    async def replay_or_raise(self, idempotency_key: str, fingerprint: str) -> StoredResult | None:
-        """Without taking the lock: the stored answer, an error for a busy/reused key, or None."""
-        state = await self.peek(idempotency_key)
-        return None if state is None else _judge(state, fingerprint)
 
     def _remember_unanswered(self, key: bytes, lock: bytes) -> None:
         if len(self._unanswered) >= _MAX_UNANSWERED:
@@ -216,7 +211,9 @@ class _StoreErrors:
             raise StoreUnavailable() from error
 
 
-def _judge(state: KeyState, fingerprint: str) -> StoredResult:
+def judge(state: KeyState, fingerprint: str) -> StoredResult:
+    """The stored answer for a request with this fingerprint; raises KeyReused when the key was
+    used for another request, RequestInProgress while it has no answer yet."""
     if state.fingerprint != fingerprint:
         raise KeyReused()
     if state.result is None:

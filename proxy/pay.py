@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 
 from proxy.errors import NotFound, PayloadTooLarge, ProviderUnavailable, UnsupportedMediaType
-from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe
+from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe, judge
 from proxy.mapping import Answer
 from proxy.payment import Payment, parse_payment
 from proxy.upstream import ProviderClient
@@ -37,16 +37,16 @@ class PaymentService:
         provider = self._providers[payment.provider_key.lower()]
         request[PROVIDER] = provider.name
         provider.check(payment)
-        fingerprint = payment.fingerprint(provider.name)
         if provider.breaker.rejects_now():
-            # Fail fast without taking a lock: only a stored answer may still be served.
-            stored = await self._store.replay_or_raise(payment.idempotency_key, fingerprint)
-            if stored is None:
+            # Fail fast without taking a lock: only a stored answer may still be served (the
+            # fingerprint is only needed to judge one).
+            state = await self._store.peek(payment.idempotency_key)
+            if state is None:
                 raise ProviderUnavailable(provider.name, provider.breaker.retry_after_s())
-            return _replay(request, stored)
+            return _replay(request, judge(state, payment.fingerprint(provider.name)))
         claimed = await self._store.claim(
             payment.idempotency_key,
-            fingerprint,
+            payment.fingerprint(provider.name),
             functools.partial(payment.provider_reference, provider.name),
         )
         if isinstance(claimed, StoredResult):
