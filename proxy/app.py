@@ -89,18 +89,9 @@ class Gateway:
         }
         self._lookup_route: dict[str, Handler] = {"GET": self._lookup, "HEAD": self._lookup}
 
-    @staticmethod
-    def paths() -> list[str]:
-        """Every route, in the OpenAPI document's notation."""
-        return [
-            PAY_PATH,
-            LOOKUP_PREFIX + "{idempotency_key}",
-            "/v1/providers",
-            "/healthz",
-            "/readyz",
-            "/metrics",
-            "/openapi.json",
-        ]
+    def paths(self) -> list[str]:
+        """Every route this gateway serves, in the OpenAPI document's notation."""
+        return [*self._routes, LOOKUP_PREFIX + "{idempotency_key}"]
 
     def make_request(
         self,

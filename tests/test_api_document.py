@@ -10,7 +10,6 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
 import proxy.pay
-from proxy.app import Gateway
 from tests.conftest import payment
 
 
@@ -19,7 +18,7 @@ async def test_the_openapi_document_is_valid_openapi_3_1_and_covers_every_route(
     document = await answer.json()
     validate(document)
     assert document["openapi"].startswith("3.1")
-    assert set(Gateway.paths()) == set(document["paths"])
+    assert set(gateway.gateway.paths()) == set(document["paths"])
 
 
 async def test_an_unexpected_error_is_a_json_500_with_the_request_id_and_is_logged(
