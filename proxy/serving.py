@@ -30,8 +30,7 @@ async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
         await stop.wait()
+    finally:
         stopping_at = time.monotonic()
         await runner.cleanup()
         await gateway.close(max(0.0, timeout_s - (time.monotonic() - stopping_at)))
-    finally:
-        await runner.cleanup()
