@@ -20,7 +20,6 @@ _SYSTEM_CALLS = re.compile(
     r"__libc_\w+|syscall) \(libc"
 )
 _OWNERS = [
-    ("payagg", re.compile(r"\(proxy/")),
     ("aiohttp", re.compile(r"\((aiohttp|multidict|yarl|propcache)/|_http_parser|_multidict")),
     ("event loop", re.compile(r"\(loop\.c|\(uvloop/|\w+\.c\) *$|asyncio/")),
 ]
@@ -36,7 +35,7 @@ def owner(stack: list[str]) -> str:
             return "payagg"
         if _LIBRARY_LEAF.search(frame):
             continue  # a library call is charged to whoever made it
-        for name, pattern in _OWNERS[1:]:
+        for name, pattern in _OWNERS:
             if pattern.search(frame):
                 return name
     return "other"

@@ -14,23 +14,17 @@ import orjson
 
 REQUEST_LOGGER = "payagg.request"
 _request_log = logging.getLogger(REQUEST_LOGGER)
-_second = -1
-_second_text = ""
 _millisecond = -1
 _millisecond_text = ""
 
 
 def _timestamp(created: float) -> str:
     """ISO 8601 UTC with milliseconds; built once per millisecond, not once per line."""
-    global _second, _second_text, _millisecond, _millisecond_text
+    global _millisecond, _millisecond_text
     millisecond = int(created * 1000)
     if millisecond != _millisecond:
-        second = millisecond // 1000
-        if second != _second:
-            _second = second
-            _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _millisecond = millisecond
-        _millisecond_text = f"{_second_text}.{millisecond % 1000:03d}Z"
+        second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millisecond // 1000))
+        _millisecond, _millisecond_text = millisecond, f"{second}.{millisecond % 1000:03d}Z"
     return _millisecond_text
 
 
