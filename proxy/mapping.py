@@ -79,6 +79,7 @@ _CONTROL_NAMES = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\x0
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 # payagg writes these itself from `url` and the rendered body: a second one would misframe it.
 _RESERVED_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
+_RESERVED_LOWER = frozenset(name.lower() for name in _RESERVED_HEADERS)
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
@@ -455,14 +456,13 @@ def compile_mapping(
 def _static_header_problems(spec: RequestSpec, path: Path) -> list[Problem]:
     """Header names payagg cannot send, and CR, LF or NUL in a value as written (after ${VAR})."""
     problems = []
-    reserved = {name.lower() for name in _RESERVED_HEADERS}
     for name, value in spec.headers.items():
         where = (*path, name)
         if not _HEADER_NAME.fullmatch(name):
             problems.append(
                 Problem(where, "is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
             )
-        elif name.lower() in reserved:
+        elif name.lower() in _RESERVED_LOWER:
             problems.append(
                 Problem(
                     where,
