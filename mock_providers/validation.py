@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-POSITIVE_DECIMAL = re.compile(r"\d+(\.\d+)?")
+POSITIVE_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 CURRENCY = re.compile(r"[A-Z]{3}")
 COUNTRY = re.compile(r"[A-Z]{2}")
-MSISDN = re.compile(r"\d{5,15}")
+MSISDN = re.compile(r"[0-9]{5,15}")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 

@@ -8,12 +8,10 @@ request clone cost a tenth of a replayed payment (measured with `make bench`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from urllib.parse import unquote
 
 import orjson
@@ -35,6 +33,7 @@ from proxy.errors import (
 from proxy.idempotency import IdempotencyStore
 from proxy.logs import log_request
 from proxy.metrics import UNKNOWN_PROVIDER, GatewayMetrics
+from proxy.openapi import build_document
 from proxy.pay import OUTCOME, PROVIDER, PaymentService
 from proxy.tokens import unique_tokens
 from proxy.upstream import ProviderClient
@@ -43,7 +42,7 @@ log = logging.getLogger("payagg")
 
 PAY_PATH = "/v1/pay"
 LOOKUP_PREFIX = "/v1/payments/"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _new_request_id = unique_tokens()
 
 
@@ -76,6 +75,7 @@ class Gateway:
             for provider in config.providers
         }
         self.payments = PaymentService(self._clients, self.store)
+        self._openapi_document = build_document([provider.name for provider in config.providers])
         get_routes: dict[str, Handler] = {
             "/v1/providers": self._providers,
             "/healthz": self._healthz,
@@ -130,7 +130,7 @@ class Gateway:
         """Route, then answer errors as JSON and log and count every request."""
         started = time.perf_counter()
         request_id = request.headers.get("X-Request-ID", "")
-        if not _REQUEST_ID.match(request_id):
+        if not _REQUEST_ID.fullmatch(request_id):
             request_id = _new_request_id()
         path = request.path
         outcome = ""
@@ -223,7 +223,7 @@ class Gateway:
         )
 
     async def _openapi(self, request: web.BaseRequest) -> web.Response:
-        return web.json_response(_OPENAPI)
+        return web.json_response(self._openapi_document)
 
 
 def _transition_hook(metrics: GatewayMetrics) -> Callable[[str, BreakerState, BreakerState], None]:
@@ -261,6 +261,3 @@ def _error_response(error: PaymentError) -> web.Response:
         status=error.status,
         headers={**error.headers, "Content-Type": "application/json"},
     )
-
-
-_OPENAPI = json.loads(resources.files("proxy").joinpath("openapi.json").read_text())

@@ -17,7 +17,7 @@ from proxy.mapping import ProviderMapping, RequestSpec, ResponseSpec, compile_ma
 from proxy.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
-_PROVIDER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_PROVIDER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
 
 class _Section(BaseModel):
@@ -299,7 +299,7 @@ def _build_providers(
     seen: dict[str, str] = {}
     for name, settings in all_settings.items():
         path: Path = ("providers", name)
-        if not _PROVIDER_NAME.match(name) or name.lower() == "unknown":
+        if not _PROVIDER_NAME.fullmatch(name) or name.lower() == "unknown":
             problems.append(
                 Problem(
                     path,

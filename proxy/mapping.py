@@ -62,6 +62,24 @@ _GETTERS: dict[tuple[str, str], Callable[[PaymentFields], JsonValue]] = {
     ("amount", "minor_units"): _amount_minor,
 }
 PLACEHOLDERS = sorted({name for name, _ in _GETTERS})
+_PLACEHOLDER_OF = {getter: name for (name, _), getter in _GETTERS.items()}
+# The request field each placeholder reads, named in the 400 when its value cannot be sent in a
+# header; {reference} and {provider} are payagg's own (a UUID, a configured name).
+_REQUEST_FIELDS = {
+    "transaction_id": "TransactionID",
+    "amount": "Amount",
+    "currency": "Currency",
+    "payer": "Payer",
+    "idempotency_key": "Idempotency-Key",
+}
+# A CR or LF in a header value ends the header line early, so the rest of the value becomes
+# headers (or a second request) of its own; parsers refuse a NUL.
+_UNSAFE_IN_HEADER = re.compile(r"[\r\n\x00]")
+_CONTROL_NAMES = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\x00": "a NUL"}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+# payagg writes these itself from `url` and the rendered body: a second one would misframe it.
+_RESERVED_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
+_RESERVED_LOWER = frozenset(name.lower() for name in _RESERVED_HEADERS)
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
@@ -291,13 +309,13 @@ class CompiledRule:
         return value is not _NO_VALUE and _normalise(value) in self.values
 
 
-_STATUS_CLASS = re.compile(r"^([1-5])xx$")
+_STATUS_CLASS = re.compile(r"([1-5])xx")
 
 
 def _compile_rule(rule: AnswerRule, path: Path, problems: list[Problem]) -> CompiledRule:
     statuses: set[int] = set()
     for index, status in enumerate(_as_list(rule.status)):
-        status_class = _STATUS_CLASS.match(str(status))
+        status_class = _STATUS_CLASS.fullmatch(str(status))
         if isinstance(status, int) and 100 <= status <= 599:
             statuses.add(status)
         elif status_class:
@@ -333,9 +351,22 @@ class ProviderMapping:
     provider_reference: tuple[str | int, ...] | None
     reason: tuple[tuple[str | int, ...], ...]
     requires_payer: bool
+    # (header, request field, getter) for each placeholder a header renders from the request.
+    header_inputs: tuple[tuple[str, str, Callable[[PaymentFields], JsonValue]], ...] = ()
 
     def render_headers(self, fields: PaymentFields) -> dict[str, str]:
         return {name: str(part.render(fields)) for name, part in self.headers}
+
+    def header_problems(self, fields: PaymentFields) -> dict[str, str]:
+        """Each request field whose value would put CR, LF or NUL into a header, with why.
+
+        Validation already refuses such values; this holds whatever the payment patterns allow.
+        """
+        return {
+            field: f"cannot be sent in the {header} header: it contains CR, LF or NUL"
+            for header, field, getter in self.header_inputs
+            if _UNSAFE_IN_HEADER.search(str(getter(fields)))
+        }
 
     def render_body(self, fields: PaymentFields) -> bytes:
         return json.dumps(self.body.render(fields), separators=(",", ":")).encode()
@@ -382,7 +413,7 @@ def compile_mapping(
         for name, value in spec.headers.items()
     )
     body = compiler.compile(spec.body, (*request_path, "body"))
-    problems = list(compiler.problems)
+    problems = [*compiler.problems, *_static_header_problems(spec, (*request_path, "headers"))]
     if request is not None and not compiler.names_used & {"reference", "idempotency_key"}:
         problems.append(
             Problem(
@@ -417,5 +448,55 @@ def compile_mapping(
         requires_payer=request is not None
         and "payer" in compiler.names_used
         and not has_default_payer,
+        header_inputs=_header_inputs(headers),
     )
     return mapping, problems
+
+
+def _static_header_problems(spec: RequestSpec, path: Path) -> list[Problem]:
+    """Header names payagg cannot send, and CR, LF or NUL in a value as written (after ${VAR})."""
+    problems = []
+    for name, value in spec.headers.items():
+        where = (*path, name)
+        if not _HEADER_NAME.fullmatch(name):
+            problems.append(
+                Problem(where, "is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
+            )
+        elif name.lower() in _RESERVED_LOWER:
+            problems.append(
+                Problem(
+                    where,
+                    f"payagg writes {name} itself; a template may not set "
+                    f"{', '.join(_RESERVED_HEADERS)}",
+                )
+            )
+        unsafe = _UNSAFE_IN_HEADER.search(value)
+        if unsafe:
+            # The value itself is not shown: it is often a secret from the environment.
+            problems.append(
+                Problem(
+                    where,
+                    f"the value holds {_CONTROL_NAMES[unsafe.group()]} at character "
+                    f"{unsafe.start() + 1}, which would split the request (from the environment, "
+                    "with a trailing newline?)",
+                )
+            )
+    return problems
+
+
+def _header_inputs(
+    headers: tuple[tuple[str, Part], ...],
+) -> tuple[tuple[str, str, Callable[[PaymentFields], JsonValue]], ...]:
+    inputs = []
+    for header, part in headers:
+        if isinstance(part, Placeholder):
+            getters: tuple[Callable[[PaymentFields], JsonValue], ...] = (part.getter,)
+        elif isinstance(part, Text):
+            getters = tuple(piece for piece in part.pieces if not isinstance(piece, str))
+        else:
+            getters = ()
+        for getter in getters:
+            field = _REQUEST_FIELDS.get(_PLACEHOLDER_OF[getter])
+            if field is not None:
+                inputs.append((header, field, getter))
+    return tuple(inputs)

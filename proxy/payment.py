@@ -14,10 +14,12 @@ import orjson
 
 from proxy.errors import InvalidRequest, UnknownProvider
 
-_TRANSACTION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
-_PAYER = re.compile(r"^[0-9]{8,15}$")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+# Each pattern must match the whole value (`fullmatch`): with `match` and `$`, "NL-1\n" would
+# pass as a TransactionID of its own, and a newline would reach a provider's header.
+_TRANSACTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_PAYER = re.compile(r"[0-9]{8,15}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 _MAX_AMOUNT = Decimal("1e9")
 _CENT = Decimal("0.01")
 _MAX_FLOAT_AMOUNT = float(_MAX_AMOUNT)
@@ -115,9 +117,12 @@ def parse_payment(
     payer = None
     if document.get("Payer") is not None:
         payer = _text(document, "Payer", _PAYER, "8-15 digits (an MSISDN)", problems)
-    if idempotency_header is not None and not _IDEMPOTENCY_KEY.match(idempotency_header):
+    if idempotency_header is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_header):
         problems["Idempotency-Key"] = "must be 1-255 printable ASCII characters"
-    unknown = provider_key is not None and provider_key.lower() not in known_providers
+    # ASCII only: str.lower() would read the Kelvin sign (U+212A) as the letter k.
+    unknown = provider_key is not None and (
+        not provider_key.isascii() or provider_key.lower() not in known_providers
+    )
     if unknown:
         problems["ProviderKey"] = f"no provider named {provider_key!r} is configured"
     if unknown and len(problems) == 1:
@@ -146,7 +151,7 @@ def _text(
         problems[name] = "is required"
     elif not isinstance(value, str):
         problems[name] = f"must be a string, got {type(value).__name__}"
-    elif pattern is not None and not pattern.match(value):
+    elif pattern is not None and not pattern.fullmatch(value):
         problems[name] = f"must be {rule}"
     elif not value:
         problems[name] = "must not be empty"

@@ -45,10 +45,20 @@ class ProviderClient:
         """Reject, before any side effect, a payment this provider's mapping cannot express."""
         if self._mapping.requires_payer and payment.payer is None:
             raise InvalidRequest({"Payer": f"is required by provider {self.name}"})
+        if self._mapping.header_inputs:
+            # The reference is not known yet, and no header problem can come from it.
+            unsafe = self._mapping.header_problems(self._fields(payment, reference=""))
+            if unsafe:
+                raise InvalidRequest(unsafe)
 
     async def pay(self, payment: Payment, reference: str) -> Answer:
         """SUCCESS or DECLINED; raises ProviderUnavailable/ProviderFailed/ProviderTimeout."""
-        fields = PaymentFields(
+        fields = self._fields(payment, reference)
+        with self.breaker.call():
+            return await self._exchange(fields)
+
+    def _fields(self, payment: Payment, reference: str) -> PaymentFields:
+        return PaymentFields(
             transaction_id=payment.transaction_id,
             amount=payment.amount,
             currency=payment.currency,
@@ -57,8 +67,6 @@ class ProviderClient:
             idempotency_key=payment.idempotency_key,
             provider=self.name,
         )
-        with self.breaker.call():
-            return await self._exchange(fields)
 
     def render_request(self, fields: PaymentFields) -> bytes:
         body = self._mapping.render_body(fields)

@@ -244,3 +244,83 @@ def test_a_provider_override_is_reported_at_the_providers_own_line():
 def test_a_providers_host_never_carries_the_urls_credentials(url, host):
     config = parse_config(VALID.replace('"http://127.0.0.1:9999/pay"', f'"{url}"'), "gw.yaml", {})
     assert config.providers[0].host == host
+
+
+# Lines 8-13 below VALID's seven: a custom mapping whose Authorization comes from the environment.
+WITH_HEADERS = (
+    VALID
+    + """\
+    request:
+      headers:
+        X-Reference-Id: "{reference}"
+        Authorization: "Bearer ${TOKEN}"
+      body: {id: "{reference}"}
+    response: {success: [{status: 200}]}
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("token", "what", "position"),
+    [
+        ("s3cret-token\n", "a line feed (LF)", 20),
+        ("s3cret-token\r\n", "a carriage return (CR)", 20),
+        ("s3cret\x00token", "a NUL", 14),
+        ("s3cret\nX-Admin: yes", "a line feed (LF)", 14),
+    ],
+    ids=["trailing-lf", "trailing-crlf", "nul", "an-injected-header"],
+)
+def test_a_header_value_from_the_environment_with_a_line_break_or_nul_is_a_config_error(
+    token, what, position
+):
+    reported = problems(WITH_HEADERS, {"TOKEN": token})
+    assert reported == [
+        f"gw.yaml:11: providers.CANON.request.headers.Authorization: the value holds {what} at "
+        f"character {position}, which would split the request (from the environment, with a "
+        "trailing newline?)"
+    ]
+    assert "s3cret" not in reported[0], "the value is often a secret: never shown"
+
+
+def test_a_clean_header_value_from_the_environment_loads():
+    config = parse_config(WITH_HEADERS, "gw.yaml", {"TOKEN": "s3cret-token"})
+    assert config.providers[0].settings.request is not None
+
+
+@pytest.mark.parametrize("name", ["Host", "content-length", "Transfer-Encoding", "CONNECTION"])
+def test_a_template_may_not_set_a_header_payagg_writes_itself(name):
+    reported = problems(WITH_HEADERS.replace("Authorization", name), {"TOKEN": "t"})
+    assert reported == [
+        f"gw.yaml:11: providers.CANON.request.headers.{name}: payagg writes {name} itself; a "
+        "template may not set Host, Content-Length, Transfer-Encoding, Connection"
+    ]
+
+
+@pytest.mark.parametrize("name", ["X Admin", "X-Admin:", "X-Caf\u00e9", '"X-Admin\\n"'])
+def test_a_header_name_that_is_not_an_http_token_is_a_config_error(name):
+    reported = problems(WITH_HEADERS.replace("Authorization", name), {"TOKEN": "t"})
+    assert len(reported) == 1, reported
+    assert reported[0].startswith("gw.yaml:11: providers.CANON.request.headers.")
+    assert reported[0].endswith(
+        ": is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            VALID + '    default_payer: "256772123456\\n"\n',
+            "gw.yaml:8: providers.CANON.default_payer: must match ^[0-9]{8,15}$, got "
+            "'256772123456\\n'",
+        ),
+        (
+            VALID.replace("  CANON:", '  "CANON\\n":'),
+            "gw.yaml:6: providers.CANON\n: a provider name is 1-32 letters, digits, _ or -",
+        ),
+    ],
+    ids=["default-payer", "provider-name"],
+)
+def test_a_config_pattern_refuses_a_trailing_newline(text, expected):
+    reported = problems(text)
+    assert any(line.startswith(expected) for line in reported), reported

@@ -277,6 +277,54 @@ def test_headers_are_always_rendered_as_strings():
     assert all(isinstance(value, str) for value in headers.values())
 
 
+@pytest.mark.parametrize(
+    ("headers", "overrides", "expected"),
+    [
+        ({"X-Currency": "{currency}"}, {"currency": "ZAR\n"}, {"Currency": "X-Currency"}),
+        (
+            {"X-Note": "pay {transaction_id}"},
+            {"transaction_id": "T\r1"},
+            {"TransactionID": "X-Note"},
+        ),
+        ({"X-Msisdn": "{payer}"}, {"payer": "2567\x0012"}, {"Payer": "X-Msisdn"}),
+        (
+            {"X-Key": "k={idempotency_key}"},
+            {"idempotency_key": "k\n"},
+            {"Idempotency-Key": "X-Key"},
+        ),
+        (
+            {"X-Pair": "{currency}/{transaction_id}"},
+            {"currency": "ZAR", "transaction_id": "T\n"},
+            {"TransactionID": "X-Pair"},
+        ),
+        ({"X-Currency": "{currency}", "X-Fixed": "v1"}, {}, {}),
+    ],
+    ids=[
+        "currency",
+        "transaction-id-in-text",
+        "payer-nul",
+        "idempotency-key",
+        "second-of-two",
+        "clean",
+    ],
+)
+def test_a_placeholder_value_that_would_break_a_header_names_its_request_field(
+    headers, overrides, expected
+):
+    problems = compiled(None, headers=headers).header_problems(fields(**overrides))
+    assert problems == {
+        field: f"cannot be sent in the {header} header: it contains CR, LF or NUL"
+        for field, header in expected.items()
+    }
+
+
+def test_values_in_the_body_are_json_escaped_and_never_a_header_problem():
+    mapping = compiled({"currency": "{currency}", "note": "pay {transaction_id}"})
+    unsafe = fields(currency="ZAR\n", transaction_id="T\r\n1")
+    assert mapping.header_problems(unsafe) == {}
+    assert json.loads(mapping.render_body(unsafe)) == {"currency": "ZAR\n", "note": "pay T\r\n1"}
+
+
 def test_the_canonical_protocol_sends_the_documented_request():
     mapping, problems = compile_mapping(None, None, has_default_payer=False, path=WHERE)
     assert problems == []
@@ -812,6 +860,17 @@ def config_problems(text: str) -> list[str]:
             """\
                 response:
                   success:
+                    - {status: "2xx\\n", field: s, equals: OK}
+            """,
+            [
+                "gw.yaml:6: providers.P.response.success.0.status: must be an HTTP status "
+                "(100-599) or like 2xx, got '2xx\\n'"
+            ],
+        ),
+        (
+            """\
+                response:
+                  success:
                     - {status: [200, 99], field: s, equals: OK}
             """,
             [
@@ -899,6 +958,7 @@ def config_problems(text: str) -> list[str]:
         "equals-without-field",
         "status-out-of-range",
         "status-not-a-class",
+        "status-class-with-a-trailing-newline",
         "bad-status-in-a-list",
         "rule-that-matches-everything",
         "sends-neither-reference-nor-idempotency-key",

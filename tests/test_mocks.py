@@ -263,13 +263,18 @@ MTN_MALFORMED = [
     ("body", "payer.partyId", MISSING, "payer.partyId"),
     ("body", "payer.partyId", "", "payer.partyId"),
     ("body", "payeeNote", 5, "payeeNote"),
+    # Patterns match the whole value, and a digit is 0-9: Decimal() would read Arabic-Indic ones.
+    ("body", "amount", "20.00\n", "amount"),
+    ("body", "amount", "\u0662\u0660.00", "amount"),
+    ("body", "currency", "EUR\n", "currency"),
 ]
 MTN_MALFORMED_IDS = [
     "no-reference-id", "reference-id-not-a-uuid", "no-target-environment", "body-not-json",
     "body-not-an-object", "amount-a-number", "amount-zero", "amount-negative",
     "amount-not-decimal", "amount-missing", "currency-lower-case", "external-id-missing",
     "payer-missing", "payer-not-an-object", "party-id-type-unknown", "party-id-missing",
-    "party-id-empty", "payee-note-not-a-string",
+    "party-id-empty", "payee-note-not-a-string", "amount-trailing-newline",
+    "amount-arabic-indic-digits", "currency-trailing-newline",
 ]
 
 
@@ -303,13 +308,15 @@ AIRTEL_MALFORMED = [
     ("body", "transaction.currency", "ugx", "transaction.currency"),
     ("body", "transaction.id", MISSING, "transaction.id"),
     ("body", "transaction.id", " ", "transaction.id"),
+    ("body", "subscriber.msisdn", "\u0667" * 9, "subscriber.msisdn"),
+    ("body", "transaction.currency", "UGX\n", "transaction.currency"),
 ]
 AIRTEL_MALFORMED_IDS = [
     "no-country-header", "currency-header-malformed", "empty-body", "reference-missing",
     "subscriber-missing", "msisdn-not-digits", "msisdn-a-boolean", "subscriber-country-a-name",
     "subscriber-currency-missing", "amount-a-string", "amount-zero", "amount-a-boolean",
     "transaction-country-missing", "transaction-currency-lower-case", "transaction-id-missing",
-    "transaction-id-blank",
+    "transaction-id-blank", "msisdn-arabic-indic-digits", "transaction-currency-trailing-newline",
 ]
 
 

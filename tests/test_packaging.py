@@ -20,6 +20,8 @@ DEV_ONLY = [
     "pytest",
     "trustme",
     "openapi_spec_validator",
+    "jsonschema",
+    "regress",
     "hcl2",
     "aioresponses",
 ]

@@ -384,3 +384,36 @@ def test_a_replay_of_a_completed_payment_is_the_same_body_and_calls_no_provider(
     assert replay.headers.get("Idempotent-Replayed") == "true"
     assert replay.raw == first.raw
     assert mock.stats() == before, "a replay never reaches the provider"
+
+
+@pytest.mark.parametrize(
+    ("provider", "field", "value"),
+    [
+        ("AIRTEL", "TransactionID", "\n"),
+        ("MTN", "TransactionID", "\n"),
+        ("AIRTEL", "Currency", "ZAR\n"),
+        ("MTN", "Payer", "256772123456\n"),
+    ],
+    ids=[
+        "AIRTEL-transaction-id-is-not-a-second-payment",
+        "MTN-transaction-id-is-not-a-second-payment",
+        "AIRTEL-currency-never-reaches-the-x-currency-header",
+        "MTN-payer",
+    ],
+)
+def test_a_trailing_newline_is_a_400_naming_the_field_and_nothing_is_charged(
+    stack, provider, field, value
+):
+    mock = stack.mocks[provider]
+    transaction_id = fresh(f"NL-{provider}")
+    paid = stack.pay(provider, transaction_id)
+    assert paid.status == 200, paid.raw
+    before = mock.stats()
+    if field == "TransactionID":
+        reply = stack.pay(provider, transaction_id + value)
+    else:
+        reply = stack.pay(provider, fresh(f"NL-{provider}"), **{field: value})
+    assert reply.status == 400, reply.raw
+    assert reply.body["error"] == "invalid_request"
+    assert list(reply.body["fields"]) == [field]  # type: ignore[call-overload]
+    assert mock.stats() == before, "nothing reached the provider, nothing was charged"

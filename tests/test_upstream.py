@@ -302,3 +302,29 @@ async def test_the_upstream_duration_histogram_counts_each_call(
     assert len(provider.seen) == 5
     assert observed("count") == 5
     assert observed("sum") >= TIMEOUT_S  # the timed-out call is observed at its full wait
+
+
+async def test_a_value_that_would_break_a_header_is_refused_before_any_call(
+    provider: FakeProvider,
+) -> None:
+    airtel_like = provider_client(
+        f"""
+providers:
+  AIRTEL_LIKE:
+    url: "{provider.url}"
+    request:
+      headers: {{X-Currency: "{{currency}}"}}
+      body: {{id: "{{reference}}"}}
+    response:
+      success: [{{status: 200}}]
+""",
+        "AIRTEL_LIKE",
+        GatewayMetrics(["AIRTEL_LIKE"]),
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        airtel_like.check(Payment("TXN-1", Decimal("20.00"), "ZAR\n", "airtel_like", None, "TXN-1"))
+    airtel_like.check(a_payment())
+    assert refused.value.details["fields"] == {
+        "Currency": "cannot be sent in the X-Currency header: it contains CR, LF or NUL"
+    }
+    assert provider.seen == []

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
 from aiohttp import web
 
+import proxy.payment
+from proxy.errors import InvalidRequest
 from proxy.payment import parse_payment
-from tests.conftest import payment
+from tests.conftest import gateway_yaml, make_config, payment, running_gateway
 
 JSON = {"Content-Type": "application/json"}
 KNOWN = {str(payment()["ProviderKey"]).lower()}
@@ -82,6 +85,20 @@ CASES = [
     ),
     (body(), {}, 415, "unsupported_media_type", []),
     (b'{"pad": "' + b"x" * 20000 + b'"}', JSON, 413, "payload_too_large", []),
+    # Every pattern matches the whole value: `$` alone would let a final newline through.
+    (body(TransactionID="NL-1\n"), JSON, 400, "invalid_request", ["TransactionID"]),
+    (body(TransactionID="NL-1\r\n"), JSON, 400, "invalid_request", ["TransactionID"]),
+    (body(TransactionID="NL-1\x00"), JSON, 400, "invalid_request", ["TransactionID"]),
+    (body(Currency="ZAR\n"), JSON, 400, "invalid_request", ["Currency"]),
+    (body(Payer="256772123456\n"), JSON, 400, "invalid_request", ["Payer"]),
+    (
+        body(Payer="\u0662\u0665\u0666\u0667\u0667\u0662\u0661\u0662"),
+        JSON,
+        400,
+        "invalid_request",
+        ["Payer"],
+    ),
+    (body(ProviderKey="CANON\n"), JSON, 400, "unknown_provider", ["ProviderKey"]),
 ]
 IDS = [
     "malformed-json",
@@ -124,6 +141,13 @@ IDS = [
     "form-encoded",
     "no-content-type",
     "body-too-large",
+    "transaction-id-trailing-newline",
+    "transaction-id-trailing-crlf",
+    "transaction-id-trailing-nul",
+    "currency-trailing-newline",
+    "payer-trailing-newline",
+    "payer-arabic-indic-digits",
+    "provider-trailing-newline",
 ]
 
 
@@ -274,3 +298,38 @@ async def test_a_client_that_expects_100_continue_gets_it_before_sending_its_bod
 async def test_a_body_announced_too_large_is_refused_without_asking_for_it(gateway):
     interim, _ = await _post_expecting_continue(gateway, b"", 10_000_000)
     assert interim.startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.parametrize("key", ["key-1\n", "key-1\r\n", "key-1\x00"], ids=["lf", "crlf", "nul"])
+def test_an_idempotency_key_ending_in_a_line_break_or_nul_is_refused(key):
+    # An HTTP header cannot carry these, so the rule is checked where every request is read.
+    with pytest.raises(InvalidRequest) as refused:
+        parse_payment(body(), key, KNOWN)
+    assert list(refused.value.details["fields"]) == ["Idempotency-Key"]
+
+
+async def test_a_value_that_would_break_a_header_is_a_400_before_redis_or_the_provider(
+    upstream, redis_url, redis_server, monkeypatch
+):
+    """Defence in depth: were a payment pattern ever loosened, no header would carry the LF."""
+    monkeypatch.setattr(proxy.payment, "_CURRENCY", re.compile(r"[A-Z]{3}\n?"))
+    currency_in_a_header = (
+        f'CANON:\n    url: "{upstream[1]}"\n'
+        "    request:\n"
+        '      headers: {X-Reference-Id: "{reference}", X-Currency: "{currency}"}\n'
+        '      body: {reference: "{reference}", amount: "{amount}", currency: "{currency}"}\n'
+    )
+    text = gateway_yaml(upstream[1], redis_url).replace(
+        f'CANON: {{url: "{upstream[1]}"}}\n', currency_in_a_header
+    )
+    async with running_gateway(make_config(text)) as gateway:
+        answer = await gateway.post("/v1/pay", json=payment(Currency="ZAR\n"))
+        assert answer.status == 400
+        error = await answer.json()
+        assert error["error"] == "invalid_request"
+        assert error["fields"] == {
+            "Currency": "cannot be sent in the X-Currency header: it contains CR, LF or NUL"
+        }
+        assert upstream[0].requests == 0
+        assert redis_server.client().keys("*") == [], "nothing was claimed"
+        assert (await gateway.post("/v1/pay", json=payment(Currency="ZAR"))).status == 200
