@@ -1,11 +1,14 @@
-"""`make bench`: payagg side by side with nginx proxy_pass, in interleaved rounds, one run.
+"""`make bench`: payagg side by side with three references, in interleaved rounds, one run.
 
 Scenarios, each against the same nginx upstream that answers the canonical SUCCESS:
   nginx      nginx proxy_pass with the same POST bodies: the practical limit
+  obvious    the obvious Python implementation (bench/obvious.py: aiohttp, redis-py, ClientSession)
+  ceiling    aiohttp answering a constant JSON body (bench/ceiling.py): aiohttp's ceiling
   payagg     full path: validation, Redis claim + store, upstream call (fresh key per request)
   failfast   a provider whose breaker is open: 503 provider_unavailable, no upstream call
   replay     one key, repeated: stored answer replayed from Redis
-Prints requests/s, p50/p99 and the ratio to nginx; appends the figures to BENCHMARKS.md.
+Prints requests/s, p50/p99, the ratios to nginx, to the obvious implementation and to aiohttp's
+ceiling, and whether each target is met; appends the same to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -64,6 +67,18 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
     raise SystemExit(f"bench: {url} did not answer within {timeout_s}s")
 
 
+def wait_listening(port: int, timeout_s: float = 20) -> None:
+    """For the references, which serve POST /v1/pay only: a GET would not tell ready from gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on port {port} after {timeout_s}s")
+
+
 def post(url: str, body: dict[str, object]) -> int:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
@@ -117,6 +132,30 @@ class Result:
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+
+@dataclass
+class Memory:
+    """payagg's resident memory around the measured rounds, and what it served in between."""
+
+    before_kib: int
+    after_kib: int
+    full_path_requests: int
+    all_requests: int
+
+    @property
+    def growth(self) -> float:
+        return (self.after_kib - self.before_kib) / self.before_kib if self.before_kib else 0.0
+
+
+PAYAGG_ONLY = ("failfast", "replay")
+# The targets of issue #13, each judged on one worker in the run that measured it.
+FULL_PATH_OVER_OBVIOUS = 1.5
+SHORT_PATHS_OF_CEILING = 0.40
+P99_OVER_OBVIOUS = 2.0
+P99_CONNECTIONS = 32
+RSS_GROWTH = 0.10
+RSS_REQUESTS = 100_000
 
 
 @dataclass
@@ -198,9 +237,15 @@ def main() -> int:
         "--rss-requests",
         type=int,
         default=100_000,
-        help="payagg requests to serve between the two RSS readings (default 100000)",
+        help="full-path payagg requests to serve between the two RSS readings (default 100000)",
     )
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run, not a measurement: one round of 1 s, 1 s warm-ups, 1,000 requests "
+        "between the RSS readings; recorded only with --output",
+    )
+    parser.add_argument("--output", help="where to append the figures (default BENCHMARKS.md)")
     parser.add_argument("--no-record", action="store_true", help="print only, do not append")
     parser.add_argument(
         "--profile",
@@ -209,6 +254,10 @@ def main() -> int:
         "where its time went; a profiled run is not recorded",
     )
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.rss_requests = 1, 1, 1_000
+        args.no_record = args.no_record or args.output is None
+    args.output = args.output or str(ROOT / "BENCHMARKS.md")
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
         for tool in missing:
@@ -216,7 +265,9 @@ def main() -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="payagg-bench-"))
-    upstream_port, nginx_port, redis_port, payagg_port = (free_port() for _ in range(4))
+    upstream_port, nginx_port, redis_port, payagg_port, obvious_port, ceiling_port = (
+        free_port() for _ in range(6)
+    )
     children: list[subprocess.Popen[bytes]] = []
 
     def start(
@@ -255,9 +306,13 @@ def main() -> int:
             ],
             "redis.log",
         )
+
+        def redis_db(number: int) -> str:
+            return f"redis://127.0.0.1:{redis_port}/{number}"
+
         config = workdir / "gateway.yaml"
         config.write_text(
-            f'redis: {{url: "redis://127.0.0.1:{redis_port}/0"}}\n'
+            f'redis: {{url: "{redis_db(0)}"}}\n'
             "providers:\n"
             f'  FAST: {{url: "http://127.0.0.1:{upstream_port}/pay"}}\n'
             f'  DOWN: {{url: "http://127.0.0.1:{free_port()}/pay", timeout_s: 1,\n'
@@ -277,13 +332,29 @@ def main() -> int:
             ],
             "payagg.log",
         )
+        provider_url = f"http://127.0.0.1:{upstream_port}/pay"
+        start(
+            [
+                sys.executable,
+                str(HERE / "obvious.py"),
+                str(obvious_port),
+                redis_db(1),
+                provider_url,
+            ],
+            "obvious.log",
+        )
+        start([sys.executable, str(HERE / "ceiling.py"), str(ceiling_port)], "ceiling.log")
         base = f"http://127.0.0.1:{payagg_port}"
         wait_http(f"{base}/readyz")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
+        wait_listening(obvious_port)
+        wait_listening(ceiling_port)
         run_id = f"{int(time.time())}-{os.getpid()}"
         open_down_breakers(base, run_id)
         scenarios = [
             Scenario("nginx", f"http://127.0.0.1:{nginx_port}/v1/pay", "FAST", "200"),
+            Scenario("obvious", f"http://127.0.0.1:{obvious_port}/v1/pay", "FAST", "200"),
+            Scenario("ceiling", f"http://127.0.0.1:{ceiling_port}/v1/pay", "FAST", "200"),
             Scenario("payagg", f"{base}/v1/pay", "FAST", "200"),
             Scenario("failfast", f"{base}/v1/pay", "DOWN", "503"),
             Scenario("replay", f"{base}/v1/pay", "FAST", "200", replay=True),
@@ -296,7 +367,7 @@ def main() -> int:
         }
         assert post(f"{base}/v1/pay", replay_key) == 200, "priming the replayed key"
         for scenario in scenarios:  # warm-up, not recorded
-            run_wrk(scenario, 2, args.connections, run_id, "warm")
+            run_wrk(scenario, min(2, args.seconds), args.connections, run_id, "warm")
         profiler = None
         if args.profile:
             span = args.rounds * len(scenarios) * args.seconds
@@ -322,7 +393,6 @@ def main() -> int:
                 "py-spy.log",
             )
         rss_before = rss_kib(payagg.pid)
-        served_before = sum(r.requests for s in scenarios[1:] for r in s.results)
         for round_number in range(1, args.rounds + 1):
             for scenario in scenarios:
                 result = run_wrk(
@@ -335,14 +405,23 @@ def main() -> int:
                     f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms",
                     flush=True,
                 )
-        served = sum(r.requests for s in scenarios[1:] for r in s.results) - served_before
-        while served < args.rss_requests:
-            extra = run_wrk(scenarios[1], args.seconds, args.connections, run_id, f"rss{served}")
-            served += extra.requests
-        rss_after = rss_kib(payagg.pid)
+        # The RSS target is about the full payment path: keep paying until it alone has served
+        # --rss-requests between the two readings (the fail-fast and replay requests come on top).
+        full_path = next(s for s in scenarios if s.name == "payagg")
+        paid = sum(r.requests for r in full_path.results)
+        while paid < args.rss_requests:
+            paid += run_wrk(
+                full_path, args.seconds, args.connections, run_id, f"rss{paid}"
+            ).requests
+        memory = Memory(
+            rss_before,
+            rss_kib(payagg.pid),
+            paid,
+            paid + sum(r.requests for s in scenarios if s.name in PAYAGG_ONLY for r in s.results),
+        )
         if profiler is not None:
             profiler.wait()
-        report = summarise(scenarios, args, rss_before, rss_after, served)
+        report = summarise(scenarios, args, memory)
         print(report)
         if args.profile:
             print(f"\nprofile ({args.profile}), where the proxy's CPU time went:")
@@ -363,39 +442,96 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def summarise(
-    scenarios: list[Scenario],
-    args: argparse.Namespace,
-    rss_before: int,
-    rss_after: int,
-    served: int,
-) -> str:
-    nginx_rps = statistics.median(r.rps for r in scenarios[0].results)
-    rows = []
-    for scenario in scenarios:
-        rps = statistics.median(r.rps for r in scenario.results)
-        p50 = statistics.median(r.p50_ms for r in scenario.results)
-        p99 = statistics.median(r.p99_ms for r in scenario.results)
-        rows.append(
-            f"| {scenario.name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / nginx_rps:.2f} |"
+def summarise(scenarios: list[Scenario], args: argparse.Namespace, memory: Memory) -> str:
+    medians = {
+        s.name: Result(
+            1,
+            1 / statistics.median(r.rps for r in s.results),
+            statistics.median(r.p50_ms for r in s.results),
+            statistics.median(r.p99_ms for r in s.results),
+            {},
         )
-    growth = (rss_after - rss_before) / rss_before * 100 if rss_before else 0.0
+        for s in scenarios
+    }
+    references = [medians["nginx"].rps, medians["obvious"].rps, medians["ceiling"].rps]
+    rows = [
+        f"| {name} | {m.rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
+        + " | ".join(f"{m.rps / reference:.2f}" for reference in references)
+        + " |"
+        for name, m in medians.items()
+    ]
     return "\n".join(
         [
             f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
             f"{args.connections} connections, "
-            f"{args.rounds} interleaved rounds of {args.seconds} s, payagg workers: {args.workers}",
+            f"{args.rounds} interleaved rounds of {args.seconds} s, payagg workers: {args.workers}"
+            + (" (--quick: a smoke run, not a measurement)" if args.quick else ""),
             "",
             f"Machine: {machine()}",
             "",
-            "| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx |",
-            "| --- | --- | --- | --- | --- |",
+            "| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx "
+            "| ratio to obvious | ratio to ceiling |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
-            f"payagg RSS: {rss_before / 1024:.1f} MiB before, "
-            f"{rss_after / 1024:.1f} MiB after {served:,} more requests ({growth:+.1f}%).",
+            *targets(medians, args, memory),
+            "",
+            f"payagg RSS: {memory.before_kib / 1024:.1f} MiB before, "
+            f"{memory.after_kib / 1024:.1f} MiB after {memory.full_path_requests:,} full-path "
+            f"requests ({memory.all_requests:,} in all, {memory.growth:+.1%}).",
         ]
     )
+
+
+def targets(medians: dict[str, Result], args: argparse.Namespace, memory: Memory) -> list[str]:
+    """Issue #13's targets as table rows: measured value, then met, missed or why not judged."""
+    payagg, obvious, ceiling = medians["payagg"], medians["obvious"], medians["ceiling"]
+    speedup = payagg.rps / obvious.rps
+    p99_ratio = payagg.p99_ms / obvious.p99_ms
+    one_worker = None if args.workers == 1 else "the targets are for one worker"
+    table = [
+        (
+            f"full payment path >= {FULL_PATH_OVER_OBVIOUS}x the obvious implementation",
+            f"{speedup:.2f}x",
+            speedup >= FULL_PATH_OVER_OBVIOUS,
+            one_worker,
+        ),
+        *(
+            (
+                f"{label} >= {SHORT_PATHS_OF_CEILING:.2f} of aiohttp's ceiling",
+                f"{medians[name].rps / ceiling.rps:.2f}",
+                medians[name].rps / ceiling.rps >= SHORT_PATHS_OF_CEILING,
+                one_worker,
+            )
+            for name, label in zip(PAYAGG_ONLY, ("fail-fast", "replay"), strict=True)
+        ),
+        (
+            f"full-path p99 at {P99_CONNECTIONS} connections <= {P99_OVER_OBVIOUS:.0f}x "
+            "the obvious implementation's",
+            f"{payagg.p99_ms:.2f} ms vs {obvious.p99_ms:.2f} ms ({p99_ratio:.2f}x)",
+            p99_ratio <= P99_OVER_OBVIOUS,
+            one_worker
+            or (None if args.connections == P99_CONNECTIONS else f"{args.connections} connections"),
+        ),
+        (
+            f"RSS growth < {RSS_GROWTH:.0%} over {RSS_REQUESTS:,} requests",
+            f"{memory.growth:+.1%} over {memory.full_path_requests:,} full-path requests",
+            memory.growth < RSS_GROWTH,
+            None
+            if memory.full_path_requests >= RSS_REQUESTS
+            else f"only {memory.full_path_requests:,} requests",
+        ),
+    ]
+    return [
+        "| target (issue #13) | measured | |",
+        "| --- | --- | --- |",
+        *(
+            f"| {target} | {measured} | "
+            + (f"not judged: {unjudged}" if unjudged else "met" if met else "missed")
+            + " |"
+            for target, measured, met, unjudged in table
+        ),
+    ]
 
 
 if __name__ == "__main__":

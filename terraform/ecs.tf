@@ -33,6 +33,8 @@ locals {
       { name = "BREAKER_OPEN_S", value = tostring(var.breaker_open_s) },
       { name = "BREAKER_HALF_OPEN_MAX_CALLS", value = tostring(var.breaker_half_open_max_calls) },
       { name = "LOG_LEVEL", value = var.log_level },
+      # cluster for MemoryDB (cluster-only), standalone for ElastiCache; the config's redis.mode.
+      { name = "REDIS_MODE", value = local.redis_mode },
     ]
     # REDIS_URL carries the auth token: ECS resolves it from Secrets Manager when the task starts,
     # so it never appears in the task definition.

@@ -1,5 +1,6 @@
-# One customer-managed key for everything payagg stores at rest: the Redis secret, Redis itself, the
-# container and flow-log groups. A single key keeps the cost at $1/month and one place to audit.
+# One customer-managed key for everything payagg stores at rest: the store's secret, the store
+# itself, the container and flow-log groups. A single key keeps the cost at $1/month and one place
+# to audit.
 
 data "aws_iam_policy_document" "kms" {
   # Key policies always name the key itself as "*"; the account-root statement is what lets IAM
@@ -34,7 +35,7 @@ data "aws_iam_policy_document" "kms" {
 }
 
 resource "aws_kms_key" "payagg" {
-  description             = "${var.name}: Redis secret, Redis at rest, log groups"
+  description             = "${var.name}: store secret, store at rest, log groups"
   enable_key_rotation     = true
   deletion_window_in_days = 7
   policy                  = data.aws_iam_policy_document.kms.json

@@ -27,3 +27,13 @@ output "ecs_service_name" {
   description = "ECS service of the payagg task."
   value       = aws_ecs_service.payagg.name
 }
+
+output "store_endpoint" {
+  description = "Host of the store of record: the MemoryDB cluster endpoint or the ElastiCache primary (port 6379, TLS)."
+  value       = local.redis_host
+}
+
+output "redis_mode" {
+  description = "REDIS_MODE the proxy gets: cluster (MemoryDB) or standalone (ElastiCache)."
+  value       = local.redis_mode
+}

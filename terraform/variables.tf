@@ -223,10 +223,54 @@ variable "enable_alb_access_logs" {
   default     = false
 }
 
-# --- Redis ------------------------------------------------------------------------------------
+# --- The store (Redis protocol: MemoryDB or ElastiCache) -------------------------------------
+
+variable "store" {
+  description = "The store of record: memorydb (durable, Multi-AZ transaction log, cluster mode, TLS, an ACL user) or elasticache (cheaper for demos; asynchronous replication can lose the last writes at a failover)."
+  type        = string
+  default     = "memorydb"
+
+  validation {
+    condition     = contains(["memorydb", "elasticache"], var.store)
+    error_message = "store must be \"memorydb\" or \"elasticache\"."
+  }
+}
+
+variable "memorydb_node_type" {
+  description = "MemoryDB node type (store = memorydb)."
+  type        = string
+  default     = "db.t4g.small"
+
+  validation {
+    condition     = startswith(var.memorydb_node_type, "db.")
+    error_message = "memorydb_node_type must be a MemoryDB node type such as db.t4g.small."
+  }
+}
+
+variable "memorydb_shards" {
+  description = "MemoryDB shards (store = memorydb); one holds a demo's keys, more spread the writes."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.memorydb_shards >= 1 && var.memorydb_shards <= 500
+    error_message = "memorydb_shards must be between 1 and 500."
+  }
+}
+
+variable "memorydb_replicas_per_shard" {
+  description = "MemoryDB replicas per shard (store = memorydb), placed in other AZs than their primary; 0 still loses no acknowledged write but fails over slowly."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.memorydb_replicas_per_shard >= 0 && var.memorydb_replicas_per_shard <= 5
+    error_message = "memorydb_replicas_per_shard must be between 0 and 5."
+  }
+}
 
 variable "redis_node_type" {
-  description = "ElastiCache node type."
+  description = "ElastiCache node type (store = elasticache)."
   type        = string
   default     = "cache.t4g.micro"
 
@@ -237,13 +281,19 @@ variable "redis_node_type" {
 }
 
 variable "redis_engine_version" {
-  description = "Redis engine version."
+  description = "Redis engine version of either store."
   type        = string
   default     = "7.1"
+
+  validation {
+    # The major version names the parameter-group family (redis7, memorydb_redis7).
+    condition     = can(regex("^[67]\\.[0-9]+$", var.redis_engine_version))
+    error_message = "redis_engine_version must be a Redis 6.x or 7.x version such as 7.1."
+  }
 }
 
 variable "redis_nodes" {
-  description = "Number of Redis nodes (one primary plus replicas); automatic failover needs at least 2."
+  description = "ElastiCache nodes (store = elasticache): one primary plus replicas; automatic failover needs at least 2."
   type        = number
   default     = 2
 
@@ -254,19 +304,19 @@ variable "redis_nodes" {
 }
 
 variable "redis_automatic_failover" {
-  description = "Promote a replica automatically when the primary fails."
+  description = "ElastiCache (store = elasticache): promote a replica automatically when the primary fails."
   type        = bool
   default     = true
 }
 
 variable "redis_multi_az" {
-  description = "Keep the replica in another AZ than the primary (needs redis_automatic_failover)."
+  description = "ElastiCache (store = elasticache): keep the replica in another AZ than the primary (needs redis_automatic_failover)."
   type        = bool
   default     = true
 }
 
 variable "redis_snapshot_retention_days" {
-  description = "Days of daily Redis snapshots to keep (0 disables them)."
+  description = "Days of daily snapshots of either store to keep (0 disables them)."
   type        = number
   default     = 1
 

@@ -20,6 +20,8 @@ CONCERNS = [
     "ecs.tf",
     "alb.tf",
     "redis.tf",
+    "memorydb.tf",
+    "elasticache.tf",
     "iam.tf",
     "security_groups.tf",
     "kms.tf",
@@ -47,6 +49,7 @@ PROXY_ENVIRONMENT = {
     "BREAKER_OPEN_S",
     "BREAKER_HALF_OPEN_MAX_CALLS",
     "LOG_LEVEL",
+    "REDIS_MODE",
 }
 MOCK_ENVIRONMENT = {
     "MOCK_FAILURE_RATE",
@@ -471,12 +474,136 @@ def test_redis_failover_and_multi_az_are_switched_by_variables(
     assert variable_reference(redis[argument]) == variable
 
 
-def test_the_redis_secret_holds_the_token_and_the_tls_url() -> None:
+def test_the_store_secret_holds_the_password_and_the_url_the_task_reads() -> None:
     version = terraform().resource("aws_secretsmanager_secret_version", "redis")
     secret = str(version["secret_string"])
     assert "random_password.redis_auth.result" in secret
-    assert "rediss://:" in secret
-    assert "primary_endpoint_address" in secret
+    assert "local.redis_url" in secret
+
+
+# --- the store: MemoryDB (default) or ElastiCache --------------------------------------------
+
+STORES = {
+    # resource holding the data, its parameter group, what local.memorydb must be for it to exist
+    "memorydb": (("aws_memorydb_cluster", "store"), ("aws_memorydb_parameter_group", "store")),
+    "elasticache": (
+        ("aws_elasticache_replication_group", "redis"),
+        ("aws_elasticache_parameter_group", "redis"),
+    ),
+}
+STORE_RESOURCES = sorted(
+    (kind, name)
+    for kind, name in terraform().resources
+    if kind.startswith(("aws_memorydb_", "aws_elasticache_"))
+)
+
+
+def when(choice: str, conditional: Any) -> str:
+    """The branch of `local.memorydb ? A : B` that `store = choice` takes, as text."""
+    text = str(expression(conditional)).strip()
+    if text.startswith("(") and text.endswith(")"):
+        text = text[1:-1].strip()
+    condition, _, branches = text.partition("?")
+    assert condition.strip() == "local.memorydb", f"not a choice of store: {conditional}"
+    depth, quoted = 0, False  # the ':' that separates the branches is in neither a string nor ${}
+    for index, char in enumerate(branches):
+        if branches.startswith("${", index):
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        elif char == '"' and not depth:
+            quoted = not quoted
+        elif char == ":" and not depth and not quoted:
+            chosen = branches[:index] if choice == "memorydb" else branches[index + 1 :]
+            return chosen.strip()
+    raise AssertionError(f"no second branch in {conditional}")
+
+
+def test_the_store_is_memorydb_unless_elasticache_is_chosen() -> None:
+    config = terraform()
+    store = config.variables["store"]
+    assert store["default"] == "memorydb"
+    (rule,) = store["validation"]
+    assert expression(rule["condition"]) == 'contains(["memorydb", "elasticache"], var.store)'
+    assert expression(config.locals["memorydb"]) == 'var.store == "memorydb"'
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), STORE_RESOURCES, ids=[f"{k}.{n}" for k, n in STORE_RESOURCES]
+)
+def test_each_store_resource_exists_only_for_its_own_choice(kind: str, name: str) -> None:
+    choice = "memorydb" if kind.startswith("aws_memorydb_") else "elasticache"
+    count = terraform().resource(kind, name)["count"]
+    assert when(choice, count) == "1"
+    assert when("elasticache" if choice == "memorydb" else "memorydb", count) == "0"
+
+
+@pytest.mark.parametrize("choice", list(STORES), ids=list(STORES))
+def test_the_task_reaches_the_chosen_store_over_tls_in_the_matching_mode(choice: str) -> None:
+    config = terraform()
+    (data_kind, data_name), _ = STORES[choice]
+    assert f"{data_kind}.{data_name}[0]." in when(choice, config.locals["redis_host"])
+    url = when(choice, config.locals["redis_url"]).strip('"')
+    assert url.startswith("rediss://"), url
+    assert "${local.redis_host}:6379" in url
+    # MemoryDB only serves cluster mode, so the proxy must be told to follow redirections.
+    mode = when(choice, config.locals["redis_mode"]).strip('"')
+    assert mode == {"memorydb": "cluster", "elasticache": "standalone"}[choice]
+    assert expression(environment(containers()["proxy"])["REDIS_MODE"]) == "local.redis_mode"
+
+
+@pytest.mark.parametrize("choice", list(STORES), ids=list(STORES))
+def test_neither_store_evicts_a_key_to_make_room(choice: str) -> None:
+    (data_kind, data_name), (group_kind, group_name) = STORES[choice]
+    config = terraform()
+    group = config.resource(group_kind, group_name)
+    parameters = {p["name"]: p["value"] for p in group["parameter"]}
+    assert parameters["maxmemory-policy"] == "noeviction"
+    attached = expression(config.resource(data_kind, data_name)["parameter_group_name"])
+    assert attached == f"{group_kind}.{group_name}[0].name"
+
+
+@pytest.mark.parametrize("choice", list(STORES), ids=list(STORES))
+def test_either_store_sits_in_the_private_subnets_behind_the_store_security_group(
+    choice: str,
+) -> None:
+    (data_kind, data_name), _ = STORES[choice]
+    config = terraform()
+    data = config.resource(data_kind, data_name)
+    assert data["security_group_ids"] == ["${aws_security_group.redis.id}"]
+    subnet_group = re.fullmatch(r"(\w+)\.(\w+)\[0\]\.name", expression(data["subnet_group_name"]))
+    assert subnet_group, data["subnet_group_name"]
+    subnets = config.resource(subnet_group[1], subnet_group[2])["subnet_ids"]
+    assert expression(subnets) == "module.vpc.private_subnets"
+
+
+def test_memorydb_is_tls_only_encrypted_with_the_key_replicated_and_snapshotted() -> None:
+    cluster = terraform().resource("aws_memorydb_cluster", "store")
+    assert cluster["tls_enabled"] is True
+    assert expression(cluster["kms_key_arn"]) == "aws_kms_key.payagg.arn"
+    assert variable_reference(cluster["num_replicas_per_shard"]) == "memorydb_replicas_per_shard"
+    assert variable_reference(cluster["snapshot_retention_limit"]) == (
+        "redis_snapshot_retention_days"
+    )
+
+
+def test_the_proxy_is_its_own_memorydb_acl_user_with_the_generated_password() -> None:
+    config = terraform()
+    cluster = config.resource("aws_memorydb_cluster", "store")
+    assert expression(cluster["acl_name"]) == "aws_memorydb_acl.store[0].name"
+    acl = config.resource("aws_memorydb_acl", "store")
+    assert acl["user_names"] == ["${aws_memorydb_user.proxy[0].user_name}"]
+    user = config.resource("aws_memorydb_user", "proxy")
+    assert expression(user["user_name"]) == "local.memorydb_user"
+    assert "${local.memorydb_user}:${random_password.redis_auth.result}@" in when(
+        "memorydb", config.locals["redis_url"]
+    )
+    login = single(user["authentication_mode"])
+    assert login["type"] == "password"
+    assert login["passwords"] == ["${random_password.redis_auth.result}"]
+    # FLUSHALL, CONFIG, KEYS and the like stay out of reach of a leaked password.
+    assert user["access_string"].startswith("on ")
+    assert user["access_string"].endswith(" -@dangerous")
 
 
 def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
