@@ -451,6 +451,12 @@ class ProviderMapping:
         return "DECLINED"
 
 
+def _compile_rules(
+    rules: list[AnswerRule], path: Path, problems: list[Problem]
+) -> tuple[CompiledRule, ...]:
+    return tuple(_compile_rule(rule, (*path, i), problems) for i, rule in enumerate(rules))
+
+
 def _echo_path(
     dotted: str | None, path: Path, problems: list[Problem]
 ) -> tuple[str | int, ...] | None:
@@ -492,19 +498,12 @@ def compile_mapping(
         )
     answers = response or CANONICAL_RESPONSE
     response_path = (*path, "response")
-    success = tuple(
-        _compile_rule(rule, (*response_path, "success", i), problems)
-        for i, rule in enumerate(answers.success)
-    )
+    success = _compile_rules(answers.success, (*response_path, "success"), problems)
     if not success:
         problems.append(Problem((*response_path, "success"), "needs at least one rule"))
-    declined = tuple(
-        _compile_rule(rule, (*response_path, "declined", i), problems)
-        for i, rule in enumerate(answers.declined)
-    )
-    already_exists = tuple(
-        _compile_rule(rule, (*response_path, "already_exists", i), problems)
-        for i, rule in enumerate(answers.already_exists)
+    declined = _compile_rules(answers.declined, (*response_path, "declined"), problems)
+    already_exists = _compile_rules(
+        answers.already_exists, (*response_path, "already_exists"), problems
     )
     mapping = ProviderMapping(
         method=spec.method,
