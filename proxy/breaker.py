@@ -58,6 +58,8 @@ class CallVerdict:
     """Set by the caller inside `ProviderBreaker.call()`: did the provider prove it is up?"""
 
     provider_is_up: bool = True
+    # Up but not serving us (a 429 the YAML does not count): a half-open trial stays undecided.
+    provider_serves: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,8 @@ class ProviderBreaker:
         """Admit one call or raise ProviderUnavailable; the call's outcome drives the state.
 
         The body ends normally when the provider answered (success or decline), raises a
-        PaymentError whose `counts_against_breaker` says whether it was an outage, or raises
+        PaymentError whose `counts_against_breaker` says whether it was an outage (and
+        `shows_provider_serving` whether a trial ending in it may close the breaker), or raises
         anything else (cancellation included), which counts as a failure: a trial call must
         always free its slot, or the breaker would stick half-open.
         """
@@ -146,6 +149,7 @@ class ProviderBreaker:
             yield verdict
         except PaymentError as error:
             verdict.provider_is_up = not error.counts_against_breaker
+            verdict.provider_serves = error.shows_provider_serving
             raise
         except BaseException:
             verdict.provider_is_up = False
@@ -154,13 +158,16 @@ class ProviderBreaker:
             if is_trial and generation == self._generation:
                 self._trials_in_flight -= 1
             if generation == self._generation:
-                self._record(verdict.provider_is_up, is_trial)
+                self._record(verdict, is_trial)
 
-    def _record(self, provider_is_up: bool, is_trial: bool) -> None:
+    def _record(self, verdict: CallVerdict, is_trial: bool) -> None:
+        provider_is_up = verdict.provider_is_up
         if is_trial:
             if not provider_is_up:
                 self._enter(BreakerState.OPEN)
                 return
+            if not verdict.provider_serves:
+                return  # its slot is free again: the next trial decides
             self._trial_successes += 1
             # As gobreaker does: close after `half_open_max_calls` successful trials in a row.
             if self._trial_successes >= self.settings.half_open_max_calls:

@@ -13,7 +13,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proxy.mapping import ProviderMapping, RequestSpec, ResponseSpec, compile_mapping
+from proxy.mapping import (
+    BUSY_STATUSES,
+    ProviderMapping,
+    RequestSpec,
+    ResponseSpec,
+    compile_mapping,
+)
 from proxy.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -59,6 +65,8 @@ class BreakerSettings(_Section):
     window_s: float = Field(5, gt=0)
     open_s: float = Field(30, gt=0)
     half_open_max_calls: int = 1
+    # 4xx answers (no response rule matched) that count as failures, like a 5xx.
+    failure_statuses: list[int] = Field(default_factory=lambda: list(BUSY_STATUSES))
 
 
 class ProviderSettings(_Section):
@@ -315,7 +323,11 @@ def _build_providers(
             )
         seen[name.lower()] = name
         mapping, mapping_problems = compile_mapping(
-            settings.request, settings.response, settings.default_payer is not None, path
+            settings.request,
+            settings.response,
+            settings.default_payer is not None,
+            path,
+            settings.breaker.failure_statuses,
         )
         problems.extend(mapping_problems)
         problems.extend(_breaker_problems(settings.breaker, (*path, "breaker")))
@@ -324,7 +336,14 @@ def _build_providers(
 
 
 def _breaker_problems(breaker: BreakerSettings, path: Path) -> list[Problem]:
-    problems = []
+    problems = [
+        Problem(
+            (*path, "failure_statuses", index),
+            f"must be a 4xx status (every 5xx counts as a failure already), got {status}",
+        )
+        for index, status in enumerate(breaker.failure_statuses)
+        if not 400 <= status <= 499
+    ]
     if breaker.minimum_calls < 1:
         problems.append(
             Problem(

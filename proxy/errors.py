@@ -13,6 +13,9 @@ class PaymentError(Exception):
     outcome: ClassVar[str] = "internal_error"
     # Whether the provider's breaker should count this as a sign the provider is down.
     counts_against_breaker: ClassVar[bool] = False
+    # When it does not count against the breaker: whether it shows the provider serving, so a
+    # half-open trial that ends in it may close the breaker.
+    shows_provider_serving: ClassVar[bool] = True
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -96,6 +99,19 @@ class KeyReused(PaymentError):
         super().__init__("this idempotency key was already used with a different request")
 
 
+class ProviderMismatch(KeyReused):
+    """The provider answered about a payment under this reference with another amount or
+    currency: an earlier request with this key, whose record payagg lost (Redis restarted,
+    `result_ttl_s` passed). The answer is not this request's; nothing is stored."""
+
+    def __init__(self) -> None:
+        PaymentError.__init__(
+            self,
+            "the provider already holds a payment under this key with a different amount or "
+            "currency",
+        )
+
+
 class ProviderFailed(PaymentError):
     """The provider answered 5xx, reset the connection, or sent an unreadable answer."""
 
@@ -118,6 +134,13 @@ class ProviderRejected(ProviderFailed):
     counts_against_breaker = False
 
 
+class ProviderBusy(ProviderRejected):
+    """The provider answered 408 or 429 and its `breaker.failure_statuses` does not count it:
+    no outage, but no sign it serves us either, so it never closes a half-open breaker."""
+
+    shows_provider_serving = False
+
+
 class ProviderTimeout(PaymentError):
     """The provider did not answer within its `timeout_s`."""
 
@@ -129,6 +152,27 @@ class ProviderTimeout(PaymentError):
     def __init__(self, provider: str, timeout_s: float) -> None:
         super().__init__(
             f"{provider} did not answer within {timeout_s:g}s",
+            status="TIMEOUT",
+            provider=provider,
+        )
+
+
+class PaymentAlreadyExists(ProviderTimeout):
+    """The provider already holds a payment under this reference (MTN: 409
+    RESOURCE_ALREADY_EXIST), so it may have charged it: the outcome is unknown here, as after a
+    timeout, and is answered like one (504, key released, a retry sends the same reference)
+    until the payment lifecycle reads it from the provider's status endpoint.
+
+    The provider answered properly, so it does not count against the breaker.
+    """
+
+    counts_against_breaker = False
+
+    def __init__(self, provider: str) -> None:
+        PaymentError.__init__(
+            self,
+            f"{provider} already holds a payment under this reference; its outcome is not "
+            "known yet: retry later",
             status="TIMEOUT",
             provider=provider,
         )

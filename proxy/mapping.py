@@ -8,8 +8,9 @@ A string that is exactly one placeholder keeps the value's JSON type (an amount 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -230,8 +231,13 @@ class ResponseSpec(_Spec):
 
     success: list[AnswerRule]
     declined: list[AnswerRule] = Field(default_factory=list)
+    # The provider already holds a payment under this reference (MTN: 409 RESOURCE_ALREADY_EXIST).
+    already_exists: list[AnswerRule] = Field(default_factory=list)
     provider_reference: str | None = None
     reason: str | list[str] = Field(default_factory=list)
+    # Where the answer says which amount and currency it is about; compared with the request.
+    amount: str | None = None
+    currency: str | None = None
 
 
 # payagg's own protocol, used by any provider that declares no request/response mapping.
@@ -248,11 +254,18 @@ CANONICAL_REQUEST = RequestSpec(
 CANONICAL_RESPONSE = ResponseSpec(
     success=[AnswerRule(status="2xx", field="status", equals="SUCCESS")],
     declined=[AnswerRule(status="2xx", field="status", equals="DECLINED")],
+    already_exists=[AnswerRule(status=409)],
     provider_reference="provider_reference",
     reason="reason",
+    amount="amount",
+    currency="currency",
 )
+# Answers that mean the provider cannot serve us right now (rate limited, or it gave up waiting
+# for our request). By default they count as breaker failures (`breaker.failure_statuses`); in
+# any case they never show a half-open breaker that the provider serves again.
+BUSY_STATUSES = (408, 429)
 
-Outcome = Literal["success", "declined", "failure", "rejected"]
+Outcome = Literal["success", "declined", "already_exists", "failure", "busy", "rejected"]
 _NO_VALUE = object()
 
 
@@ -264,6 +277,39 @@ class Answer:
     provider_reference: str | None = None
     reason: str | None = None
     detail: str = ""
+    # The amount and currency the answer says it is about, as sent (None: the answer, or the
+    # mapping, has none). Only `contradicts()` reads them.
+    amount: JsonValue = None
+    currency: JsonValue = None
+
+    def contradicts(self, amount: Decimal, currency: str) -> bool:
+        """Whether the answer is about another payment than the request's.
+
+        A value the answer does not carry says nothing; one it carries must be the request's
+        exactly: the amount as a decimal ("20.00", "20", 20 and 20.0 are all 20), the currency
+        as the same string. A value that cannot be read as either contradicts.
+        """
+        if self.amount is not None and _as_decimal(self.amount) != amount:
+            return True
+        return self.currency is not None and self.currency != currency
+
+
+_DECIMAL_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def _as_decimal(value: JsonValue) -> Decimal | None:
+    # bool is an int in Python, and Decimal() alone would take " 20", "2_0", "NaN" and "2e1".
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        # repr is the shortest text that reads back as the same float ("20.1"); Decimal(20.1)
+        # would be the float's exact binary value, 20.1000000000000014210854715...
+        return Decimal(repr(value)) if math.isfinite(value) else None
+    if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value):
+        return Decimal(value)
+    return None
 
 
 def _normalise(value: JsonValue) -> str:
@@ -348,8 +394,12 @@ class ProviderMapping:
     body: Part
     success: tuple[CompiledRule, ...]
     declined: tuple[CompiledRule, ...]
+    already_exists: tuple[CompiledRule, ...]
     provider_reference: tuple[str | int, ...] | None
     reason: tuple[tuple[str | int, ...], ...]
+    amount: tuple[str | int, ...] | None
+    currency: tuple[str | int, ...] | None
+    failure_statuses: frozenset[int]
     requires_payer: bool
     # (header, request field, getter) for each placeholder a header renders from the request.
     header_inputs: tuple[tuple[str, str, Callable[[PaymentFields], JsonValue]], ...] = ()
@@ -372,6 +422,7 @@ class ProviderMapping:
         return json.dumps(self.body.render(fields), separators=(",", ":")).encode()
 
     def classify(self, status: int, raw: bytes) -> Answer:
+        """The one place that says what an answer means, the breaker's view included."""
         try:
             document: JsonValue = json.loads(raw) if raw else None
         except ValueError:
@@ -380,15 +431,48 @@ class ProviderMapping:
             if rule.matches(status, document):
                 reference = _lookup(document, self.provider_reference or ())
                 found = reference not in (_NO_VALUE, None) and self.provider_reference
-                return Answer("success", provider_reference=str(reference) if found else None)
+                return self._about_payment(
+                    "success",
+                    document,
+                    provider_reference=str(reference) if found else None,
+                )
         for rule in self.declined:
             if rule.matches(status, document):
-                return Answer("declined", reason=self._reason(document))
+                return self._about_payment("declined", document, reason=self._reason(document))
+        for rule in self.already_exists:
+            if rule.matches(status, document):
+                return self._about_payment(
+                    "already_exists",
+                    document,
+                    detail=f"provider already holds this reference (HTTP {status})",
+                )
+        if status in self.failure_statuses:
+            return Answer(
+                "failure", detail=f"provider answered HTTP {status} (breaker.failure_statuses)"
+            )
+        if status in BUSY_STATUSES:
+            return Answer("busy", detail=f"provider cannot serve us now (HTTP {status})")
         if 400 <= status < 500:
             return Answer("rejected", detail=f"provider refused the request with HTTP {status}")
         if document is _NO_VALUE:
             return Answer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
         return Answer("failure", detail=f"provider answered HTTP {status}")
+
+    def _about_payment(self, outcome: Outcome, document: JsonValue, **fields: Any) -> Answer:
+        """An answer about a payment, with the amount and currency it names (if any)."""
+        return Answer(
+            outcome,
+            amount=self._echoed(self.amount, document),
+            currency=self._echoed(self.currency, document),
+            **fields,
+        )
+
+    @staticmethod
+    def _echoed(path: tuple[str | int, ...] | None, document: JsonValue) -> JsonValue:
+        if path is None:
+            return None
+        value = _lookup(document, path)
+        return None if value is _NO_VALUE else value
 
     def _reason(self, document: JsonValue) -> str:
         for path in self.reason:
@@ -398,11 +482,33 @@ class ProviderMapping:
         return "DECLINED"
 
 
+def _compile_rules(
+    rules: list[AnswerRule], path: Path, problems: list[Problem]
+) -> tuple[CompiledRule, ...]:
+    return tuple(_compile_rule(rule, (*path, i), problems) for i, rule in enumerate(rules))
+
+
+def _echo_path(
+    dotted: str | None, path: Path, problems: list[Problem]
+) -> tuple[str | int, ...] | None:
+    if dotted is None:
+        return None
+    if not all(dotted.split(".")):
+        problems.append(
+            Problem(
+                path,
+                f"must be a dotted path into the JSON answer (like data.amount), got {dotted!r}",
+            )
+        )
+    return _field_path(dotted)
+
+
 def compile_mapping(
     request: RequestSpec | None,
     response: ResponseSpec | None,
     has_default_payer: bool,
     path: Path,
+    failure_statuses: Iterable[int] = BUSY_STATUSES,
 ) -> tuple[ProviderMapping, list[Problem]]:
     """Compile a provider's mapping (canonical where absent); problems carry their key paths."""
     compiler = TemplateCompiler()
@@ -423,15 +529,12 @@ def compile_mapping(
         )
     answers = response or CANONICAL_RESPONSE
     response_path = (*path, "response")
-    success = tuple(
-        _compile_rule(rule, (*response_path, "success", i), problems)
-        for i, rule in enumerate(answers.success)
-    )
+    success = _compile_rules(answers.success, (*response_path, "success"), problems)
     if not success:
         problems.append(Problem((*response_path, "success"), "needs at least one rule"))
-    declined = tuple(
-        _compile_rule(rule, (*response_path, "declined", i), problems)
-        for i, rule in enumerate(answers.declined)
+    declined = _compile_rules(answers.declined, (*response_path, "declined"), problems)
+    already_exists = _compile_rules(
+        answers.already_exists, (*response_path, "already_exists"), problems
     )
     mapping = ProviderMapping(
         method=spec.method,
@@ -439,10 +542,14 @@ def compile_mapping(
         body=body,
         success=success,
         declined=declined,
+        already_exists=already_exists,
         provider_reference=_field_path(answers.provider_reference)
         if answers.provider_reference
         else None,
         reason=tuple(_field_path(p) for p in _as_list(answers.reason)),
+        amount=_echo_path(answers.amount, (*response_path, "amount"), problems),
+        currency=_echo_path(answers.currency, (*response_path, "currency"), problems),
+        failure_statuses=frozenset(failure_statuses),
         # The canonical protocol sends `payer: null` when absent; a custom template that
         # names {payer} means the provider needs one.
         requires_payer=request is not None

@@ -71,6 +71,12 @@ class GatewayMetrics:
             ["provider", "from_state", "to_state"],
             registry=self.registry,
         )
+        self.provider_mismatches = Counter(
+            "payagg_provider_mismatch",
+            "Provider answers whose amount or currency differs from the request (never a 200).",
+            ["provider"],
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "payagg_idempotency_store_errors_total",
             "Redis calls that failed or timed out.",
@@ -85,6 +91,7 @@ class GatewayMetrics:
         for provider in (*providers, UNKNOWN_PROVIDER):
             if provider != UNKNOWN_PROVIDER:
                 self.upstream_duration.labels(provider)
+                self.provider_mismatches.labels(provider)
                 self.show_state(provider, BreakerState.CLOSED)
 
     def count(self, provider: str, outcome: str) -> None:

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from urllib.parse import urlsplit
 
 from proxy.breaker import ProviderBreaker
 from proxy.config import Provider
 from proxy.deadlines import CancelAfter
-from proxy.errors import InvalidRequest, ProviderFailed, ProviderRejected, ProviderTimeout
+from proxy.errors import (
+    InvalidRequest,
+    PaymentAlreadyExists,
+    ProviderBusy,
+    ProviderFailed,
+    ProviderMismatch,
+    ProviderRejected,
+    ProviderTimeout,
+)
 from proxy.http_wire import ConnectionPool, UpstreamConnectionError
 from proxy.mapping import Answer, PaymentFields
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
+
+log = logging.getLogger("payagg.upstream")
 
 
 class ProviderClient:
@@ -31,6 +42,7 @@ class ProviderClient:
         self._timeout_s = provider.settings.timeout_s
         self._default_payer = provider.settings.default_payer
         self._duration = metrics.upstream_duration.labels(provider.name)
+        self._mismatches = metrics.provider_mismatches.labels(provider.name)
         parts = urlsplit(provider.url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         # Everything but the rendered headers and body is the same for every payment.
@@ -52,7 +64,9 @@ class ProviderClient:
                 raise InvalidRequest(unsafe)
 
     async def pay(self, payment: Payment, reference: str) -> Answer:
-        """SUCCESS or DECLINED; raises ProviderUnavailable/ProviderFailed/ProviderTimeout."""
+        """SUCCESS or DECLINED about this payment; raises ProviderUnavailable, ProviderFailed
+        (ProviderRejected, ProviderBusy), ProviderTimeout (PaymentAlreadyExists) or
+        ProviderMismatch."""
         fields = self._fields(payment, reference)
         with self.breaker.call():
             return await self._exchange(fields)
@@ -94,12 +108,46 @@ class ProviderClient:
             ) from None
         finally:
             self._duration.observe(time.perf_counter() - started)
-        verdict = self._mapping.classify(answer.status, answer.body)
-        if verdict.outcome == "rejected":
-            raise ProviderRejected(self.name, verdict.detail)
+        return self._believe(self._mapping.classify(answer.status, answer.body), fields)
+
+    def _believe(self, verdict: Answer, fields: PaymentFields) -> Answer:
+        """SUCCESS or DECLINED about this very payment; every other verdict raises here."""
         if verdict.outcome == "failure":
             raise ProviderFailed(self.name, f"{self.name} failed: {verdict.detail}")
+        if verdict.outcome == "busy":
+            raise ProviderBusy(self.name, verdict.detail)
+        if verdict.outcome == "rejected":
+            raise ProviderRejected(self.name, verdict.detail)
+        if verdict.contradicts(fields.amount, fields.currency):
+            self._report_mismatch(verdict, fields)
+            raise ProviderMismatch()
+        if verdict.outcome == "already_exists":
+            raise PaymentAlreadyExists(self.name)
         return verdict
+
+    def _report_mismatch(self, verdict: Answer, fields: PaymentFields) -> None:
+        self._mismatches.inc()
+        log.warning(
+            "%s answered about another payment under reference %s: %s %s, the request %s %s;"
+            " answered 422, nothing stored",
+            self.name,
+            fields.reference,
+            verdict.amount,
+            verdict.currency,
+            fields.amount,
+            fields.currency,
+            extra={
+                "fields": {
+                    "provider": self.name,
+                    "transaction_id": fields.transaction_id,
+                    "provider_reference": fields.reference,
+                    "answer_amount": verdict.amount,
+                    "answer_currency": verdict.currency,
+                    "request_amount": str(fields.amount),
+                    "request_currency": fields.currency,
+                }
+            },
+        )
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop:
         # Looked up once: a client and its pooled connections live in one loop.

@@ -19,6 +19,7 @@ from aiohttp import web
 class UpstreamState:
     failure_rate: float = 0.0
     decline: bool = False
+    already_exists: bool = False  # answer 409, as a provider that already holds the reference
     delay_s: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     requests: int = 0
@@ -39,6 +40,8 @@ async def _pay(request: web.Request) -> web.Response:
     state.references.append(reference)
     if state.delay_s:
         await asyncio.sleep(state.delay_s)
+    if state.already_exists:
+        return web.json_response({"error": "reference already exists"}, status=409)
     if reference in state.answered:
         return web.Response(body=state.answered[reference], content_type="application/json")
     if state.rng.random() < state.failure_rate:

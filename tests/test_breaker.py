@@ -8,7 +8,15 @@ import pytest
 
 from proxy.breaker import BreakerState, ProviderBreaker
 from proxy.config import BreakerSettings
-from proxy.errors import ProviderFailed, ProviderRejected, ProviderTimeout, ProviderUnavailable
+from proxy.errors import (
+    PaymentAlreadyExists,
+    ProviderBusy,
+    ProviderFailed,
+    ProviderMismatch,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
 
 
 class FakeClock:
@@ -101,8 +109,8 @@ def test_calls_older_than_the_window_no_longer_count(clock):
 
 @pytest.mark.parametrize(
     "error",
-    [ProviderRejected("P", "HTTP 400")],
-    ids=["client-error-4xx"],
+    [ProviderRejected("P", "HTTP 400"), ProviderBusy("P", "HTTP 429")],
+    ids=["client-error-4xx", "busy-429-a-provider-does-not-count"],
 )
 def test_client_errors_do_not_count_as_failures(clock, error):
     breaker = make_breaker(clock)
@@ -238,3 +246,33 @@ def test_retry_after_uses_the_monotonic_clock_not_the_wall_clock(clock):
     assert breaker.retry_after_s() == 1
     clock.advance(0.5)
     assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_a_trial_answered_busy_neither_closes_nor_reopens_the_breaker_and_frees_its_slot(clock):
+    transitions: list[tuple[str, str]] = []
+    breaker = make_breaker(clock, transitions)
+    for _ in range(3):
+        fail(breaker)
+    clock.advance(30)
+    fail(breaker, ProviderBusy("P", "provider cannot serve us now (HTTP 429)"))
+    assert breaker.state is BreakerState.HALF_OPEN, "a 429 is no proof the provider serves"
+    assert not breaker.rejects_now(), "the trial slot is free for the next trial"
+    succeed(breaker)
+    assert breaker.state is BreakerState.CLOSED
+    assert transitions == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ProviderMismatch(), PaymentAlreadyExists("P")],
+    ids=["answer-about-another-amount", "already-exists"],
+)
+def test_a_trial_the_provider_answered_properly_closes_the_breaker_whatever_payagg_answers(
+    clock, error
+):
+    breaker = make_breaker(clock)
+    for _ in range(3):
+        fail(breaker)
+    clock.advance(30)
+    fail(breaker, error)
+    assert breaker.state is BreakerState.CLOSED

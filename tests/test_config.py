@@ -51,6 +51,20 @@ def test_environment_variables_replace_references_and_defaults_apply_when_unset(
     assert all(provider.settings.breaker.open_s == 7 for provider in config.providers)
 
 
+def test_408_and_429_count_as_breaker_failures_unless_a_provider_says_otherwise():
+    config = parse_config(
+        VALID + '  OTHER:\n    url: "http://127.0.0.1:9998/pay"\n'
+        "    breaker: {failure_statuses: []}\n",
+        "gw.yaml",
+        {},
+    )
+    canon, other = config.providers
+    assert canon.settings.breaker.failure_statuses == [408, 429]
+    assert canon.mapping.classify(429, b"").outcome == "failure"
+    assert other.settings.breaker.failure_statuses == []
+    assert other.mapping.classify(429, b"").outcome == "busy"
+
+
 def test_defaults_are_merged_into_each_provider_and_a_provider_may_override_them():
     config = parse_config(
         VALID + '  OTHER:\n    url: "http://127.0.0.1:9998/pay"\n    breaker: {open_s: 3}\n',
@@ -121,6 +135,16 @@ def test_defaults_are_merged_into_each_provider_and_a_provider_may_override_them
             ),
             "gw.yaml:1: redis.url: must start with redis://, rediss:// or unix://",
         ),
+        (
+            VALID.replace("open_s: 30}", "open_s: 30, failure_statuses: [429, 503]}"),
+            "gw.yaml:4: defaults.breaker.failure_statuses.1: must be a 4xx status (every 5xx "
+            "counts as a failure already), got 503",
+        ),
+        (
+            VALID + "    breaker: {failure_statuses: 429}\n",
+            "gw.yaml:8: providers.CANON.breaker.failure_statuses: input should be a valid list, "
+            "got 429",
+        ),
     ],
     ids=[
         "unknown-key",
@@ -138,6 +162,8 @@ def test_defaults_are_merged_into_each_provider_and_a_provider_may_override_them
         "not-yaml",
         "providers-equal-ignoring-case",
         "redis-url-scheme",
+        "failure-status-not-a-4xx",
+        "failure-statuses-not-a-list",
     ],
 )
 def test_each_kind_of_error_is_reported_with_its_line(text, expected):

@@ -338,6 +338,10 @@ async def _provider_hangs(state: UpstreamState, client: Client) -> None:
     state.delay_s = 0.8  # > timeout_s below
 
 
+async def _provider_already_has_it(state: UpstreamState, client: Client) -> None:
+    state.already_exists = True
+
+
 async def _breaker_opens_after_the_claim(state: UpstreamState, client: Client) -> None:
     store = client.gateway.store
     breaker = client.gateway.breakers["CANON"]
@@ -357,6 +361,7 @@ async def _breaker_opens_after_the_claim(state: UpstreamState, client: Client) -
 async def _provider_recovers(state: UpstreamState, client: Client) -> None:
     state.failure_rate = 0.0
     state.delay_s = 0.0
+    state.already_exists = False
     breaker = client.gateway.breakers["CANON"]
 
     async def admits_calls() -> bool:
@@ -370,9 +375,15 @@ async def _provider_recovers(state: UpstreamState, client: Client) -> None:
     [
         (_provider_fails, 502, "provider_error", 2),
         (_provider_hangs, 504, "provider_timeout", 2),
+        (_provider_already_has_it, 504, "provider_timeout", 2),
         (_breaker_opens_after_the_claim, 503, "provider_unavailable", 1),
     ],
-    ids=["502-provider-error", "504-provider-timeout", "503-breaker-open-after-claim"],
+    ids=[
+        "502-provider-error",
+        "504-provider-timeout",
+        "504-provider-already-has-the-reference",
+        "503-breaker-open-after-claim",
+    ],
 )
 async def test_a_failed_payment_releases_its_key_and_the_retry_reuses_the_provider_reference(
     upstream: Upstream,
@@ -401,6 +412,30 @@ async def test_a_failed_payment_releases_its_key_and_the_retry_reuses_the_provid
     # A 503 is refused before the provider is called; 502 and 504 reached it with the same UUID.
     assert state.references == [reference] * upstream_calls
     assert uuid.UUID(reference).version == 5
+
+
+async def test_an_answer_about_another_amount_is_422_stores_nothing_and_releases_the_key(
+    upstream: Upstream, redis_url: str, redis_server: RedisServer
+) -> None:
+    state, url = upstream
+    reference = provider_reference("TXN-lost")
+    # What the provider remembers under this reference: an earlier payment of 999, whose record
+    # payagg no longer has.
+    state.answered[reference] = json.dumps(
+        {"status": "SUCCESS", "provider_reference": "up-old", "amount": 999, "currency": "ZAR"}
+    ).encode()
+    async with running_gateway(config(url, redis_url)) as client:
+        refused = await pay(client, payment("TXN-lost"))
+        assert refused.status == 422
+        assert refused.json()["error"] == "idempotency_key_reused"
+        assert not redis_server.client().exists(redis_key("TXN-lost")), "nothing stored"
+        assert client.gateway.breakers["CANON"].window_counts().failures == 0
+
+        del state.answered[reference]  # (a provider that would take it as a new payment)
+        again = await pay(client, payment("TXN-lost"))
+    assert again.status == 200, "the 422 was not stored for replay"
+    assert not is_replay(again)
+    assert state.references == [reference] * 2
 
 
 # 6. Owner-checked finish -----------------------------------------------------------------------

@@ -542,6 +542,18 @@ SHIPPED_ANSWERS = [
         "rejected",
     ),
     ("MTN", 200, MTN_SUCCESS, "failure"),
+    (
+        "MTN",
+        409,
+        {
+            "code": "RESOURCE_ALREADY_EXIST",
+            "message": "Duplicated reference id. Creation for resource failed.",
+        },
+        "already_exists",
+    ),
+    ("MTN", 409, {"code": "CONFLICT", "message": "something else"}, "rejected"),
+    ("MTN", 429, {"code": "TOO_MANY_REQUESTS", "message": "slow down"}, "failure"),
+    ("MTN", 408, b"", "failure"),
     ("AIRTEL", 200, AIRTEL_SUCCESS, Answer("success", provider_reference="MP0357661001")),
     (
         "AIRTEL",
@@ -575,6 +587,8 @@ SHIPPED_ANSWERS = [
         airtel_error(401, "ESB000001", "Authorization: a Bearer access token is required"),
         "rejected",
     ),
+    ("AIRTEL", 429, airtel_error(429, "ESB000039", "Too many requests."), "failure"),
+    ("AIRTEL", 408, b"", "failure"),
 ]
 SHIPPED_IDS = [
     "mtn-202-successful-is-success-with-financialTransactionId",
@@ -589,6 +603,10 @@ SHIPPED_IDS = [
     "mtn-400-bad-request-is-rejected",
     "mtn-401-unauthorized-is-rejected",
     "mtn-success-body-with-an-unexpected-status-is-failure",
+    "mtn-409-resource-already-exist-is-already-exists-never-rejected",
+    "mtn-409-with-another-code-is-rejected",
+    "mtn-429-is-failure",
+    "mtn-408-is-failure",
     "airtel-200-DP00800001001-is-success-with-airtel_money_id",
     "airtel-200-success-false-DP00800001007-is-declined",
     "airtel-200-success-false-DP00800001010-is-declined",
@@ -597,6 +615,8 @@ SHIPPED_IDS = [
     "airtel-200-unreadable-body-is-failure",
     "airtel-400-is-rejected",
     "airtel-401-is-rejected",
+    "airtel-429-is-failure",
+    "airtel-408-is-failure",
 ]
 
 
@@ -646,6 +666,9 @@ CANONICAL_ANSWERS = [
     (400, {"error": "bad"}, "rejected"),
     (404, b"", "rejected"),
     (422, {"status": "DECLINED", "reason": "x"}, "rejected"),
+    (409, {"error": "duplicate reference"}, "already_exists"),
+    (429, b"", "failure"),
+    (408, {"error": "request timeout"}, "failure"),
 ]
 CANONICAL_IDS = [
     "2xx-SUCCESS-with-reference",
@@ -665,6 +688,9 @@ CANONICAL_IDS = [
     "400-is-rejected",
     "404-is-rejected",
     "4xx-DECLINED-body-is-still-rejected",
+    "409-is-already-exists",
+    "429-is-failure",
+    "408-is-failure",
 ]
 
 
@@ -746,6 +772,141 @@ def test_success_rules_are_tried_before_declined_rules():
     request = RequestSpec(headers={"X-Reference-Id": "{reference}"})
     mapping, _ = compile_mapping(request, response, False, WHERE)
     assert mapping.classify(200, raw({"s": "NO"})).outcome == "success"
+
+
+# --- What an answer says about the payment ----------------------------------------------------
+
+
+def test_the_shipped_mtn_mapping_reads_the_amount_and_currency_its_answers_name(shipped):
+    success = shipped["MTN"].classify(202, raw(MTN_SUCCESS))
+    declined = shipped["MTN"].classify(202, raw(mtn_declined("PAYER_NOT_FOUND")))
+    assert (success.amount, success.currency) == ("20.00", "EUR")
+    assert (declined.amount, declined.currency) == ("20.00", "EUR")
+    not_enough = shipped["MTN"].classify(500, raw({"code": "NOT_ENOUGH_FUNDS", "message": "m"}))
+    assert (not_enough.outcome, not_enough.amount, not_enough.currency) == ("declined", None, None)
+
+
+def test_the_shipped_airtel_mapping_reads_no_amount_because_airtel_answers_carry_none(shipped):
+    success = shipped["AIRTEL"].classify(200, raw(AIRTEL_SUCCESS))
+    assert (success.outcome, success.amount, success.currency) == ("success", None, None)
+
+
+def test_the_canonical_protocol_reads_an_echoed_amount_and_currency():
+    mapping, _ = compile_mapping(None, None, has_default_payer=False, path=WHERE)
+    echoed = {"status": "SUCCESS", "amount": 20.5, "currency": "UGX"}
+    assert mapping.classify(200, raw(echoed)) == Answer("success", amount=20.5, currency="UGX")
+    exists = mapping.classify(409, raw({"amount": "7", "currency": "UGX"}))
+    assert (exists.outcome, exists.amount, exists.currency) == ("already_exists", "7", "UGX")
+
+
+# (amount in the answer, currency in the answer, contradicts a request for 20.00 ZAR?)
+ECHOES = [
+    ("20.00", "ZAR", False),
+    ("20", "ZAR", False),
+    (20, "ZAR", False),
+    (20.0, "ZAR", False),
+    ("20.000", "ZAR", False),
+    (None, None, False),
+    ("20.00", None, False),
+    (None, "ZAR", False),
+    ("999", "ZAR", True),
+    (999, "ZAR", True),
+    ("20.01", "ZAR", True),
+    (20.001, "ZAR", True),
+    ("2000", "ZAR", True),
+    ("20.00", "UGX", True),
+    ("20.00", "zar", True),
+    ("20.00", "ZAR ", True),
+    (None, 710, True),
+    (" 20.00", "ZAR", True),
+    ("20.00\n", "ZAR", True),
+    ("2_0", "ZAR", True),
+    ("2e1", "ZAR", True),
+    ("NaN", "ZAR", True),
+    ("-20", "ZAR", True),
+    (True, "ZAR", True),
+    ({"value": "20.00"}, "ZAR", True),
+    (float("inf"), "ZAR", True),
+]
+ECHO_IDS = [
+    "same-amount-as-text-with-cents",
+    "same-amount-as-text-without-cents",
+    "same-amount-as-an-integer",
+    "same-amount-as-a-float",
+    "same-amount-with-three-decimals",
+    "neither-given-says-nothing",
+    "no-currency-given-says-nothing-about-it",
+    "no-amount-given-says-nothing-about-it",
+    "another-amount-as-text",
+    "another-amount-as-a-number",
+    "one-cent-more",
+    "a-tenth-of-a-cent-more",
+    "minor-units-are-another-amount",
+    "another-currency",
+    "currency-case-differs",
+    "currency-with-a-space",
+    "currency-not-a-string",
+    "amount-with-a-leading-space",
+    "amount-with-a-trailing-newline",
+    "amount-with-an-underscore",
+    "amount-in-exponent-notation",
+    "amount-not-a-number",
+    "negative-amount",
+    "amount-true",
+    "amount-an-object",
+    "amount-infinite",
+]
+
+
+@pytest.mark.parametrize(("amount", "currency", "contradicts"), ECHOES, ids=ECHO_IDS)
+def test_an_answer_contradicts_the_request_only_by_a_value_it_carries(
+    amount, currency, contradicts
+):
+    answer = Answer("success", amount=amount, currency=currency)
+    assert answer.contradicts(Decimal("20.00"), "ZAR") is contradicts
+
+
+@pytest.mark.parametrize(
+    ("failure_statuses", "status", "outcome"),
+    [
+        ((408, 429), 429, "failure"),
+        ((408, 429), 408, "failure"),
+        ((), 429, "busy"),
+        ((), 408, "busy"),
+        ((403,), 403, "failure"),
+        ((403,), 429, "busy"),
+        ((403,), 404, "rejected"),
+    ],
+    ids=[
+        "429-counted-by-default",
+        "408-counted-by-default",
+        "429-not-counted-is-busy",
+        "408-not-counted-is-busy",
+        "another-4xx-listed-is-a-failure",
+        "429-not-listed-is-busy",
+        "a-4xx-not-listed-is-rejected",
+    ],
+)
+def test_failure_statuses_decide_which_4xx_answers_count_as_failures(
+    failure_statuses, status, outcome
+):
+    mapping, _ = compile_mapping(None, None, False, WHERE, failure_statuses)
+    answer = mapping.classify(status, b"")
+    assert answer.outcome == outcome
+    assert f"HTTP {status}" in answer.detail
+
+
+def test_a_rule_that_matches_a_429_wins_over_failure_statuses():
+    response = ResponseSpec.model_validate(
+        {
+            "success": [{"status": 200}],
+            "declined": [{"status": 429, "field": "code", "equals": "LIMIT_PER_PAYER"}],
+        }
+    )
+    request = RequestSpec(headers={"X-Reference-Id": "{reference}"})
+    mapping, _ = compile_mapping(request, response, False, WHERE)
+    assert mapping.classify(429, raw({"code": "LIMIT_PER_PAYER"})).outcome == "declined"
+    assert mapping.classify(429, raw({"code": "SLOW_DOWN"})).outcome == "failure"
 
 
 # --- Config errors ----------------------------------------------------------------------------
@@ -949,6 +1110,41 @@ def config_problems(text: str) -> list[str]:
             """,
             ["gw.yaml:5: providers.P.request.method: input should be 'POST' or 'PUT', got 'GET'"],
         ),
+        (
+            """\
+                response:
+                  success: [{status: 200}]
+                  already_exists:
+                    - {status: 4XX, field: code}
+            """,
+            [
+                "gw.yaml:7: providers.P.response.already_exists.0.status: must be an HTTP status "
+                "(100-599) or like 2xx, got '4XX'",
+                "gw.yaml:7: providers.P.response.already_exists.0.field: needs `equals`",
+            ],
+        ),
+        (
+            """\
+                response:
+                  success: [{status: 200}]
+                  amount: data..amount
+                  currency: ""
+            """,
+            [
+                "gw.yaml:6: providers.P.response.amount: must be a dotted path into the JSON "
+                "answer (like data.amount), got 'data..amount'",
+                "gw.yaml:7: providers.P.response.currency: must be a dotted path into the JSON "
+                "answer (like data.amount), got ''",
+            ],
+        ),
+        (
+            """\
+                response:
+                  success: [{status: 200}]
+                  amount: [data, amount]
+            """,
+            ["gw.yaml:6: providers.P.response.amount: input should be a valid string"],
+        ),
     ],
     ids=[
         "unknown-placeholder",
@@ -967,6 +1163,9 @@ def config_problems(text: str) -> list[str]:
         "empty-success-list",
         "missing-success",
         "unsupported-method",
+        "bad-already-exists-rule",
+        "amount-and-currency-paths-with-an-empty-part",
+        "amount-path-not-a-string",
     ],
 )
 def test_mapping_errors_are_reported_with_file_line_and_key(text, expected):

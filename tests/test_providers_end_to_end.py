@@ -144,6 +144,9 @@ class Stack:
     proxy: str
     mocks: dict[str, Mock]  # by ProviderKey
     config_text: str
+    config: Path
+    env: dict[str, str]
+    redis: redis_sync.Redis
 
     def pay(self, provider: str, transaction_id: str, **extra: object) -> Reply:
         body = {
@@ -212,7 +215,8 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
         processes.enter_context(
             running(proxy_argv, f"http://127.0.0.1:{proxy_port}/readyz", env=env)
         )
-        yield Stack(f"http://127.0.0.1:{proxy_port}", mocks, config_text)
+        redis = redis_sync.Redis(port=redis_server.port, socket_timeout=2)
+        yield Stack(f"http://127.0.0.1:{proxy_port}", mocks, config_text, config, env, redis)
 
 
 def test_the_proxy_serves_the_shipped_config_plus_a_provider_added_in_yaml_only(stack):
@@ -417,3 +421,75 @@ def test_a_trailing_newline_is_a_400_naming_the_field_and_nothing_is_charged(
     assert reply.body["error"] == "invalid_request"
     assert list(reply.body["fields"]) == [field]  # type: ignore[call-overload]
     assert mock.stats() == before, "nothing reached the provider, nothing was charged"
+
+
+@dataclass
+class Task:
+    url: str
+    process: ServiceProcess
+
+    def pay(self, transaction_id: str, amount: float) -> Reply:
+        body = {
+            "TransactionID": transaction_id,
+            "Amount": amount,
+            "Currency": "ZAR",
+            "ProviderKey": "MTN",
+        }
+        return call(f"{self.url}/v1/pay", "POST", json.dumps(body).encode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        for line in call(f"{self.url}/metrics").raw.decode().splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no sample {name} {labels}")
+
+    def log_lines(self) -> list[dict[str, object]]:
+        return [
+            json.loads(line) for line in self.process.log().splitlines() if line.startswith("{")
+        ]
+
+
+@pytest.fixture(scope="module")
+def another_task(stack: Stack) -> Iterator[Task]:
+    """A second proxy process on the same config, Redis and mocks: another task of the service.
+
+    It never saw the payments the first one answered, so only Redis could tell it about them (a
+    process also keeps the answers it gave itself, which would hide a lost Redis record).
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(payagg_serve(stack.config, port), f"{url}/readyz", env=stack.env) as process:
+        yield Task(url, process)
+
+
+def test_after_redis_lost_a_record_a_payment_for_another_amount_is_422_never_a_second_200(
+    stack, another_task
+):
+    """Issue #12's DL-1: MTN answers a repeated reference from its first payment, for 20.00; a
+    request for 999 under the same TransactionID must not be told 999 was paid."""
+    mock = stack.mocks["MTN"]
+    transaction_id = fresh("DL-1")
+    before = mock.stats()
+    first = stack.pay("MTN", transaction_id)
+    assert first.status == 200, first.raw
+    assert first.body["amount"] == 20.0
+
+    stack.redis.flushall()  # Redis restarted without persistence: the record is gone
+    reused = another_task.pay(transaction_id, 999)
+    assert reused.status == 422, reused.raw
+    assert reused.body["error"] == "idempotency_key_reused"
+    assert another_task.metric("payagg_provider_mismatch_total", provider="MTN") == 1
+    assert delta(before, mock.stats()) == {"requests": 2, "charges": 1, "duplicates": 1}
+    (warning,) = [line for line in another_task.log_lines() if "answer_amount" in line]
+    assert warning["level"] == "warning"
+    assert (warning["answer_amount"], warning["answer_currency"]) == ("20.00", "ZAR")
+    assert (warning["request_amount"], warning["request_currency"]) == ("999", "ZAR")
+    assert "256772123456" not in json.dumps(warning), "no payer data in the log"
+
+    # Nothing was stored for the 999 request: the real client's retry for 20.00 is the payment
+    # the provider holds, answered 200 with MTN's own id and not charged again.
+    retry = another_task.pay(transaction_id, 20.00)
+    assert retry.status == 200, retry.raw
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.body == first.body
+    assert delta(before, mock.stats()) == {"requests": 3, "charges": 1, "duplicates": 2}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,8 +22,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from proxy.breaker import ProviderBreaker
-from proxy.errors import InvalidRequest, ProviderFailed, ProviderRejected, ProviderTimeout
+from proxy.breaker import BreakerState, ProviderBreaker, WindowCounts
+from proxy.errors import (
+    InvalidRequest,
+    KeyReused,
+    PaymentAlreadyExists,
+    ProviderBusy,
+    ProviderFailed,
+    ProviderMismatch,
+    ProviderRejected,
+    ProviderTimeout,
+)
 from proxy.metrics import GatewayMetrics
 from proxy.payment import REFERENCE_NAMESPACE, Payment
 from proxy.upstream import ProviderClient
@@ -328,3 +338,152 @@ providers:
         "Currency": "cannot be sent in the X-Currency header: it contains CR, LF or NUL"
     }
     assert provider.seen == []
+
+
+# --- What the provider says about the payment ------------------------------------------------
+
+
+def mismatches(metrics: GatewayMetrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "payagg_provider_mismatch_total", {"provider": "CANON"}
+    )
+    assert value is not None, "the series exists from start-up"
+    return value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "SUCCESS", "provider_reference": "P-1", "amount": 999, "currency": "ZAR"},
+        {"status": "SUCCESS", "provider_reference": "P-1", "amount": "20.00", "currency": "UGX"},
+        {"status": "DECLINED", "reason": "NOT_ENOUGH_FUNDS", "amount": "999.00"},
+    ],
+    ids=["success-for-another-amount", "success-in-another-currency", "decline-of-another-amount"],
+)
+async def test_an_answer_about_another_amount_or_currency_is_a_422_counted_and_logged(
+    client: ProviderClient,
+    provider: FakeProvider,
+    metrics: GatewayMetrics,
+    caplog: pytest.LogCaptureFixture,
+    body: dict[str, object],
+) -> None:
+    provider.answer(Reply(body=body))
+    with caplog.at_level(logging.WARNING, "payagg.upstream"), pytest.raises(KeyReused) as raised:
+        await client.pay(a_payment(), REFERENCE)
+    assert type(raised.value) is ProviderMismatch
+    assert (raised.value.status, raised.value.code) == (422, "idempotency_key_reused")
+    assert raised.value.outcome == "key_reused"
+    assert mismatches(metrics) == 1
+    (line,) = [record for record in caplog.records if record.name == "payagg.upstream"]
+    assert line.levelno == logging.WARNING
+    logged = line.fields  # type: ignore[attr-defined]
+    assert (logged["answer_amount"], logged["answer_currency"]) == (
+        body.get("amount"),
+        body.get("currency"),
+    )
+    assert (logged["request_amount"], logged["request_currency"]) == ("20.00", "ZAR")
+    assert logged["provider_reference"] == REFERENCE
+    # The provider answered properly: a call in the window, not a failure.
+    assert client.breaker.window_counts() == WindowCounts(1, 0)
+
+
+@pytest.mark.parametrize("amount", ["20.00", "20", 20, 20.0], ids=["2dp", "text", "int", "float"])
+async def test_an_answer_naming_the_same_amount_in_any_spelling_is_believed(
+    client: ProviderClient, provider: FakeProvider, metrics: GatewayMetrics, amount: object
+) -> None:
+    provider.answer(
+        Reply(body={"status": "SUCCESS", "provider_reference": "P-1", "amount": amount})
+    )
+    answer = await client.pay(a_payment(), REFERENCE)
+    assert (answer.outcome, answer.provider_reference) == ("success", "P-1")
+    assert mismatches(metrics) == 0
+
+
+async def test_already_exists_is_an_unknown_outcome_never_a_502_and_not_a_breaker_failure(
+    client: ProviderClient, provider: FakeProvider
+) -> None:
+    provider.answer(Reply(409, {"code": "RESOURCE_ALREADY_EXIST"}))
+    with pytest.raises(ProviderTimeout) as raised:
+        await client.pay(a_payment(), REFERENCE)
+    assert type(raised.value) is PaymentAlreadyExists
+    assert (raised.value.status, raised.value.code) == (504, "provider_timeout")
+    assert raised.value.body()["status"] == "TIMEOUT"
+    assert "already holds a payment under this reference" in raised.value.message
+    assert client.breaker.window_counts() == WindowCounts(1, 0)
+
+
+async def test_already_exists_naming_another_amount_is_a_422_not_a_504(
+    client: ProviderClient, provider: FakeProvider, metrics: GatewayMetrics
+) -> None:
+    provider.answer(Reply(409, {"amount": "999", "currency": "ZAR"}))
+    with pytest.raises(ProviderMismatch):
+        await client.pay(a_payment(), REFERENCE)
+    assert mismatches(metrics) == 1
+
+
+@pytest.mark.parametrize("status", [429, 408])
+async def test_429_and_408_are_breaker_failures_by_default(
+    client: ProviderClient, provider: FakeProvider, status: int
+) -> None:
+    provider.answer(Reply(status, {"error": "busy"}))
+    with pytest.raises(ProviderFailed) as raised:
+        await client.pay(a_payment(), REFERENCE)
+    assert type(raised.value) is ProviderFailed
+    assert raised.value.status == 502
+    assert f"HTTP {status}" in raised.value.message
+    assert client.breaker.window_counts() == WindowCounts(1, 1)
+
+
+@pytest.mark.parametrize("status", [429, 408])
+async def test_a_provider_may_say_429_and_408_are_not_failures(
+    provider: FakeProvider, metrics: GatewayMetrics, status: int
+) -> None:
+    yaml = (
+        f'providers:\n  CANON: {{url: "{provider.url}", timeout_s: {TIMEOUT_S}, '
+        "breaker: {failure_statuses: []}}\n"
+    )
+    lenient = provider_client(yaml, "CANON", metrics)
+    provider.answer(Reply(status, {"error": "busy"}))
+    with pytest.raises(ProviderFailed) as raised:
+        await lenient.pay(a_payment(), REFERENCE)
+    lenient.close()
+    assert type(raised.value) is ProviderBusy
+    assert raised.value.status == 502
+    assert lenient.breaker.window_counts() == WindowCounts(1, 0)
+
+
+@pytest.mark.parametrize(
+    ("failure_statuses", "status", "after_the_trial"),
+    [
+        ("[408, 429]", 429, BreakerState.OPEN),
+        ("[408, 429]", 408, BreakerState.OPEN),
+        ("[]", 429, BreakerState.HALF_OPEN),
+        ("[]", 408, BreakerState.HALF_OPEN),
+    ],
+    ids=["429-counted", "408-counted", "429-not-counted", "408-not-counted"],
+)
+async def test_a_half_open_trial_answered_429_or_408_never_closes_the_breaker(
+    provider: FakeProvider,
+    metrics: GatewayMetrics,
+    failure_statuses: str,
+    status: int,
+    after_the_trial: BreakerState,
+) -> None:
+    now = [0.0]
+    config = make_config(
+        f'providers:\n  CANON: {{url: "{provider.url}", timeout_s: {TIMEOUT_S}, '
+        f"breaker: {{open_s: 30, failure_statuses: {failure_statuses}}}}}\n"
+    )
+    settings = config.providers[0].settings.breaker
+    breaker = ProviderBreaker("CANON", settings, clock=lambda: now[0])
+    canon = ProviderClient(config.providers[0], metrics, breaker)
+    provider.answer(Reply(500, {}), Reply(500, {}), Reply(500, {}), Reply(status, {}))
+    for _ in range(3):
+        with contextlib.suppress(ProviderFailed):
+            await canon.pay(a_payment(), REFERENCE)
+    assert breaker.state is BreakerState.OPEN
+    now[0] += 30
+    with pytest.raises(ProviderFailed):
+        await canon.pay(a_payment(), REFERENCE)  # the trial
+    canon.close()
+    assert breaker.state is after_the_trial
