@@ -35,7 +35,7 @@ class ServerSettings(_Section):
     # An idle connection between requests is closed after this.
     keepalive_timeout_s: float = Field(15, gt=0, le=3600)
     # Open client connections per process; one more is accepted and closed at once.
-    max_connections: int = Field(4096, ge=1, le=1_000_000)
+    max_connections: int = Field(4096, ge=1, le=500_000)
 
 
 class RedisSettings(_Section):
