@@ -102,7 +102,7 @@ async def keep_sending(writer: asyncio.StreamWriter, piece: bytes) -> None:
         for _ in range(1000):
             writer.write(piece)
             await writer.drain()
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
 
 
 async def answer_while_trickling(
