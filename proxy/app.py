@@ -18,7 +18,6 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.breaker import BreakerState, ProviderBreaker
 from proxy.config import GatewayConfig
@@ -222,8 +221,8 @@ def _request_id(request: web.BaseRequest) -> str:
 
 
 def _client_gone(request: web.BaseRequest, error: Exception) -> ClientClosed | None:
-    """A hang-up mid-body surfaces as a reset or payload error on a connection now closed."""
-    if request.transport is None and isinstance(error, (ConnectionError, RequestPayloadError)):
+    """A hang-up mid-body surfaces as a reset while reading the body of a connection now closed."""
+    if request.transport is None and isinstance(error, ConnectionError):
         return ClientClosed()
     return None
 
