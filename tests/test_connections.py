@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -18,6 +20,7 @@ from proxy.connections import parser_reason
 from proxy.logs import JsonFormatter
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, gateway_yaml, make_config, payment, running_gateway
+from tests.processes import free_port, payagg_serve, running, wait_until
 
 SECRET = "SECRET-4111111111111111"
 PAY_HEAD = "POST /v1/pay HTTP/1.1\r\nHost: payagg\r\nContent-Type: application/json\r\n"
@@ -325,3 +328,46 @@ async def test_the_logged_reason_never_quotes_the_request_whichever_parser_rejec
 
     assert reason
     assert SECRET not in reason
+
+
+def test_a_served_process_logs_broken_clients_as_json_without_errors_or_request_bytes(
+    redis_server, tmp_path
+):
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        gateway_yaml(f"http://127.0.0.1:{free_port()}/pay", redis_server.url)
+        + server_settings(read_timeout_s=0.3)
+    )
+    base = f"http://127.0.0.1:{port}"
+    with running(payagg_serve(config, port), f"{base}/readyz") as proxy:
+        for request_bytes in MALFORMED.values():
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(request_bytes)
+                assert client.recv(65536).startswith(b"HTTP/1.1 400")
+        hang_ups = 20
+        for _ in range(hang_ups):
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                head = PAY_HEAD + f"Content-Length: {len(PAY_BODY)}\r\n\r\n"
+                client.sendall(head.encode() + PAY_BODY[: len(PAY_BODY) // 2])
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(PAY_HEAD.encode())
+            assert client.recv(65536).startswith(b"HTTP/1.1 408")
+
+        def served_metric(outcome: str) -> float:
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+            wanted = f'payagg_requests_total{{outcome="{outcome}",provider="unknown"}} '
+            line = next(line for line in text.splitlines() if line.startswith(wanted))
+            return float(line.split()[-1])
+
+        wait_until(lambda: served_metric("client_closed") == hang_ups, what="every hang-up")
+        assert served_metric("malformed") == len(MALFORMED)
+        assert served_metric("request_timeout") == 1
+        log = proxy.log()
+
+    lines = [json.loads(line) for line in log.splitlines()]
+    assert SECRET not in log
+    assert [line for line in lines if line["level"] not in ("info", "warning")] == []
+    assert len([line for line in lines if line["level"] == "warning"]) == len(MALFORMED)
+    closed = [line for line in lines if line.get("outcome") == "client_closed"]
+    assert [(line["level"], line["status"]) for line in closed] == [("info", 499)] * hang_ups
