@@ -21,7 +21,7 @@ from aiohttp import web
 
 from proxy.breaker import BreakerState, ProviderBreaker
 from proxy.config import GatewayConfig
-from proxy.connections import GatewayServer
+from proxy.connections import GatewayServer, UnreadableBody
 from proxy.errors import (
     ClientClosed,
     ConnectionEnding,
@@ -126,7 +126,7 @@ class Gateway:
             mapped = _HTTP_ERRORS.get(http_error.status, PaymentError)(http_error.reason)
             response, outcome = self._answer_error(mapped, request_id), mapped.outcome
         except Exception as unexpected:
-            answered = _client_gone(request, unexpected) or _unexpected(request, request_id)
+            answered = _unreadable(request, unexpected) or _unexpected(request, request_id)
             response, outcome = self._answer_error(answered, request_id), answered.outcome
         if path == PAY_PATH and outcome:
             self.metrics.count(request.get(PROVIDER) or UNKNOWN_PROVIDER, outcome)
@@ -220,8 +220,13 @@ def _request_id(request: web.BaseRequest) -> str:
     return request_id if _REQUEST_ID.match(request_id) else _new_request_id()
 
 
-def _client_gone(request: web.BaseRequest, error: Exception) -> ClientClosed | None:
-    """A hang-up mid-body surfaces as a reset while reading the body of a connection now closed."""
+def _unreadable(request: web.BaseRequest, error: Exception) -> ConnectionEnding | None:
+    """The answer when reading the body failed: too slow, malformed, or the client hung up.
+
+    A hang-up mid-body surfaces as a reset while reading the body of a connection now closed.
+    """
+    if isinstance(error, UnreadableBody):
+        return error.error
     if request.transport is None and isinstance(error, ConnectionError):
         return ClientClosed()
     return None

@@ -50,6 +50,18 @@ def parser_reason(error: HttpProcessingError) -> str:
     return reason[:200] or type(error).__name__
 
 
+class UnreadableBody(TimeoutError):
+    """Raised by reading a request body that will never be complete; `error` is the answer.
+
+    A TimeoutError because aiohttp, draining a body its handler left unread, stops on one and
+    closes the connection quietly, where any other exception is an ERROR with a traceback.
+    """
+
+    def __init__(self, error: ConnectionEnding) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class GatewayServer(web.Server):
     """aiohttp's low-level server with payagg's connection protocol and `max_connections`."""
 
@@ -123,7 +135,8 @@ class GatewayProtocol(RequestHandler):
     The deadline starts with a request's first byte and ends when its body is complete. Missed
     while headers are still coming, the connection answers 408 itself; missed during the body,
     reading the body raises the 408 in the handler. Either way nothing more is read and the
-    connection closes after the answer. Parser errors become a JSON 400 the same way.
+    connection closes after the answer. Parser errors become a JSON 400 the same way, and a
+    body that a handler left unread and that can no longer complete ends the connection.
     """
 
     def __init__(
@@ -214,11 +227,9 @@ class GatewayProtocol(RequestHandler):
             waiter.set_result(None)
 
     def _end_body(self, error: ConnectionEnding) -> bool:
-        """Make reading the unfinished body raise `error`; False when no body is unfinished."""
+        """Make reading the unfinished body fail with `error`; False when none is unfinished."""
         body, self._unfinished_body = self._unfinished_body, None
         if body is None or body.is_eof():
             return False
-        body.set_exception(error)
-        # At its end, so aiohttp does not read on after the answer to drain it.
-        body.feed_eof()
+        body.set_exception(UnreadableBody(error))
         return True

@@ -371,3 +371,30 @@ def test_a_served_process_logs_broken_clients_as_json_without_errors_or_request_
     assert len([line for line in lines if line["level"] == "warning"]) == len(MALFORMED)
     closed = [line for line in lines if line.get("outcome") == "client_closed"]
     assert [(line["level"], line["status"]) for line in closed] == [("info", 499)] * hang_ups
+
+
+async def test_a_body_left_unread_by_an_early_answer_is_cut_at_the_deadline_without_an_error(
+    gateway, logs
+):
+    head = "POST /v1/pay HTTP/1.1\r\nHost: payagg\r\nContent-Type: text/plain\r\n"
+    answer, still_trickling = await answer_while_trickling(
+        gateway, (head + "Content-Length: 100000\r\n\r\n").encode(), b" "
+    )
+
+    status, _, body = parse_answer(answer)
+    assert (status, body["error"]) == (415, "unsupported_media_type")
+    assert still_trickling
+    assert [line for line in logs() if line["level"] in ("error", "critical")] == []
+
+
+async def test_bad_chunk_framing_in_a_body_left_unread_closes_without_an_error(gateway, logs):
+    reader, writer = await connect(gateway)
+    head = "POST /v1/pay HTTP/1.1\r\nHost: payagg\r\nContent-Type: text/plain\r\n"
+    writer.write((head + "Transfer-Encoding: chunked\r\n\r\n" + "5\r\nhello\r\n").encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 415")
+    writer.write(b"zz\r\n" + PAY_BODY + b"\r\n0\r\n\r\n")
+
+    await read_to_eof(reader)
+
+    assert [line for line in logs() if line["level"] in ("error", "critical")] == []
+    writer.close()
