@@ -188,7 +188,8 @@ class GatewayProtocol(RequestHandler):
             self._stop_deadline()
             if isinstance(message.exc, HttpProcessingError):
                 # Bad framing inside a body already being read (a broken chunk): the handler
-                # reading it answers 400, and the error queued behind it is never reached.
+                # reading it answers 400 (or aiohttp's drain of it closes the connection), and
+                # the error queued behind it is never reached.
                 self._end_body(MalformedRequest(parser_reason(message.exc)))
             return
         self._unfinished_body = None
