@@ -16,14 +16,14 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from proxy.breaker import BreakerState, ProviderBreaker
 from proxy.config import GatewayConfig
+from proxy.connections import GatewayServer, UnreadableBody
 from proxy.errors import (
+    ClientClosed,
+    ConnectionEnding,
+    MalformedRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -93,28 +93,13 @@ class Gateway:
         """Every route this gateway serves, in the OpenAPI document's notation."""
         return [*self._routes, LOOKUP_PREFIX + "{idempotency_key}"]
 
-    def make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        """aiohttp's request factory, with the configured body limit (413 beyond it)."""
-        return web.BaseRequest(
-            message,
-            payload,
-            protocol,
-            writer,
-            task,
-            task.get_loop(),
-            client_max_size=self.config.server.max_body_bytes,
-        )
-
     def server(self) -> web.Server:
-        # aiohttp's access log would duplicate the gateway's own request line.
-        return web.Server(self.handle, request_factory=self.make_request, access_log=None)
+        return GatewayServer(
+            self.handle,
+            self.config.server,
+            answer_error=self.answer_unreadable,
+            on_refused=self.metrics.connections_refused.inc,
+        )
 
     async def close(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for payments still settling, then close every connection."""
@@ -129,43 +114,47 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route, then answer errors as JSON and log and count every request."""
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-ID", "")
-        if not _REQUEST_ID.fullmatch(request_id):
-            request_id = _new_request_id()
+        request_id = _request_id(request)
         path = request.path
         outcome = ""
         try:
             response = await self._route(request, path)
             outcome = request.get(OUTCOME, "")
         except PaymentError as error:
-            response, outcome = _error_response(error), error.outcome
+            response, outcome = self._answer_error(error, request_id), error.outcome
         except web.HTTPException as http_error:  # 413 from reading an oversized body
             mapped = _HTTP_ERRORS.get(http_error.status, PaymentError)(http_error.reason)
-            response, outcome = _error_response(mapped), mapped.outcome
-        except Exception:
-            log.exception(
-                "unexpected error answering %s %s",
-                request.method,
-                path,
-                extra={"fields": {"request_id": request_id}},
-            )
-            unexpected = PaymentError("unexpected error; it was logged with this request id")
-            response, outcome = _error_response(unexpected), unexpected.outcome
-        response.headers["X-Request-ID"] = request_id
-        provider = request.get(PROVIDER)
+            response, outcome = self._answer_error(mapped, request_id), mapped.outcome
+        except Exception as unexpected:
+            answered = _unreadable(request, unexpected) or _unexpected(request, request_id)
+            response, outcome = self._answer_error(answered, request_id), answered.outcome
         if path == PAY_PATH and outcome:
-            self.metrics.count(provider or UNKNOWN_PROVIDER, outcome)
-        log_request(
-            {
-                "request_id": request_id,
-                "method": request.method,
-                "path": path,
-                "provider": provider,
-                "outcome": outcome or None,
-                "status": response.status,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            }
-        )
+            self.metrics.count(request.get(PROVIDER) or UNKNOWN_PROVIDER, outcome)
+        return _logged(request, response, request_id, outcome, started)
+
+    def answer_unreadable(self, request: web.BaseRequest, error: PaymentError) -> web.Response:
+        """The answer to a request the connection could not read (malformed, too slow).
+
+        Its route is unknown, so it is counted as a payment request of no known provider.
+        """
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        response = self._answer_error(error, request_id)
+        self.metrics.count(UNKNOWN_PROVIDER, error.outcome)
+        _logged(request, response, request_id, error.outcome, started)
+        return response
+
+    def _answer_error(self, error: PaymentError, request_id: str) -> web.Response:
+        response = _error_response(error)
+        if isinstance(error, ConnectionEnding):
+            response.force_close()
+        if isinstance(error, MalformedRequest):
+            # The reason only: the request's bytes may carry a payment's details.
+            log.warning(
+                "malformed HTTP request: %s",
+                error.reason,
+                extra={"fields": {"request_id": request_id, "reason": error.reason}},
+            )
         return response
 
     def _route(self, request: web.BaseRequest, path: str) -> Awaitable[web.StreamResponse]:
@@ -224,6 +213,55 @@ class Gateway:
 
     async def _openapi(self, request: web.BaseRequest) -> web.Response:
         return web.json_response(self._openapi_document)
+
+
+def _request_id(request: web.BaseRequest) -> str:
+    request_id = request.headers.get("X-Request-ID", "")
+    return request_id if _REQUEST_ID.fullmatch(request_id) else _new_request_id()
+
+
+def _unreadable(request: web.BaseRequest, error: Exception) -> ConnectionEnding | None:
+    """The answer when reading the body failed: too slow, malformed, or the client hung up.
+
+    A hang-up mid-body surfaces as a reset while reading the body of a connection now closed.
+    """
+    if isinstance(error, UnreadableBody):
+        return error.error
+    if request.transport is None and isinstance(error, ConnectionError):
+        return ClientClosed()
+    return None
+
+
+def _unexpected(request: web.BaseRequest, request_id: str) -> PaymentError:
+    log.exception(
+        "unexpected error answering %s %s",
+        request.method,
+        request.path,
+        extra={"fields": {"request_id": request_id}},
+    )
+    return PaymentError("unexpected error; it was logged with this request id")
+
+
+def _logged(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    request_id: str,
+    outcome: str,
+    started: float,
+) -> web.StreamResponse:
+    response.headers["X-Request-ID"] = request_id
+    log_request(
+        {
+            "request_id": request_id,
+            "method": request.method,
+            "path": request.path,
+            "provider": request.get(PROVIDER),
+            "outcome": outcome or None,
+            "status": response.status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+    )
+    return response
 
 
 def _transition_hook(metrics: GatewayMetrics) -> Callable[[str, BreakerState, BreakerState], None]:

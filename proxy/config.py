@@ -36,6 +36,12 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(16384, ge=256, le=10 * 1024 * 1024)
     # How long SIGTERM waits for in-flight payments before exiting (ECS stopTimeout must exceed it).
     shutdown_timeout_s: float = Field(20, gt=0, le=120)
+    # A request's headers and body must be complete this long after its first byte (408).
+    read_timeout_s: float = Field(10, gt=0, le=300)
+    # An idle connection between requests is closed after this.
+    keepalive_timeout_s: float = Field(15, gt=0, le=3600)
+    # Open client connections per process; one more is accepted and closed at once.
+    max_connections: int = Field(4096, ge=1, le=500_000)
 
 
 class RedisSettings(_Section):

@@ -204,3 +204,48 @@ class StoreUnavailable(PaymentError):
     def __init__(self) -> None:
         super().__init__("the idempotency store is unreachable; no provider was called")
         self.headers["Retry-After"] = "1"
+
+
+class ConnectionEnding(PaymentError):
+    """An answer after which the connection closes: the rest of its input cannot be trusted."""
+
+
+class RequestTimeout(ConnectionEnding):
+    """Headers and body were not complete within `server.read_timeout_s`."""
+
+    status = 408
+    code = "request_timeout"
+    outcome = "request_timeout"
+
+    def __init__(self, read_timeout_s: float) -> None:
+        super().__init__(f"headers and body were not complete within {read_timeout_s:g}s")
+
+
+class MalformedRequest(ConnectionEnding):
+    """The bytes are not valid HTTP/1.1 (bad framing, a smuggling attempt, invalid header bytes).
+
+    `reason` is the parser's reason and never quotes the request's bytes, which may be a
+    payment's details.
+    """
+
+    status = 400
+    code = "malformed_request"
+    outcome = "malformed"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("the request is not valid HTTP/1.1", reason=reason)
+        self.reason = reason
+
+
+class ClientClosed(ConnectionEnding):
+    """The client hung up before its request was complete; nobody reads this answer.
+
+    499 is nginx's status for it, seen only in the request log line.
+    """
+
+    status = 499
+    code = "client_closed"
+    outcome = "client_closed"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before its request was complete")

@@ -33,6 +33,9 @@ OUTCOMES = (
     "invalid",
     "store_unavailable",
     "internal_error",
+    "request_timeout",
+    "malformed",
+    "client_closed",
 )
 # Payments are seconds-scale at worst; the low buckets show the proxy's own overhead.
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -80,6 +83,11 @@ class GatewayMetrics:
         self.store_errors = Counter(
             "payagg_idempotency_store_errors_total",
             "Redis calls that failed or timed out.",
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "payagg_connections_refused_total",
+            "Client connections closed at once because server.max_connections were open.",
             registry=self.registry,
         )
         # Children resolved once: `labels()` on every request costs more than the increment.

@@ -350,3 +350,36 @@ def test_a_header_name_that_is_not_an_http_token_is_a_config_error(name):
 def test_a_config_pattern_refuses_a_trailing_newline(text, expected):
     reported = problems(text)
     assert any(line.startswith(expected) for line in reported), reported
+
+
+def test_the_client_connection_limits_default_to_10_s_15_s_and_4096_connections():
+    server = load_config(SHIPPED, environ={}).server
+    assert (server.read_timeout_s, server.keepalive_timeout_s, server.max_connections) == (
+        10,
+        15,
+        4096,
+    )
+    assert parse_config(VALID, "gw.yaml", {}).server == server.model_copy(update={"port": 8080})
+
+
+CONNECTION_LIMIT_ERRORS = [
+    ("read_timeout_s: 0", "server.read_timeout_s: must be > 0, got 0"),
+    ("read_timeout_s: 301", "server.read_timeout_s: must be <= 300, got 301"),
+    ("keepalive_timeout_s: -1", "server.keepalive_timeout_s: must be > 0, got -1"),
+    ("keepalive_timeout_s: 7200", "server.keepalive_timeout_s: must be <= 3600, got 7200"),
+    ("max_connections: 0", "server.max_connections: must be >= 1, got 0"),
+    ("max_connections: 600000", "server.max_connections: must be <= 500000, got 600000"),
+    ("max_connections: many", "server.max_connections: "),
+]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    CONNECTION_LIMIT_ERRORS,
+    ids=[setting for setting, _ in CONNECTION_LIMIT_ERRORS],
+)
+def test_client_connection_limits_outside_their_bounds_are_errors_with_their_line(
+    setting, expected
+):
+    text = VALID.replace("server: {port: 8080}", f"server:\n  port: 8080\n  {setting}")
+    assert any(line.startswith(f"gw.yaml:3: {expected}") for line in problems(text))
