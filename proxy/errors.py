@@ -160,3 +160,34 @@ class StoreUnavailable(PaymentError):
     def __init__(self) -> None:
         super().__init__("the idempotency store is unreachable; no provider was called")
         self.headers["Retry-After"] = "1"
+
+
+# --- Provider calls: where a failed call stopped decides what a retry may do ------------------
+
+
+class ProviderNotReached(ProviderFailed):
+    """No byte of the request reached the provider (refused, DNS, TLS): a retry is safe."""
+
+
+class OutcomeUnknown(ProviderTimeout):
+    """The request was handed to the provider, in whole or in part, and no usable answer came back.
+
+    The provider may have charged it: only the provider reference, reused by every retry, keeps a
+    retry from charging twice. (Answered as ProviderTimeout until the payment lifecycle lands.)
+    """
+
+    def __init__(self, provider: str, message: str) -> None:
+        PaymentError.__init__(self, message, status="TIMEOUT", provider=provider)
+
+
+class Overloaded(PaymentError):
+    """payagg itself is out of a resource (file descriptors, connection pool): never the provider's
+    fault, so never counted against its breaker."""
+
+    status = 503
+    code = "overloaded"
+    outcome = "overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers["Retry-After"] = "1"

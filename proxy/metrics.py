@@ -32,6 +32,7 @@ OUTCOMES = (
     "key_reused",
     "invalid",
     "store_unavailable",
+    "overloaded",
     "internal_error",
 )
 # Payments are seconds-scale at worst; the low buckets show the proxy's own overhead.
