@@ -75,8 +75,8 @@ class AnswerTooLarge(Exception):
 
 
 class _PhaseConnector(aiohttp.TCPConnector):
-    """A TCPConnector that marks the current call as sent once it holds a connection, and gives
-    no call a second connection."""
+    """A TCPConnector that marks the current call as sent once it holds a connection, gives no
+    call a second connection, and never hands out an idle connection that received bytes."""
 
     async def connect(
         self,
@@ -89,7 +89,14 @@ class _PhaseConnector(aiohttp.TCPConnector):
             return await super().connect(req, traces, timeout)
         if call.phase is Phase.SENT:
             raise ResendRefused("the HTTP client tried to send the request a second time")
-        connection = await super().connect(req, traces, timeout)
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                break
+            # Bytes arrived on this idle connection (an answer nobody asked for): it is out of
+            # step with the provider, and the next call would read that answer as its own.
+            connection.close()
         # From here on bytes may reach the provider (a few lines before the first write: a
         # failure in between is reported as unknown, which is the safe side).
         call.phase = Phase.SENT
@@ -221,8 +228,9 @@ class ProviderClient:
         )
         try:
             return response.status, response.headers, await _read_answer(response)
-        finally:
-            response.release()
+        except BaseException:
+            response.close()  # an answer not read to its end leaves the connection unusable
+            raise
 
     def _timed_out(self, call: _Call) -> Exception:
         if call.phase is Phase.POOL:
