@@ -35,7 +35,8 @@ from proxy.mapping import Answer
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
 from proxy.upstream import MAX_ANSWER_BYTES, ProviderClient, retry_after_s
-from tests.conftest import make_config
+from tests.canonical_upstream import UpstreamState
+from tests.conftest import gateway_yaml, make_config, payment, running_gateway
 from tests.processes import free_port
 
 REFERENCE = "9d1f6a4e-0d6c-5d52-8f43-7d3f0b1b8f10"
@@ -845,3 +846,28 @@ def test_every_provider_call_error_is_a_payment_error_with_its_own_status() -> N
     assert issubclass(ProviderNotReached, ProviderFailed)
     assert issubclass(OutcomeUnknown, PaymentError)
     assert not Overloaded.counts_against_breaker
+
+
+async def test_a_full_pool_answers_503_overloaded_through_the_gateway_and_releases_the_key(
+    upstream: tuple[UpstreamState, str], redis_url: str
+) -> None:
+    state, url = upstream
+    state.delay_s = 0.5
+    yaml = gateway_yaml(url, redis_url).replace(
+        f'CANON: {{url: "{url}"}}', f'CANON: {{url: "{url}", pool_size: 1, pool_wait_s: 0.05}}'
+    )
+    async with running_gateway(make_config(yaml)) as gateway:
+        first = asyncio.ensure_future(gateway.post("/v1/pay", json=payment("TXN-A")))
+        await eventually(lambda: state.requests == 1, "the first payment holds the only slot")
+        refused = await gateway.post("/v1/pay", json=payment("TXN-B"))
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert (await refused.json())["error"] == "overloaded"
+        assert (await first).status == 200
+        state.delay_s = 0
+        retried = await gateway.post("/v1/pay", json=payment("TXN-B"))
+        assert retried.status == 200, "nothing was stored for the overloaded attempt"
+        assert "Idempotent-Replayed" not in retried.headers
+        metrics = await (await gateway.get("/metrics")).text()
+        assert 'payagg_requests_total{outcome="overloaded",provider="CANON"} 1.0' in metrics
+        assert gateway.gateway.breakers["CANON"].window_counts().calls == 2
