@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import select
 import ssl
 import time
+import weakref
 from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
 from aiohttp.helpers import get_env_proxy_for_url
 from multidict import CIMultiDictProxy
 from yarl import URL
@@ -78,6 +82,31 @@ class _PhaseConnector(aiohttp.TCPConnector):
     """A TCPConnector that marks the current call as sent once it holds a connection, gives no
     call a second connection, and never hands out an idle connection that received bytes."""
 
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._used: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    def _in_step(self, connection: Connection) -> bool:
+        """False for a kept-alive connection on which anything arrived while it was idle.
+
+        Bytes there are an answer nobody asked for (the next call would read it as its own) or
+        the provider's close that the loop has not read yet (the request would die on it and
+        count as an unknown outcome although nothing was sent). Checked before a byte is
+        written, as urllib3 does, with one zero-timeout poll of the socket.
+        """
+        protocol = connection.protocol
+        if protocol is None or protocol.should_close:
+            return False
+        if protocol not in self._used:
+            self._used.add(protocol)
+            return True  # fresh: a TLS server may already be sending session tickets
+        transport = protocol.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return True
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        return not readable
+
     async def connect(
         self,
         req: aiohttp.ClientRequest,
@@ -91,11 +120,8 @@ class _PhaseConnector(aiohttp.TCPConnector):
             raise ResendRefused("the HTTP client tried to send the request a second time")
         while True:
             connection = await super().connect(req, traces, timeout)
-            protocol = connection.protocol
-            if protocol is None or not protocol.should_close:
+            if self._in_step(connection):
                 break
-            # Bytes arrived on this idle connection (an answer nobody asked for): it is out of
-            # step with the provider, and the next call would read that answer as its own.
             connection.close()
         # From here on bytes may reach the provider (a few lines before the first write: a
         # failure in between is reported as unknown, which is the safe side).

@@ -368,10 +368,7 @@ async def test_a_kept_alive_connection_the_provider_closed_while_idle_is_replace
     server = await net.serve(answer_once_then_close)
     client = net.client(server.url)
     await pay(client)
-    await closed.wait()
-    # The client's loop reads the FIN on its next turns (a close that crosses the next request on
-    # the wire is an unknown outcome, and keepalive_expiry_s keeps that rare).
-    await asyncio.sleep(0.05)
+    await closed.wait()  # the FIN is on its way; the client's loop has not read it yet
     await pay(client)
     assert server.connection_of_each_request() == [0, 1]
     assert client.breaker.window_counts().failures == 0
@@ -567,29 +564,39 @@ async def test_a_malformed_or_incomplete_answer_leaves_the_outcome_unknown(
     assert server.connection_of_each_request() == [0, 1]
 
 
-@pytest.mark.parametrize("together", [False, True], ids=["later", "in-the-same-packet"])
+@pytest.mark.parametrize(
+    ("when", "stray"),
+    [
+        ("later", answer(ok("STRAY"))),
+        ("in-the-same-packet", answer(ok("STRAY"))),
+        ("just-before-the-next-call", answer(ok("STRAY"))),
+    ],
+    ids=["later", "in-the-same-packet", "just-before-the-next-call"],
+)
 async def test_an_answer_nobody_asked_for_is_never_read_as_the_next_answer(
-    net: Network, together: bool
+    net: Network, when: str, stray: bytes
 ) -> None:
-    send_stray = asyncio.Event()
+    stray_sent = asyncio.Event()
 
     async def answer_twice(peer: Peer) -> None:
         await peer.request()
-        if together:
-            await peer.send(answer(ok("ASKED")) + answer(ok("STRAY")))
+        if when == "in-the-same-packet":
+            await peer.send(answer(ok("ASKED")) + stray)
         else:
             await peer.send(answer(ok("ASKED")))
-            await send_stray.wait()
-            await peer.send(answer(ok("STRAY")))
+            await asyncio.sleep(0)
+            await peer.send(stray)
+        stray_sent.set()
         await peer.until_hangup()
 
     server = await net.serve(first_connection_then_healthy(answer_twice))
     client = net.client(server.url)
     assert await reference_of(client) == "ASKED"
-    send_stray.set()
-    if not together:
-        await asyncio.sleep(0.05)  # the stray answer arrives while the connection is idle
+    await stray_sent.wait()
+    if when != "just-before-the-next-call":
+        await asyncio.sleep(0.05)  # the stray bytes reach the idle connection's protocol
     assert await reference_of(client) == "fresh"
+    assert server.connection_of_each_request() == [0, 1]
 
 
 async def test_a_timeout_closes_the_connection_so_a_late_answer_is_never_read(
@@ -833,6 +840,21 @@ def test_the_main_paths_work_on_uvloop(ca: trustme.CA, tmp_path: Path) -> None:
             assert server.connection_of_each_request() == [0, 1, 1]
             with pytest.raises(ProviderNotReached):
                 await pay(net.client(f"http://127.0.0.1:{free_port()}/pay"))
+            closed = asyncio.Event()
+
+            async def answer_once_then_close(peer: Peer) -> None:
+                await peer.request()
+                await peer.send(answer())
+                peer.writer.close()
+                await peer.writer.wait_closed()
+                closed.set()
+
+            closing = await net.serve(answer_once_then_close)
+            client = net.client(closing.url)
+            await pay(client)
+            await closed.wait()
+            await pay(client)  # the unread close is seen before anything is written
+            assert closing.connection_of_each_request() == [0, 1]
             tls = tls_server(ca, "127.0.0.1")
             secure = await net.serve(keep_answering(chunked(ok("SECURE"))), tls=tls)
             client = net.client(secure.url, f'    tls: {{ca_file: "{ca_file(ca, tmp_path)}"}}\n')
