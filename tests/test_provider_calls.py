@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import resource
 import socket
 import ssl
 import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -36,8 +39,16 @@ from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
 from proxy.upstream import MAX_ANSWER_BYTES, ProviderClient, retry_after_s
 from tests.canonical_upstream import UpstreamState
-from tests.conftest import gateway_yaml, make_config, payment, running_gateway
-from tests.processes import free_port
+from tests.conftest import (
+    RedisServer,
+    gateway_yaml,
+    make_config,
+    payment,
+    running_gateway,
+)
+from tests.processes import free_port, payagg_serve, running
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REFERENCE = "9d1f6a4e-0d6c-5d52-8f43-7d3f0b1b8f10"
 
@@ -893,3 +904,52 @@ async def test_a_full_pool_answers_503_overloaded_through_the_gateway_and_releas
         metrics = await (await gateway.get("/metrics")).text()
         assert 'payagg_requests_total{outcome="overloaded",provider="CANON"} 1.0' in metrics
         assert gateway.gateway.breakers["CANON"].window_counts().calls == 2
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(number for number in range(len(used) + 1) if number not in used)
+
+
+def test_a_proxy_out_of_file_descriptors_answers_503_overloaded_and_blames_no_provider(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    upstream_port, proxy_port = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f'redis: {{url: "{redis_server.url}"}}\n'
+        "providers:\n"
+        f'  CANON: {{url: "http://127.0.0.1:{upstream_port}/pay", breaker: {{minimum_calls: 1}}}}\n'
+    )
+    upstream_argv = [sys.executable, "-m", "tests.canonical_upstream", "--port", str(upstream_port)]
+    with (
+        running(
+            upstream_argv,
+            f"http://127.0.0.1:{upstream_port}/healthz",
+            env={"PYTHONPATH": str(ROOT)},
+        ),
+        running(payagg_serve(config, proxy_port), f"http://127.0.0.1:{proxy_port}/readyz") as proxy,
+    ):
+        connection = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
+
+        def ask(method: str, path: str, body: object = None) -> tuple[int, dict[str, str], Any]:
+            data = json.dumps(body).encode() if body is not None else None
+            connection.request(method, path, data, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            return answer.status, dict(answer.headers), json.loads(answer.read())
+
+        assert ask("GET", "/readyz")[0] == 200  # Redis connected, this connection accepted
+        pid = proxy.process.pid
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        # No descriptor can be opened any more: the next one would be numbered past the limit.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (_lowest_free_fd(pid), hard))
+        status, headers, body = ask("POST", "/v1/pay", payment("FD-1"))
+        assert (status, body["error"], headers["Retry-After"]) == (503, "overloaded", "1")
+        assert "Too many open files" in body["message"]
+        _, _, providers = ask("GET", "/v1/providers")
+        assert providers["providers"][0]["state"] == "closed"
+        assert providers["providers"][0]["window"] == {"calls": 0, "failures": 0}
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+        status, _, body = ask("POST", "/v1/pay", payment("FD-1"))
+        assert (status, body["status"]) == (200, "SUCCESS"), "the key was released"
+        connection.close()
