@@ -953,3 +953,57 @@ def test_a_proxy_out_of_file_descriptors_answers_503_overloaded_and_blames_no_pr
         status, _, body = ask("POST", "/v1/pay", payment("FD-1"))
         assert (status, body["status"]) == (200, "SUCCESS"), "the key was released"
         connection.close()
+
+
+def connect_tunnel(refuse_with: bytes | None = None) -> Handler:
+    """An egress proxy's CONNECT: a byte pipe to the named host, or a refusal."""
+
+    async def handler(peer: Peer) -> None:
+        head = await peer.request()
+        assert head is not None
+        assert head.startswith(b"CONNECT ")
+        if refuse_with is not None:
+            await peer.send(refuse_with)
+            return
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await peer.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(peer.reader, writer), pipe(reader, peer.writer))
+
+    return handler
+
+
+async def test_https_proxy_from_the_environment_tunnels_the_call_with_tls_end_to_end(
+    net: Network, no_proxy_environment: pytest.MonkeyPatch, ca: trustme.CA, tmp_path: Path
+) -> None:
+    provider = await net.serve(
+        keep_answering(answer(ok("TUNNELLED"))), tls=tls_server(ca, "127.0.0.1")
+    )
+    proxy = await net.serve(connect_tunnel())
+    no_proxy_environment.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    client = net.client(provider.url, f'    tls: {{ca_file: "{ca_file(ca, tmp_path)}"}}\n')
+    assert await reference_of(client) == "TUNNELLED"
+    ((_, connect),) = proxy.requests
+    assert connect.startswith(f"CONNECT 127.0.0.1:{provider.port} HTTP/1.1\r\n".encode())
+    assert len(provider.requests) == 1
+
+
+async def test_a_tunnel_the_egress_proxy_refuses_was_not_sent(
+    net: Network, no_proxy_environment: pytest.MonkeyPatch, ca: trustme.CA, tmp_path: Path
+) -> None:
+    provider = await net.serve(keep_answering(), tls=tls_server(ca, "127.0.0.1"))
+    proxy = await net.serve(
+        connect_tunnel(refuse_with=answer(b"", head=b"HTTP/1.1 502 Bad Gateway"))
+    )
+    no_proxy_environment.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    client = net.client(provider.url, f'    tls: {{ca_file: "{ca_file(ca, tmp_path)}"}}\n')
+    with pytest.raises(ProviderNotReached, match="cannot reach CANON"):
+        await pay(client)
+    assert provider.requests == []
