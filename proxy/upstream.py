@@ -262,8 +262,9 @@ class ProviderClient:
         if call.phase is Phase.POOL:
             return Overloaded(f"no connection to {self.name} became free in time")
         if call.phase is Phase.CONNECT:
+            connect_s = self._client_timeout.connect
             return ProviderNotReached(
-                self.name, f"cannot reach {self.name}: no connection within {self._timeout_s:g}s"
+                self.name, f"cannot reach {self.name}: no connection within {connect_s:g}s"
             )
         return OutcomeUnknown(self.name, f"{self.name} did not answer within {self._timeout_s:g}s")
 
