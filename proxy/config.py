@@ -62,6 +62,15 @@ class BreakerSettings(_Section):
     half_open_max_calls: int = 1
 
 
+class TlsFileError(Exception):
+    """A `tls` file that cannot be used; `key` names the setting (ca_file, cert_file)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
 class TlsSettings(_Section):
     """Per-provider TLS: a private CA to trust instead of the system's, a client certificate."""
 
@@ -91,13 +100,6 @@ class TlsSettings(_Section):
                     "cert_file", f"no usable certificate and private key: {error}"
                 ) from error
         return context
-
-
-class TlsFileError(Exception):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(problem)
-        self.key = key
-        self.problem = problem
 
 
 class ProviderSettings(_Section):
