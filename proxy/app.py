@@ -69,7 +69,8 @@ class Gateway:
             for provider in config.providers
         }
         self.store = IdempotencyStore(config.redis, config.idempotency, self.metrics)
-        # Each provider keeps a pool of keep-alive connections, reused across payments.
+        # Each provider has its own HTTP session (created on its first call, inside the loop):
+        # its keep-alive pool, TLS settings and egress proxy.
         self._clients = {
             provider.name: ProviderClient(provider, self.metrics, self.breakers[provider.name])
             for provider in config.providers
@@ -108,7 +109,7 @@ class Gateway:
             log.info("waiting for %d payment(s) in flight before exit", len(settling))
             await asyncio.wait(settling, timeout=timeout_s)
         for client in self._clients.values():
-            client.close()
+            await client.close()
         await self.store.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:

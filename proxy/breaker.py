@@ -21,7 +21,7 @@ from enum import StrEnum
 from aiobreaker import CircuitBreaker, CircuitBreakerListener, CircuitBreakerState
 
 from proxy.config import BreakerSettings
-from proxy.errors import PaymentError, ProviderUnavailable
+from proxy.errors import Overloaded, PaymentError, ProviderUnavailable
 
 
 class BreakerState(StrEnum):
@@ -35,6 +35,9 @@ _FROM_AIOBREAKER = {
     CircuitBreakerState.OPEN: BreakerState.OPEN,
     CircuitBreakerState.HALF_OPEN: BreakerState.HALF_OPEN,
 }
+
+# A provider's Retry-After is honoured up to this: a bogus day-long value must not shut it out.
+MAX_RETRY_AFTER_S = 3600.0
 
 TransitionHook = Callable[[str, BreakerState, BreakerState], None]
 
@@ -60,6 +63,11 @@ class CallVerdict:
     provider_is_up: bool = True
     # Up but not serving us (a 429 the YAML does not count): a half-open trial stays undecided.
     provider_serves: bool = True
+    # False when payagg never got as far as the provider (Overloaded): the call proves nothing.
+    about_provider: bool = True
+    # The provider's own Retry-After on a failed answer: if this call opens the breaker, it stays
+    # open that long when it is longer than `open_s`.
+    retry_after_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,7 @@ class ProviderBreaker:
         self._window: deque[tuple[float, bool]] = deque()
         self._window_failures = 0
         self._opened_at = 0.0
+        self._open_for_s = settings.open_s
         # Each state change starts a new generation; a call admitted in an older one can no
         # longer sway the breaker (it only frees its half-open slot if it holds one).
         self._generation = 0
@@ -102,7 +111,7 @@ class ProviderBreaker:
     def state(self) -> BreakerState:
         """The current state, moving open -> half-open once `open_s` has passed."""
         state = _FROM_AIOBREAKER[self._machine.current_state]
-        if state is BreakerState.OPEN and self._clock() - self._opened_at >= self.settings.open_s:
+        if state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for_s:
             self._enter(BreakerState.HALF_OPEN)
             return BreakerState.HALF_OPEN
         return state
@@ -110,7 +119,7 @@ class ProviderBreaker:
     def retry_after_s(self) -> int:
         """Whole seconds until a trial call may be admitted (at least 1)."""
         if self.state is BreakerState.OPEN:
-            remaining = self.settings.open_s - (self._clock() - self._opened_at)
+            remaining = self._open_for_s - (self._clock() - self._opened_at)
             return max(1, math.ceil(remaining))
         return 1
 
@@ -150,6 +159,7 @@ class ProviderBreaker:
         except PaymentError as error:
             verdict.provider_is_up = not error.counts_against_breaker
             verdict.provider_serves = error.shows_provider_serving
+            verdict.about_provider = not isinstance(error, Overloaded)
             raise
         except BaseException:
             verdict.provider_is_up = False
@@ -157,14 +167,14 @@ class ProviderBreaker:
         finally:
             if is_trial and generation == self._generation:
                 self._trials_in_flight -= 1
-            if generation == self._generation:
+            if generation == self._generation and verdict.about_provider:
                 self._record(verdict, is_trial)
 
     def _record(self, verdict: CallVerdict, is_trial: bool) -> None:
         provider_is_up = verdict.provider_is_up
         if is_trial:
             if not provider_is_up:
-                self._enter(BreakerState.OPEN)
+                self._enter(BreakerState.OPEN, verdict.retry_after_s)
                 return
             if not verdict.provider_serves:
                 return  # its slot is free again: the next trial decides
@@ -183,7 +193,7 @@ class ProviderBreaker:
             and calls >= self.settings.minimum_calls
             and self._window_failures / calls >= self.settings.failure_rate_threshold
         ):
-            self._enter(BreakerState.OPEN)
+            self._enter(BreakerState.OPEN, verdict.retry_after_s)
 
     def _forget_old_calls(self, now: float) -> None:
         horizon = now - self.settings.window_s
@@ -191,7 +201,7 @@ class ProviderBreaker:
             _, failed = self._window.popleft()
             self._window_failures -= failed
 
-    def _enter(self, state: BreakerState) -> None:
+    def _enter(self, state: BreakerState, retry_after_s: float = 0.0) -> None:
         self._generation += 1
         self._trials_in_flight = 0
         self._trial_successes = 0
@@ -199,6 +209,7 @@ class ProviderBreaker:
         self._window_failures = 0
         if state is BreakerState.OPEN:
             self._opened_at = self._clock()
+            self._open_for_s = max(self.settings.open_s, min(retry_after_s, MAX_RETRY_AFTER_S))
             self._machine.open()
         elif state is BreakerState.HALF_OPEN:
             self._machine.half_open()

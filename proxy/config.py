@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path as FilePath
@@ -75,9 +76,57 @@ class BreakerSettings(_Section):
     failure_statuses: list[int] = Field(default_factory=lambda: list(BUSY_STATUSES))
 
 
+class TlsFileError(Exception):
+    """A `tls` file that cannot be used; `key` names the setting (ca_file, cert_file)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+class TlsSettings(_Section):
+    """Per-provider TLS: a private CA to trust instead of the system's, a client certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None  # omitted when cert_file holds the key too
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable_file(cls, path: str | None) -> str | None:
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "is not readable" if os.path.exists(path) else "does not exist"
+            raise ValueError(f"{path!r} {reason}")
+        return path
+
+    def context(self) -> ssl.SSLContext:
+        """A verifying client context; raises TlsFileError naming the key of an unusable file."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (ssl.SSLError, OSError) as error:
+            raise TlsFileError("ca_file", f"holds no usable CA certificate: {error}") from error
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, OSError) as error:
+                raise TlsFileError(
+                    "cert_file", f"no usable certificate and private key: {error}"
+                ) from error
+        return context
+
+
 class ProviderSettings(_Section):
     url: str
     timeout_s: float = Field(5, gt=0, le=300)
+    # Each bounded on its own, and all within timeout_s (a longer one is cut to it).
+    connect_timeout_s: float = Field(3, gt=0, le=300)
+    pool_wait_s: float = Field(1, gt=0, le=300)
+    pool_size: int = Field(256, ge=1, le=100_000)
+    # Idle keep-alive connections older than this are closed, never reused: a connection a NAT or
+    # load balancer dropped silently would otherwise cost a whole timeout.
+    keepalive_expiry_s: float = Field(15, gt=0, le=3600)
+    tls: TlsSettings | None = None
     breaker: BreakerSettings = BreakerSettings()
     # Used for {payer} when a payment carries no `Payer` (the original service sent none).
     default_payer: str | None = Field(None, pattern=r"^[0-9]{8,15}$")
@@ -97,6 +146,10 @@ class ProviderDefaults(_Section):
     """Keys applied to every provider unless it sets them; checked as part of each provider."""
 
     timeout_s: Any = None
+    connect_timeout_s: Any = None
+    pool_wait_s: Any = None
+    pool_size: Any = None
+    keepalive_expiry_s: Any = None
     breaker: Any = None
     default_payer: Any = None
     request: Any = None
@@ -337,6 +390,7 @@ def _build_providers(
         )
         problems.extend(mapping_problems)
         problems.extend(_breaker_problems(settings.breaker, (*path, "breaker")))
+        problems.extend(_tls_problems(settings, (*path, "tls")))
         providers.append(Provider(name, settings, mapping))
     return tuple(providers), problems
 
@@ -376,6 +430,21 @@ def _breaker_problems(breaker: BreakerSettings, path: Path) -> list[Problem]:
             )
         )
     return problems
+
+
+def _tls_problems(settings: ProviderSettings, path: Path) -> list[Problem]:
+    tls = settings.tls
+    if tls is None:
+        return []
+    if urlsplit(settings.url).scheme != "https":
+        return [Problem(path, f"applies to https:// URLs only, but url is {settings.url!r}")]
+    if tls.key_file is not None and tls.cert_file is None:
+        return [Problem((*path, "key_file"), "needs `cert_file`: the certificate it belongs to")]
+    try:
+        tls.context()
+    except TlsFileError as error:
+        return [Problem((*path, error.key), error.problem)]
+    return []
 
 
 def _lock_ttl_problems(

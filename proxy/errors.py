@@ -157,27 +157,6 @@ class ProviderTimeout(PaymentError):
         )
 
 
-class PaymentAlreadyExists(ProviderTimeout):
-    """The provider already holds a payment under this reference (MTN: 409
-    RESOURCE_ALREADY_EXIST), so it may have charged it: the outcome is unknown here, as after a
-    timeout, and is answered like one (504, key released, a retry sends the same reference)
-    until the payment lifecycle reads it from the provider's status endpoint.
-
-    The provider answered properly, so it does not count against the breaker.
-    """
-
-    counts_against_breaker = False
-
-    def __init__(self, provider: str) -> None:
-        PaymentError.__init__(
-            self,
-            f"{provider} already holds a payment under this reference; its outcome is not "
-            "known yet: retry later",
-            status="TIMEOUT",
-            provider=provider,
-        )
-
-
 class ProviderUnavailable(PaymentError):
     """The provider's circuit breaker is open, or half-open with its trial calls taken."""
 
@@ -249,3 +228,53 @@ class ClientClosed(ConnectionEnding):
 
     def __init__(self) -> None:
         super().__init__("the client closed the connection before its request was complete")
+
+
+# --- Provider calls: where a failed call stopped decides what a retry may do ------------------
+
+
+class ProviderNotReached(ProviderFailed):
+    """No byte of the request reached the provider (refused, DNS, TLS): a retry is safe."""
+
+
+class OutcomeUnknown(ProviderTimeout):
+    """The request was handed to the provider, in whole or in part, and no usable answer came back.
+
+    The provider may have charged it: only the provider reference, reused by every retry, keeps a
+    retry from charging twice. (Answered as ProviderTimeout until the payment lifecycle lands.)
+    """
+
+    def __init__(self, provider: str, message: str) -> None:
+        PaymentError.__init__(self, message, status="TIMEOUT", provider=provider)
+
+
+class PaymentAlreadyExists(OutcomeUnknown):
+    """The provider already holds a payment under this reference (MTN: 409
+    RESOURCE_ALREADY_EXIST), so it may have charged it: the outcome is unknown here, as after a
+    timeout, and is answered like one (504, key released, a retry sends the same reference)
+    until the payment lifecycle reads it from the provider's status endpoint.
+
+    The provider answered properly, so it does not count against the breaker.
+    """
+
+    counts_against_breaker = False
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(
+            provider,
+            f"{provider} already holds a payment under this reference; its outcome is not "
+            "known yet: retry later",
+        )
+
+
+class Overloaded(PaymentError):
+    """payagg itself is out of a resource (file descriptors, connection pool): never the provider's
+    fault, so never counted against its breaker."""
+
+    status = 503
+    code = "overloaded"
+    outcome = "overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers["Retry-After"] = "1"

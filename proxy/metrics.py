@@ -32,6 +32,7 @@ OUTCOMES = (
     "key_reused",
     "invalid",
     "store_unavailable",
+    "overloaded",
     "internal_error",
     "request_timeout",
     "malformed",

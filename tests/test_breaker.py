@@ -9,6 +9,7 @@ import pytest
 from proxy.breaker import BreakerState, ProviderBreaker
 from proxy.config import BreakerSettings
 from proxy.errors import (
+    Overloaded,
     PaymentAlreadyExists,
     ProviderBusy,
     ProviderFailed,
@@ -276,3 +277,60 @@ def test_a_trial_the_provider_answered_properly_closes_the_breaker_whatever_paya
     clock.advance(30)
     fail(breaker, error)
     assert breaker.state is BreakerState.CLOSED
+
+
+def fail_saying_retry_after(breaker: ProviderBreaker, retry_after_s: float) -> None:
+    def answered_503() -> None:
+        with breaker.call() as verdict:
+            verdict.retry_after_s = retry_after_s
+            raise ProviderFailed("P", "HTTP 503")
+
+    with pytest.raises(ProviderFailed):
+        answered_503()
+
+
+@pytest.mark.parametrize(
+    ("retry_after_s", "open_for_s"),
+    [(120, 120), (10, 30), (0, 30), (10**6, 3600)],
+    ids=["longer-than-open_s", "shorter-than-open_s", "none", "capped-at-an-hour"],
+)
+def test_the_providers_retry_after_keeps_the_breaker_open_when_longer_than_open_s(
+    clock, retry_after_s, open_for_s
+):
+    breaker = make_breaker(clock, minimum_calls=1)
+    fail_saying_retry_after(breaker, retry_after_s)
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.retry_after_s() == open_for_s
+    clock.advance(open_for_s - 1)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(1)
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_a_failed_trial_with_retry_after_reopens_for_that_long_and_the_next_opening_uses_open_s(
+    clock,
+):
+    breaker = make_breaker(clock, minimum_calls=1)
+    fail(breaker)
+    clock.advance(30)
+    fail_saying_retry_after(breaker, 90)  # the trial call
+    assert breaker.retry_after_s() == 90
+    clock.advance(90)
+    succeed(breaker)
+    assert breaker.state is BreakerState.CLOSED
+    fail(breaker)
+    assert breaker.retry_after_s() == 30
+
+
+def test_payagg_being_overloaded_is_neither_a_failure_nor_a_success_for_the_breaker(clock):
+    breaker = make_breaker(clock, minimum_calls=1)
+    for _ in range(5):
+        fail(breaker, Overloaded("out of file descriptors"))
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.window_counts().calls == 0
+    fail(breaker)
+    clock.advance(30)
+    assert breaker.state is BreakerState.HALF_OPEN
+    fail(breaker, Overloaded("pool full"))  # the trial never reached the provider
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.rejects_now(), "the trial slot is free again"

@@ -383,3 +383,104 @@ def test_client_connection_limits_outside_their_bounds_are_errors_with_their_lin
 ):
     text = VALID.replace("server: {port: 8080}", f"server:\n  port: 8080\n  {setting}")
     assert any(line.startswith(f"gw.yaml:3: {expected}") for line in problems(text))
+
+
+@pytest.fixture(scope="module")
+def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    import trustme
+
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("payagg.example")
+    files = {
+        "ca": directory / "ca.pem",
+        "cert": directory / "client.pem",
+        "key": directory / "client.key",
+        "garbage": directory / "garbage.pem",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    files["garbage"].write_text("not a certificate\n")
+    return {name: str(path) for name, path in files.items()}
+
+
+def tls_config(tls: str, url: str = "https://127.0.0.1:9999/pay") -> str:
+    return f'providers:\n  CANON:\n    url: "{url}"\n    tls: {tls}\n'
+
+
+def test_tls_files_and_the_connection_settings_are_loaded(pems):
+    config = parse_config(
+        tls_config(
+            f'{{ca_file: "{pems["ca"]}", cert_file: "{pems["cert"]}", key_file: "{pems["key"]}"}}'
+        )
+        + "    keepalive_expiry_s: 5\n    pool_size: 8\n    pool_wait_s: 0.5\n"
+        "    connect_timeout_s: 1\n",
+        "gw.yaml",
+        {},
+    )
+    settings = config.providers[0].settings
+    assert settings.tls is not None
+    assert settings.tls.context().verify_mode.name == "CERT_REQUIRED"
+    assert (settings.keepalive_expiry_s, settings.pool_size, settings.pool_wait_s) == (5, 8, 0.5)
+    assert settings.connect_timeout_s == 1
+
+
+def test_connection_settings_default_to_the_documented_values():
+    settings = parse_config(VALID, "gw.yaml", {}).providers[0].settings
+    assert settings.keepalive_expiry_s == 15
+    assert (settings.pool_size, settings.pool_wait_s, settings.connect_timeout_s) == (256, 1, 3)
+    assert settings.tls is None
+
+
+@pytest.mark.parametrize(
+    ("tls", "url", "expected"),
+    [
+        (
+            '{ca_file: "/nonexistent/ca.pem"}',
+            None,
+            "gw.yaml:4: providers.CANON.tls.ca_file: '/nonexistent/ca.pem' does not exist",
+        ),
+        (
+            '{ca_file: "GARBAGE"}',
+            None,
+            "gw.yaml:4: providers.CANON.tls.ca_file: holds no usable CA certificate",
+        ),
+        (
+            '{cert_file: "CA"}',
+            None,
+            "gw.yaml:4: providers.CANON.tls.cert_file: no usable certificate and private key",
+        ),
+        ('{key_file: "KEY"}', None, "gw.yaml:4: providers.CANON.tls.key_file: needs `cert_file`"),
+        (
+            '{ca_file: "CA"}',
+            "http://127.0.0.1:9999/pay",
+            "gw.yaml:4: providers.CANON.tls: applies to https:// URLs only",
+        ),
+        (
+            '{ca_fle: "CA"}',
+            None,
+            "gw.yaml:4: providers.CANON.tls.ca_fle: unknown key (did you mean 'ca_file'?)",
+        ),
+    ],
+    ids=["missing-file", "not-a-ca", "cert-without-key", "key-without-cert", "plain-http", "typo"],
+)
+def test_an_unusable_tls_setting_is_a_config_error_naming_its_key(pems, tls, url, expected):
+    for name in ("CA", "GARBAGE", "KEY"):
+        tls = tls.replace(f'"{name}"', f'"{pems[name.lower()]}"')
+    found = problems(tls_config(tls, url or "https://127.0.0.1:9999/pay"))
+    assert len(found) == 1
+    assert found[0].startswith(expected), found
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("keepalive_expiry_s: 0", "providers.CANON.keepalive_expiry_s: must be > 0, got 0"),
+        ("pool_size: 0", "providers.CANON.pool_size: must be >= 1, got 0"),
+        ("pool_wait_s: -1", "providers.CANON.pool_wait_s: must be > 0, got -1"),
+        ("connect_timeout_s: 0", "providers.CANON.connect_timeout_s: must be > 0, got 0"),
+    ],
+)
+def test_connection_settings_out_of_range_are_config_errors(line, expected):
+    assert problems(VALID + f"    {line}\n") == [f"gw.yaml:8: {expected}"]

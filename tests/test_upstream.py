@@ -1,4 +1,4 @@
-"""Forwarding to one provider over the wire client: request and answer mapping, errors mapped once.
+"""Forwarding to one provider: request and answer mapping, errors mapped once.
 
 A small in-process aiohttp provider answers each call as the test tells it: a status and body,
 after a delay, or by hanging up without an answer.
@@ -26,10 +26,12 @@ from proxy.breaker import BreakerState, ProviderBreaker, WindowCounts
 from proxy.errors import (
     InvalidRequest,
     KeyReused,
+    OutcomeUnknown,
     PaymentAlreadyExists,
     ProviderBusy,
     ProviderFailed,
     ProviderMismatch,
+    ProviderNotReached,
     ProviderRejected,
     ProviderTimeout,
 )
@@ -120,7 +122,7 @@ async def client(provider: FakeProvider, metrics: GatewayMetrics) -> AsyncIterat
     yaml = f'providers:\n  CANON: {{url: "{provider.url}", timeout_s: {TIMEOUT_S}}}\n'
     canon = provider_client(yaml, "CANON", metrics)
     yield canon
-    canon.close()
+    await canon.close()
 
 
 def a_payment(key: str = "TXN-1", payer: str | None = None) -> Payment:
@@ -187,22 +189,26 @@ async def test_answers_that_are_neither_success_nor_decline_are_provider_failure
     assert f"HTTP {reply.status}" in raised.value.message
 
 
-async def test_a_provider_nobody_listens_on_is_a_provider_failure(metrics: GatewayMetrics) -> None:
+async def test_a_provider_nobody_listens_on_was_not_reached(metrics: GatewayMetrics) -> None:
     yaml = f'providers:\n  CANON: {{url: "http://127.0.0.1:{free_port()}/pay"}}\n'
     nobody = provider_client(yaml, "CANON", metrics)
-    with pytest.raises(ProviderFailed, match="cannot reach CANON") as raised:
-        await nobody.pay(a_payment(), REFERENCE)
-    assert type(raised.value) is ProviderFailed
+    try:
+        with pytest.raises(ProviderNotReached, match="cannot reach CANON") as raised:
+            await nobody.pay(a_payment(), REFERENCE)
+    finally:
+        await nobody.close()
     assert raised.value.status == 502
+    assert nobody.breaker.window_counts().failures == 1
 
 
-async def test_a_provider_that_hangs_up_without_answering_is_a_provider_failure(
+async def test_a_provider_that_hangs_up_after_reading_the_request_leaves_the_outcome_unknown(
     client: ProviderClient, provider: FakeProvider
 ) -> None:
     provider.answer(Reply(hang_up=True))
-    with pytest.raises(ProviderFailed, match="cannot reach CANON: connection closed"):
+    with pytest.raises(OutcomeUnknown, match="CANON sent no usable answer") as raised:
         await client.pay(a_payment(), REFERENCE)
-    assert len(provider.seen) == 1  # a fresh connection is not retried
+    assert raised.value.status == 504
+    assert len(provider.seen) == 1  # never sent again
 
 
 async def test_no_answer_within_the_timeout_is_a_provider_timeout(
@@ -302,8 +308,6 @@ async def test_the_upstream_duration_histogram_counts_each_call(
         Reply(500, {}),
         Reply(body={"status": "DECLINED"}),
         Reply(body={"status": "SUCCESS"}, delay_s=5),
-        # After the timeout closed the kept-alive connection, this hang-up is on a fresh one,
-        # so it is not retried (a hang-up on a reused connection would be, by design).
         Reply(hang_up=True),
     )
     for _ in range(5):
@@ -446,7 +450,7 @@ async def test_a_provider_may_say_429_and_408_are_not_failures(
     provider.answer(Reply(status, {"error": "busy"}))
     with pytest.raises(ProviderFailed) as raised:
         await lenient.pay(a_payment(), REFERENCE)
-    lenient.close()
+    await lenient.close()
     assert type(raised.value) is ProviderBusy
     assert raised.value.status == 502
     assert lenient.breaker.window_counts() == WindowCounts(1, 0)
@@ -485,5 +489,5 @@ async def test_a_half_open_trial_answered_429_or_408_never_closes_the_breaker(
     now[0] += 30
     with pytest.raises(ProviderFailed):
         await canon.pay(a_payment(), REFERENCE)  # the trial
-    canon.close()
+    await canon.close()
     assert breaker.state is after_the_trial
