@@ -92,8 +92,10 @@ class KeyReused(PaymentError):
     code = "idempotency_key_reused"
     outcome = "key_reused"
 
-    def __init__(self) -> None:
-        super().__init__("this idempotency key was already used with a different request")
+    def __init__(
+        self, message: str = "this TransactionID was already used with a different request"
+    ) -> None:
+        super().__init__(message)
 
 
 class ProviderFailed(PaymentError):
