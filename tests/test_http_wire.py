@@ -704,7 +704,7 @@ providers:
     finally:
         client.close()
     fields = PaymentFields(
-        "TXN-9", Decimal("12.34"), "UGX", "256700000001", "REF-9", "KEY-9", "CUSTOM"
+        "TXN-9", Decimal("12.34"), "UGX", "256700000001", "REF-9", "TXN-9", "CUSTOM"
     )
     ((_, sent),) = server.requests
     assert sent == client.render_request(fields)
@@ -716,7 +716,7 @@ providers:
         "Content-Type: application/json",
         "Accept: application/json",
         "X-Api-Key: key-CUSTOM",
-        "Idempotency-Key: KEY-9",
+        "Idempotency-Key: TXN-9",  # the payment's identity, whatever header the client sent
         f"Content-Length: {len(body)}",
     ]
     assert json.loads(body) == {"ref": "REF-9", "cents": 1234, "msisdn": "256700000001"}
