@@ -1,15 +1,15 @@
 """A payment's record in Redis: this version's format and the one before it (CONTRACT §2).
 
-This version writes `P|<facts>|<fingerprint>`: `facts` is URL-safe base64 of a JSON object with
-the TransactionID, the provider reference (computed once, at the first claim, and only read after
-that), the `Idempotency-Key` header as sent, an owner token while the payment is in flight, and
-the status and body once it is final.
+This version writes `P|<facts>|<fingerprint>`: `facts` is a JSON object, every `|` in it written
+as the JSON escape `\\u007c` so it holds none, with the TransactionID, the provider reference
+(computed once, at the first claim, and only read after that), the `Idempotency-Key` header as
+sent, an owner token while the payment is in flight, and the status and body once it is final.
 
 Before, a record was keyed by the header (else the TransactionID) and was `L|token|fingerprint`
 (in flight) or `C|fingerprint|status|body` (final), without a reference. Both are still read:
 such records live for `result_ttl_s` after the deploy, and old processes keep writing them while a
 rolling deploy runs. An old process reads any value not starting with `C` as `L|token|fingerprint`,
-splitting at the first two `|`: hence base64 (no `|` inside) and the fingerprint last, so it sees
+splitting at the first two `|`: hence no `|` in the facts and the fingerprint last, so it sees
 this version's record as a payment in flight with the right fingerprint and answers 409 (422 for
 another request) until the deploy reaches it. It never calls a provider for such a key: its claim
 is a `SET NX` and its finish is owner-checked.
@@ -17,7 +17,6 @@ is a `SET NX` and its finish is owner-checked.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +89,7 @@ def final(
 def decode(value: bytes) -> KeyState:
     if value[:1] == _CURRENT:
         _, encoded, fingerprint = value.split(b"|", 2)
-        facts = orjson.loads(base64.urlsafe_b64decode(encoded))
+        facts = orjson.loads(encoded)
         status = facts.get("status")
         result = None if status is None else StoredResult(status, facts["body"].encode("latin-1"))
         return KeyState(fingerprint.decode(), result, facts["transaction_id"], facts["reference"])
@@ -103,7 +102,8 @@ def decode(value: bytes) -> KeyState:
 
 
 def _encode(facts: dict[str, Any], fingerprint: str) -> bytes:
-    encoded = base64.urlsafe_b64encode(orjson.dumps(facts))
+    # Outside strings JSON has no `|`; inside them `\u007c` reads back as the same character.
+    encoded = orjson.dumps(facts).replace(b"|", b"\\u007c")
     return _CURRENT + b"|" + encoded + b"|" + fingerprint.encode()
 
 

@@ -228,6 +228,34 @@ async def test_a_replay_is_served_while_the_providers_breaker_is_open(
         assert state.requests == seen
 
 
+async def test_while_the_breaker_is_open_the_header_is_still_judged_and_old_records_replayed(
+    upstream: Upstream, redis_url: str, redis_server: RedisServer
+) -> None:
+    state, url = upstream
+    old_body = payment("TXN-old-open")
+    old = legacy_final(old_body, 200, success("TXN-old-open", provider_reference("order-old")))
+    redis_server.client().set(redis_key("order-old"), old, ex=600)
+    async with running_gateway(config(url, redis_url)) as client:
+        done = await pay(client, payment("TXN-open"), key="order-open")
+        breaker = client.gateway.breakers["CANON"]
+        while not breaker.rejects_now():
+            with contextlib.suppress(ProviderFailed), breaker.call():
+                raise ProviderFailed("CANON", "simulated outage")
+
+        replay = await pay(client, payment("TXN-open"), key="order-other")
+        borrowed = await pay(client, payment("TXN-new"), key="order-open")
+        old_replay = await pay(client, old_body, key="order-old")
+        refused = await pay(client, payment("TXN-new"))
+
+    assert replay.body == done.body
+    assert is_replay(replay)
+    assert borrowed.status == 422
+    assert old_replay.body == old.split(b"|", 3)[3]
+    assert is_replay(old_replay)
+    assert refused.json()["error"] == "provider_unavailable"
+    assert state.requests == 1
+
+
 # 2. Reused keys -------------------------------------------------------------------------------
 
 
