@@ -9,9 +9,11 @@ lost key. This measures, side by side on one Redis, per replay of a stored answe
 
   memory             the old cache hit: a dictionary lookup, no Redis (incorrect after a loss)
   memory+writeback   the cache hit, then the write-back round trip it needs to be correct
-  claim              no cache: the claim script finds the record, which is decoded and judged
-                     (what a replay through `POST /v1/pay` costs in payagg now)
-  get                no cache: GET and decode (a lookup, or a replay while the breaker is open)
+  claim              no cache: the claim script finds the record, which is parsed and judged
+  claim+memo         the same, the parse memoised on the exact bytes Redis returned (correct by
+                     construction: it caches a parse, not an answer): a replay through
+                     `POST /v1/pay` in payagg now
+  get+memo           GET and the memoised parse (a lookup, or a replay while the breaker is open)
 
 A write-back sent without awaiting its reply is not measured: it cannot be correct, since the
 answer would go out before the process knows whether another one claimed the lost key.
@@ -85,6 +87,7 @@ Replay = Callable[[], Awaitable[StoredResult]]
 
 def scenarios(redis: RedisClient, key: bytes, value: bytes) -> dict[str, Replay]:
     cache: dict[bytes, KeyState] = {key: records.decode(value)}
+    parse = records.decode.__wrapped__  # without the memo
 
     async def memory() -> StoredResult:
         return judge(cache[key], FINGERPRINT)
@@ -100,6 +103,10 @@ def scenarios(redis: RedisClient, key: bytes, value: bytes) -> dict[str, Replay]
 
     async def claim() -> StoredResult:
         current = await redis.run_script(_CLAIM, [key], [lock, 30])
+        return judge(parse(current), FINGERPRINT)
+
+    async def claim_memo() -> StoredResult:
+        current = await redis.run_script(_CLAIM, [key], [lock, 30])
         return judge(records.decode(current), FINGERPRINT)
 
     async def get() -> StoredResult:
@@ -110,7 +117,8 @@ def scenarios(redis: RedisClient, key: bytes, value: bytes) -> dict[str, Replay]
         "memory": memory,
         "memory+writeback": memory_writeback,
         "claim": claim,
-        "get": get,
+        "claim+memo": claim_memo,
+        "get+memo": get,
     }
 
 

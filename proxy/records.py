@@ -17,6 +17,7 @@ is a `SET NX` and its finish is owner-checked.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,11 @@ def final(
     return _encode(facts, fingerprint)
 
 
+@functools.lru_cache(maxsize=4096)
 def decode(value: bytes) -> KeyState:
+    """What a value read from Redis says. Memoised on the exact bytes Redis returned, so a payment
+    replayed again and again is parsed once: this caches a parse of what Redis holds now, never
+    an answer Redis may have lost since (BENCHMARKS.md, "The per-process replay cache")."""
     if value[:1] == _CURRENT:
         _, encoded, fingerprint = value.split(b"|", 2)
         facts = orjson.loads(encoded)
