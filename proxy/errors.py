@@ -81,7 +81,7 @@ class RequestInProgress(PaymentError):
     outcome = "in_progress"
 
     def __init__(self) -> None:
-        super().__init__("a request with this idempotency key is being processed; retry shortly")
+        super().__init__("a request with this TransactionID is being processed; retry shortly")
         self.headers["Retry-After"] = "1"
 
 

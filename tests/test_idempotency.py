@@ -233,8 +233,7 @@ async def test_while_the_breaker_is_open_the_header_is_still_judged_and_old_reco
 ) -> None:
     state, url = upstream
     old_body = payment("TXN-old-open")
-    old = legacy_final(old_body, 200, success("TXN-old-open", provider_reference("order-old")))
-    redis_server.client().set(redis_key("order-old"), old, ex=600)
+    old_answer = old_payment(redis_server, "order-old", old_body)
     async with running_gateway(config(url, redis_url)) as client:
         done = await pay(client, payment("TXN-open"), key="order-open")
         breaker = client.gateway.breakers["CANON"]
@@ -250,7 +249,7 @@ async def test_while_the_breaker_is_open_the_header_is_still_judged_and_old_reco
     assert replay.body == done.body
     assert is_replay(replay)
     assert borrowed.status == 422
-    assert old_replay.body == old.split(b"|", 3)[3]
+    assert old_replay.body == old_answer
     assert is_replay(old_replay)
     assert refused.json()["error"] == "provider_unavailable"
     assert state.requests == 1
@@ -367,10 +366,15 @@ async def test_a_header_equal_to_another_payments_transaction_id_does_not_distur
 # 2b. Records of the previous version (keyed by the header; no stored reference) ---------------
 
 
-def legacy_final(body: dict[str, object], status: int, answer: dict[str, object]) -> bytes:
-    """A final record exactly as the previous version stored it: `C|fingerprint|status|body`."""
-    encoded = json.dumps(answer, separators=(",", ":")).encode()
-    return b"C|" + fingerprint(body).encode() + b"|" + str(status).encode() + b"|" + encoded
+def old_payment(redis_server: RedisServer, key: str, body: dict[str, object]) -> bytes:
+    """Store what the previous version stored for `body` paid under idempotency key `key` (the
+    header, else the TransactionID): `C|fingerprint|status|body`, charged with the reference it
+    derived from `key`. Returns the answer body it would replay."""
+    transaction_id = str(body["TransactionID"])
+    answer = json.dumps(success(transaction_id, provider_reference(key)), separators=(",", ":"))
+    old = b"C|" + fingerprint(body).encode() + b"|200|" + answer.encode()
+    redis_server.client().set(redis_key(key), old, ex=600)
+    return answer.encode()
 
 
 def legacy_lock(body: dict[str, object]) -> bytes:
@@ -393,9 +397,8 @@ async def test_a_payment_made_with_a_header_before_the_upgrade_is_adopted_not_ch
 ) -> None:
     state, _ = upstream
     body = payment("TXN-old")
+    old_answer = old_payment(redis_server, "order-9", body)
     old_reference = provider_reference("order-9")  # the previous version's: from the header
-    old = legacy_final(body, 200, success("TXN-old", old_reference))
-    redis_server.client().set(redis_key("order-9"), old, ex=600)
 
     retry = await pay(gateway, body, key="order-9")
     without_header = await pay(gateway, body)
@@ -403,7 +406,7 @@ async def test_a_payment_made_with_a_header_before_the_upgrade_is_adopted_not_ch
 
     assert retry.status == 200
     assert is_replay(retry)
-    assert retry.body == old.split(b"|", 3)[3]
+    assert retry.body == old_answer
     assert without_header.body == retry.body
     assert is_replay(without_header)
     assert looked_up.json()["response"] == retry.json()
@@ -418,14 +421,13 @@ async def test_a_record_of_the_previous_version_under_the_transaction_id_is_repl
 ) -> None:
     state, _ = upstream
     body = payment("TXN-plain")
-    old = legacy_final(body, 200, success("TXN-plain", provider_reference("TXN-plain")))
-    redis_server.client().set(redis_key("TXN-plain"), old, ex=600)
+    old_answer = old_payment(redis_server, "TXN-plain", body)
 
     replay = await pay(gateway, body, key="order-plain")
 
     assert replay.status == 200
     assert is_replay(replay)
-    assert replay.body == old.split(b"|", 3)[3]
+    assert replay.body == old_answer
     assert state.requests == 0
 
 
@@ -449,8 +451,7 @@ async def test_a_header_an_old_record_bound_to_another_transaction_id_is_422_and
 ) -> None:
     state, _ = upstream
     owner = payment("TXN-X")
-    old = legacy_final(owner, 200, success("TXN-X", provider_reference("order-11")))
-    redis_server.client().set(redis_key("order-11"), old, ex=600)
+    old_payment(redis_server, "order-11", owner)
 
     borrower = await pay(gateway, payment("TXN-Y"), key="order-11")
     owners_retry = await pay(gateway, owner, key="order-11")
@@ -467,9 +468,7 @@ async def test_a_header_equal_to_the_transaction_id_of_an_old_record_without_hea
     gateway: Client, upstream: Upstream, redis_server: RedisServer
 ) -> None:
     state, _ = upstream
-    earlier = payment("TXN-G")
-    old = legacy_final(earlier, 200, success("TXN-G", provider_reference("TXN-G")))
-    redis_server.client().set(redis_key("TXN-G"), old, ex=600)
+    old_payment(redis_server, "TXN-G", payment("TXN-G"))
 
     borrowing = await pay(gateway, payment("TXN-H"), key="TXN-G")
 
