@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from run import free_port, redis_server_binary  # bench/run.py, next to this script
 
 from proxy import records
-from proxy.idempotency import _CLAIM, judge
+from proxy.idempotency import _CLAIM, judge  # the claim script itself, not a copy
 from proxy.records import KeyState, StoredResult
 from proxy.redis_wire import RedisClient, Script
 

@@ -31,8 +31,6 @@ from proxy.records import KeyState, StoredResult
 from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
 from proxy.tokens import unique_tokens
 
-__all__ = ["Claim", "IdempotencyStore", "KeyState", "StoredResult", "describe", "judge"]
-
 log = logging.getLogger("payagg.idempotency")
 
 # One round trip whatever the key holds: take it, or say what is there.

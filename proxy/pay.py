@@ -10,9 +10,10 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 
 from proxy.errors import NotFound, PayloadTooLarge, ProviderUnavailable, UnsupportedMediaType
-from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe
+from proxy.idempotency import Claim, IdempotencyStore, describe
 from proxy.mapping import Answer
 from proxy.payment import Payment, parse_payment
+from proxy.records import StoredResult
 from proxy.upstream import ProviderClient
 
 PROVIDER = web.RequestKey("provider", str)

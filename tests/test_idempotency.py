@@ -36,9 +36,10 @@ from proxy.breaker import ProviderBreaker
 from proxy.config import GatewayConfig, IdempotencySettings, RedisSettings
 from proxy.devstack import DevOptions, plan
 from proxy.errors import ProviderFailed
-from proxy.idempotency import Claim, IdempotencyStore, StoredResult
+from proxy.idempotency import Claim, IdempotencyStore
 from proxy.metrics import GatewayMetrics
 from proxy.payment import parse_payment, reference_for
+from proxy.records import StoredResult
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,
