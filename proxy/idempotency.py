@@ -109,14 +109,16 @@ class IdempotencyStore:
         lock = records.in_flight(
             token, payment.transaction_id, reference, payment.idempotency_key, fingerprint
         )
-        try:
-            with self._store_errors:
-                current = await self._redis.run_script(_CLAIM, [key], [lock, self._ttl.lock_ttl_s])
-        except StoreUnavailable:
-            self._remember_unanswered(key, lock)
-            raise
+        current = await self._write_lock(_CLAIM, key, lock, [lock, self._ttl.lock_ttl_s])
         if current is not None:
-            return judge(records.decode(current), fingerprint)
+            state = records.decode(current)
+            if not state.guard:
+                return judge(state, fingerprint)
+            # Another payment's guard (its header is this TransactionID): this payment's record
+            # takes its place, an owner-checked swap like any finish.
+            swap = [current, lock, self._ttl.lock_ttl_s]
+            if not await self._write_lock(_FINISH, key, lock, swap):
+                raise RequestInProgress()
         claim = Claim(self, key, lock, payment, fingerprint, reference, self._ttl.result_ttl_s)
         legacy_key = await self._legacy_key(payment)
         if legacy_key is not None:
@@ -147,7 +149,17 @@ class IdempotencyStore:
             await self._release_unanswered()
         with self._store_errors:
             current = await self._redis.execute(b"GET", self.redis_key(transaction_id))
-        return None if current is None else records.decode(current)
+        state = None if current is None else records.decode(current)
+        return None if state is None or state.guard else state
+
+    async def _write_lock(self, script: Script, key: bytes, lock: bytes, args: list[Any]) -> Any:
+        """Run a script that may leave `lock` in `key`; unanswered, it is released later."""
+        try:
+            with self._store_errors:
+                return await self._redis.run_script(script, [key], args)
+        except StoreUnavailable:
+            self._remember_unanswered(key, lock)
+            raise
 
     async def _bind(self, idempotency_key: str, transaction_id: str) -> None:
         ttl_s = self._ttl.result_ttl_s + self._ttl.lock_ttl_s  # never shorter than the record's
@@ -184,7 +196,9 @@ class IdempotencyStore:
         return header if time.time() < self._legacy_until else None
 
     async def _adopt(self, claim: Claim, header: str, provider: str) -> StoredResult | None:
-        """Look, while holding the claim, for a record of the old form under the header's key.
+        """Look, while holding the claim, for a record of the old form under the header's key,
+        leaving a guard there when it is free (`records.guard`: old processes of a rolling deploy
+        then see this payment too).
 
         Found and made for this request: its answer is copied into this payment's record with the
         reference it was charged with (derived from the header) and replayed. Made for another
@@ -192,13 +206,18 @@ class IdempotencyStore:
         (409; whose payment it is cannot be told before it ends). Else the claim stands.
         """
         payment = claim.payment
+        guard = records.guard(payment.transaction_id, header, claim.fingerprint)
         try:
-            legacy = await self.peek(header)
+            with self._store_errors:
+                found = await self._redis.run_script(
+                    _CLAIM, [self.redis_key(header)], [guard, self._ttl.result_ttl_s]
+                )
         except StoreUnavailable:
-            self._remember_unanswered(claim.key, claim.lock)
+            self._remember_unanswered(claim.key, claim.lock)  # the claim this request holds
             raise
+        legacy = None if found is None else records.decode(found)
         if legacy is None or not legacy.legacy:
-            return None  # nothing, or the record of the payment whose TransactionID is `header`
+            return None  # guarded now, or a record (or guard) of this version
         if legacy.fingerprint == claim.fingerprint:
             if legacy.result is None:
                 await claim.release()

@@ -12,7 +12,8 @@ rolling deploy runs. An old process reads any value not starting with `C` as `L|
 splitting at the first two `|`: hence no `|` in the facts and the fingerprint last, so it sees
 this version's record as a payment in flight with the right fingerprint and answers 409 (422 for
 another request) until the deploy reaches it. It never calls a provider for such a key: its claim
-is a `SET NX` and its finish is owner-checked.
+is a `SET NX` and its finish is owner-checked. The same holds for a guard (`guard`), left under a
+header's old key so that an old process finds the payment made with that header.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ class KeyState:
     transaction_id: str | None
     # None in a record of the old form: its reference was derived from the key it is stored under.
     reference: str | None
+    # A guard (see `guard`): not a record of the payment this key belongs to.
+    guard: bool = False
 
     @property
     def legacy(self) -> bool:
-        return self.reference is None
+        return self.reference is None and not self.guard
 
     def belongs_to(self, transaction_id: str) -> bool:
         """False for an old record stored under this TransactionID because another payment sent
@@ -66,6 +69,16 @@ def in_flight(
         "reference": reference,
         "idempotency_key": idempotency_key,
     }
+    return _encode(facts, fingerprint)
+
+
+def guard(transaction_id: str, idempotency_key: str, fingerprint: str) -> bytes:
+    """What stands, while old processes may still run, under the key the previous version used
+    for a payment's `Idempotency-Key`: an old process reads it as that payment in flight (409;
+    422 for another request) instead of finding nothing and charging it again under a reference
+    derived from the header. Not a record: should the key be the record key of a payment whose
+    TransactionID equals that header value, that payment takes its place."""
+    facts = {"guard_for": transaction_id, "idempotency_key": idempotency_key}
     return _encode(facts, fingerprint)
 
 
@@ -95,6 +108,8 @@ def decode(value: bytes) -> KeyState:
     if value[:1] == _CURRENT:
         _, encoded, fingerprint = value.split(b"|", 2)
         facts = orjson.loads(encoded)
+        if "guard_for" in facts:
+            return KeyState(fingerprint.decode(), None, facts["guard_for"], None, guard=True)
         status = facts.get("status")
         result = None if status is None else StoredResult(status, facts["body"].encode("latin-1"))
         return KeyState(fingerprint.decode(), result, facts["transaction_id"], facts["reference"])

@@ -349,18 +349,22 @@ async def test_a_header_equal_to_another_payments_transaction_id_does_not_distur
 ) -> None:
     state, _ = upstream
     paid_before = await pay(gateway, payment("TXN-C"))
-
-    borrowing = await pay(gateway, payment("TXN-D"), key="TXN-C")
+    borrowing_after = await pay(gateway, payment("TXN-D"), key="TXN-C")
+    borrowing_before = await pay(gateway, payment("TXN-F"), key="TXN-E")
+    unknown_yet = await get(gateway, "/v1/payments/TXN-E")
     paid_after = await pay(gateway, payment("TXN-E"))
-    borrowing_later = await pay(gateway, payment("TXN-F"), key="TXN-E")
-    retry_before = await pay(gateway, payment("TXN-C"))
-    retry_after = await pay(gateway, payment("TXN-E"))
 
-    assert [a.status for a in (paid_before, borrowing, paid_after, borrowing_later)] == [200] * 4
-    assert not any(map(is_replay, (paid_before, borrowing, paid_after, borrowing_later)))
-    assert (retry_before.body, retry_after.body) == (paid_before.body, paid_after.body)
-    assert is_replay(retry_before)
-    assert is_replay(retry_after)
+    retries = [
+        await pay(gateway, payment(transaction_id), key=key)
+        for transaction_id, key in (("TXN-C", None), ("TXN-D", "TXN-C"), ("TXN-F", "TXN-E"))
+    ] + [await pay(gateway, payment("TXN-E"))]
+
+    firsts = (paid_before, borrowing_after, borrowing_before, paid_after)
+    assert [a.status for a in firsts] == [200] * 4
+    assert not any(map(is_replay, firsts))
+    assert unknown_yet.status == 404
+    assert all(map(is_replay, retries))
+    assert [r.body for r in retries] == [f.body for f in firsts]
     assert state.requests == 4
 
 
@@ -485,6 +489,21 @@ def previous_versions_reading(value: bytes) -> tuple[str, bool]:
         return fingerprint.decode(), True
     _, _, fingerprint = value.split(b"|", 2)
     return fingerprint.decode(), False
+
+
+async def test_an_old_process_finds_a_guard_under_the_old_key_of_a_new_payments_header(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """Retried on an old process during a rolling deploy, a payment made with a header on a new
+    one is seen in flight there (409), not charged again under a reference from the header."""
+    body = payment("TXN-guarded")
+    assert (await pay(gateway, body, key="order-guarded")).status == 200
+
+    guard = redis_server.client().get(redis_key("order-guarded"))
+
+    assert guard is not None
+    assert previous_versions_reading(guard) == (fingerprint(body), False)
+    assert 0 < redis_server.client().ttl(redis_key("order-guarded")) <= 600
 
 
 async def test_an_old_process_reads_every_new_record_as_in_flight_with_its_fingerprint(
@@ -907,7 +926,9 @@ async def test_redis_keys_are_the_prefix_and_a_sha256_of_the_clients_strings(
     assert keys == {
         redis_key(odd_id, prefix=b"tenant-7:"),
         binding_key(odd_key, prefix=b"tenant-7:"),
-        b"tenant-7:identity-by-transaction-id-since",  # when records of the old form may end
+        # While records of the old form may exist: since when, and a guard under the old key.
+        b"tenant-7:identity-by-transaction-id-since",
+        redis_key(odd_key, prefix=b"tenant-7:"),
     }
     assert all(odd_key.encode() not in key and odd_id.encode() not in key for key in keys)
     assert found.json()["state"] == "COMPLETED"
