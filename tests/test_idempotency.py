@@ -482,6 +482,23 @@ async def test_a_header_equal_to_the_transaction_id_of_an_old_record_without_hea
     assert state.requests == 1
 
 
+async def test_after_twice_result_ttl_s_the_old_keys_are_no_longer_looked_at(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    redis = redis_server.client()
+    result_ttl_s = 600  # the `gateway` fixture's
+    redis.set(PREFIX + b"identity-by-transaction-id-since", int(time.time()) - 2 * result_ttl_s)
+    old_payment(redis_server, "order-late", payment("TXN-late"))  # cannot exist any more
+
+    answer = await pay(gateway, payment("TXN-late"), key="order-late")
+
+    assert answer.status == 200
+    assert not is_replay(answer)
+    assert redis.get(redis_key("order-late"))[:2] == b"C|", "a guard was written"
+    assert state.requests == 1
+
+
 def previous_versions_reading(value: bytes) -> tuple[str, bool]:
     """How the previous version's `_decode` read a value: (fingerprint, completed)."""
     if value[:1] == b"C":
