@@ -92,7 +92,7 @@ class Gateway:
 
     def paths(self) -> list[str]:
         """Every route this gateway serves, in the OpenAPI document's notation."""
-        return [*self._routes, LOOKUP_PREFIX + "{idempotency_key}"]
+        return [*self._routes, LOOKUP_PREFIX + "{TransactionID}"]
 
     def server(self) -> web.Server:
         return GatewayServer(
@@ -161,7 +161,7 @@ class Gateway:
     def _route(self, request: web.BaseRequest, path: str) -> Awaitable[web.StreamResponse]:
         methods = self._routes.get(path)
         if methods is None:
-            if not _lookup_key(request):
+            if not _lookup_transaction_id(request):
                 raise NotFound("no such route")
             methods = self._lookup_route
         handler = methods.get(request.method)
@@ -172,7 +172,7 @@ class Gateway:
         return handler(request)
 
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
-        return await self.payments.lookup(_lookup_key(request))
+        return await self.payments.lookup(_lookup_transaction_id(request))
 
     async def _providers(self, request: web.BaseRequest) -> web.Response:
         answer = []
@@ -281,11 +281,11 @@ def _transition_hook(metrics: GatewayMetrics) -> Callable[[str, BreakerState, Br
     return on_transition
 
 
-def _lookup_key(request: web.BaseRequest) -> str:
-    """`{idempotency_key}` of `/v1/payments/{idempotency_key}`, or "" for another path.
+def _lookup_transaction_id(request: web.BaseRequest) -> str:
+    """`{TransactionID}` of `/v1/payments/{TransactionID}`, or "" for another path.
 
-    The key is one path segment, as in the OpenAPI document; a key with a `/` arrives as `%2F`,
-    which `path_safe` keeps encoded (with `%25`) so the segment can be split off first.
+    It is one path segment, as in the OpenAPI document; a `/` in it arrives as `%2F`, which
+    `path_safe` keeps encoded (with `%25`) so the segment can be split off first.
     """
     path = request.rel_url.path_safe
     if not path.startswith(LOOKUP_PREFIX) or "/" in path[len(LOOKUP_PREFIX) :]:

@@ -62,8 +62,9 @@ class RedisSettings(_Section):
 class IdempotencySettings(_Section):
     lock_ttl_s: int = Field(30, gt=0)
     result_ttl_s: int = Field(86400, gt=0)
-    # Completed answers kept in this process too, so replays skip Redis; 0 turns it off.
-    replay_cache_size: int = Field(10_000, ge=0, le=10_000_000)
+    # Deprecated and ignored (the per-process replay cache is gone): accepted, with a warning at
+    # start-up, so a config written for an earlier version still starts.
+    replay_cache_size: int | None = None
 
 
 class BreakerSettings(_Section):

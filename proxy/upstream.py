@@ -193,7 +193,8 @@ class ProviderClient:
             currency=payment.currency,
             payer=payment.payer or self._default_payer,
             reference=reference,
-            idempotency_key=payment.idempotency_key,
+            # The payment's identity, stable across retries whatever header they carry.
+            idempotency_key=payment.transaction_id,
             provider=self.name,
         )
 

@@ -192,7 +192,7 @@ def test_health_readiness_providers_and_openapi_answer(stack):
     assert document["openapi"] == "3.1.0"
     assert {
         "/v1/pay",
-        "/v1/payments/{idempotency_key}",
+        "/v1/payments/{TransactionID}",
         "/v1/providers",
         "/healthz",
         "/readyz",

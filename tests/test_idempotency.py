@@ -1,8 +1,11 @@
-"""Idempotency (CONTRACT §2): replays, reused keys, in-flight locks, release, and Redis outages.
+"""Idempotency (CONTRACT §2): identity, replays, reused keys, the `Idempotency-Key` header,
+records of the previous version, in-flight locks, release, Redis outages and Redis durability.
 
-Everything talks to a real redis-server (the `redis_server` fixture) and a real in-process
-canonical upstream; the only seam used is the store's `claim`, to open a breaker at an exact
-moment (see the 503 case of the release test).
+Everything talks to a real redis-server (the `redis_server` fixture, or one started here with the
+local stack's own arguments) and a real in-process canonical upstream that counts its calls; the
+only seam used is the store's `claim`, to open a breaker at an exact moment (see the 503 case of
+the release test). Records of the previous version are written with raw Redis commands, in the
+exact form that version wrote them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import pathlib
 import secrets
 import signal
 import textwrap
@@ -24,14 +28,18 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import records
 from proxy.breaker import ProviderBreaker
 from proxy.config import GatewayConfig, IdempotencySettings, RedisSettings
+from proxy.devstack import DevOptions, plan
 from proxy.errors import ProviderFailed
-from proxy.idempotency import Claim, IdempotencyStore, StoredResult
+from proxy.idempotency import Claim, IdempotencyStore
 from proxy.metrics import GatewayMetrics
-from proxy.payment import parse_payment
+from proxy.payment import parse_payment, reference_for
+from proxy.records import StoredResult
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,
@@ -40,6 +48,7 @@ from tests.conftest import (
     payment,
     running_gateway,
 )
+from tests.processes import ServiceProcess, free_port, wait_until
 
 Upstream = tuple[UpstreamState, str]
 Client = GatewayClient
@@ -118,18 +127,34 @@ async def upstream_has_seen(state: UpstreamState, count: int) -> None:
     await eventually(seen, f"{count} upstream request(s)")
 
 
-def redis_key(idempotency_key: str, prefix: bytes = PREFIX) -> bytes:
-    return prefix + hashlib.sha256(idempotency_key.encode()).hexdigest().encode()
+def redis_key(text: str, prefix: bytes = PREFIX) -> bytes:
+    """Where a payment's record is (`text` = its TransactionID), and where the previous version
+    kept the record of a payment sent with an `Idempotency-Key` (`text` = the header)."""
+    return prefix + hashlib.sha256(text.encode()).hexdigest().encode()
+
+
+def binding_key(idempotency_key: str, prefix: bytes = PREFIX) -> bytes:
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest().encode()
+    return prefix + b"idempotency-key:" + digest
 
 
 def fingerprint(body: dict[str, object]) -> str:
     return parse_payment(json.dumps(body).encode(), None, {"canon"}).fingerprint("CANON")
 
 
-def provider_reference(idempotency_key: str) -> str:
-    return parse_payment(
-        json.dumps(payment()).encode(), idempotency_key, {"canon"}
-    ).provider_reference("CANON")
+def provider_reference(identity: str) -> str:
+    """The reference the gateway sends: uuid5 of the provider and the TransactionID (or, in the
+    previous version, of the `Idempotency-Key` header when one was sent)."""
+    assert reference_for("CANON", identity) == str(
+        uuid.uuid5(uuid.UUID("6f1d2b9e-5c3a-5d7e-9a41-7061796167ff"), f"CANON\x00{identity}")
+    )
+    return reference_for("CANON", identity)
+
+
+def record(redis_server: RedisServer, transaction_id: str) -> records.KeyState:
+    value = redis_server.client().get(redis_key(transaction_id))
+    assert value is not None, f"no record for {transaction_id}"
+    return records.decode(value)
 
 
 def is_replay(answer: Answer) -> bool:
@@ -204,6 +229,33 @@ async def test_a_replay_is_served_while_the_providers_breaker_is_open(
         assert state.requests == seen
 
 
+async def test_while_the_breaker_is_open_the_header_is_still_judged_and_old_records_replayed(
+    upstream: Upstream, redis_url: str, redis_server: RedisServer
+) -> None:
+    state, url = upstream
+    old_body = payment("TXN-old-open")
+    old_answer = old_payment(redis_server, "order-old", old_body)
+    async with running_gateway(config(url, redis_url)) as client:
+        done = await pay(client, payment("TXN-open"), key="order-open")
+        breaker = client.gateway.breakers["CANON"]
+        while not breaker.rejects_now():
+            with contextlib.suppress(ProviderFailed), breaker.call():
+                raise ProviderFailed("CANON", "simulated outage")
+
+        replay = await pay(client, payment("TXN-open"), key="order-other")
+        borrowed = await pay(client, payment("TXN-new"), key="order-open")
+        old_replay = await pay(client, old_body, key="order-old")
+        refused = await pay(client, payment("TXN-new"))
+
+    assert replay.body == done.body
+    assert is_replay(replay)
+    assert borrowed.status == 422
+    assert old_replay.body == old_answer
+    assert is_replay(old_replay)
+    assert refused.json()["error"] == "provider_unavailable"
+    assert state.requests == 1
+
+
 # 2. Reused keys -------------------------------------------------------------------------------
 
 
@@ -235,26 +287,261 @@ async def test_a_key_in_progress_reused_with_a_different_body_is_refused_with_42
     assert state.requests == 1
 
 
-async def test_the_idempotency_key_header_takes_precedence_over_the_transaction_id(
+async def test_the_same_transaction_id_without_a_header_then_with_k1_then_k2_is_charged_once(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+
+    first = await pay(gateway, payment("TXN-once"))
+    with_k1 = await pay(gateway, payment("TXN-once"), key="k1")
+    with_k2 = await pay(gateway, payment("TXN-once"), key="k2")
+
+    assert first.status == 200
+    assert not is_replay(first)
+    for retry in (with_k1, with_k2):
+        assert retry.status == 200
+        assert is_replay(retry)
+        assert retry.body == first.body
+    assert state.requests == 1
+    assert state.references == [provider_reference("TXN-once")]
+
+
+async def test_a_header_changes_neither_the_identity_nor_the_provider_reference(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+
+    first = await pay(gateway, payment("TXN-ref"), key="order-1")
+    without_header = await pay(gateway, payment("TXN-ref"))
+    changed_body = await pay(gateway, payment("TXN-ref", Amount=99.00), key="order-2")
+
+    assert first.json()["provider_reference"] == f"up-{provider_reference('TXN-ref')}"
+    assert is_replay(without_header)
+    assert without_header.body == first.body
+    assert changed_body.status == 422
+    assert changed_body.json()["error"] == "idempotency_key_reused"
+    stored = record(redis_server, "TXN-ref")
+    assert (stored.transaction_id, stored.reference) == ("TXN-ref", provider_reference("TXN-ref"))
+    assert state.requests == 1
+
+
+async def test_a_header_value_bound_to_another_transaction_id_is_refused_with_422(
     gateway: Client, upstream: Upstream
 ) -> None:
     state, _ = upstream
     first = await pay(gateway, payment("TXN-A"), key="order-7")
 
     other_transaction = await pay(gateway, payment("TXN-B"), key="order-7")
-    same_request = await pay(gateway, payment("TXN-A"), key="order-7")
-    same_transaction_without_header = await pay(gateway, payment("TXN-A"))
+    other_without_header = await pay(gateway, payment("TXN-B"))
 
     assert first.status == 200
     assert other_transaction.status == 422
     assert other_transaction.json()["error"] == "idempotency_key_reused"
-    assert same_request.status == 200
-    assert is_replay(same_request)
-    assert same_request.body == first.body
-    # Without the header the key is "TXN-A", a different key from "order-7": a new payment.
-    assert same_transaction_without_header.status == 200
-    assert not is_replay(same_transaction_without_header)
+    assert "another TransactionID" in other_transaction.json()["message"]
+    # TXN-B itself is untouched by the refusal: it is paid when sent without the taken header.
+    assert other_without_header.status == 200
+    assert not is_replay(other_without_header)
     assert state.requests == 2
+
+
+async def test_a_header_equal_to_another_payments_transaction_id_does_not_disturb_that_payment(
+    gateway: Client, upstream: Upstream
+) -> None:
+    state, _ = upstream
+    paid_before = await pay(gateway, payment("TXN-C"))
+    borrowing_after = await pay(gateway, payment("TXN-D"), key="TXN-C")
+    borrowing_before = await pay(gateway, payment("TXN-F"), key="TXN-E")
+    unknown_yet = await get(gateway, "/v1/payments/TXN-E")
+    paid_after = await pay(gateway, payment("TXN-E"))
+
+    retries = [
+        await pay(gateway, payment(transaction_id), key=key)
+        for transaction_id, key in (("TXN-C", None), ("TXN-D", "TXN-C"), ("TXN-F", "TXN-E"))
+    ] + [await pay(gateway, payment("TXN-E"))]
+
+    firsts = (paid_before, borrowing_after, borrowing_before, paid_after)
+    assert [a.status for a in firsts] == [200] * 4
+    assert not any(map(is_replay, firsts))
+    assert unknown_yet.status == 404
+    assert all(map(is_replay, retries))
+    assert [r.body for r in retries] == [f.body for f in firsts]
+    assert state.requests == 4
+
+
+# 2b. Records of the previous version (keyed by the header; no stored reference) ---------------
+
+
+def old_payment(redis_server: RedisServer, key: str, body: dict[str, object]) -> bytes:
+    """Store what the previous version stored for `body` paid under idempotency key `key` (the
+    header, else the TransactionID): `C|fingerprint|status|body`, charged with the reference it
+    derived from `key`. Returns the answer body it would replay."""
+    transaction_id = str(body["TransactionID"])
+    answer = json.dumps(success(transaction_id, provider_reference(key)), separators=(",", ":"))
+    old = b"C|" + fingerprint(body).encode() + b"|200|" + answer.encode()
+    redis_server.client().set(redis_key(key), old, ex=600)
+    return answer.encode()
+
+
+def legacy_lock(body: dict[str, object]) -> bytes:
+    return f"L|{secrets.token_hex(16)}|{fingerprint(body)}".encode()
+
+
+def success(transaction_id: str, reference: str) -> dict[str, object]:
+    return {
+        "status": "SUCCESS",
+        "transaction_id": transaction_id,
+        "provider": "CANON",
+        "provider_reference": f"up-{reference}",
+        "amount": 20.0,
+        "currency": "ZAR",
+    }
+
+
+async def test_a_payment_made_with_a_header_before_the_upgrade_is_adopted_not_charged_again(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    body = payment("TXN-old")
+    old_answer = old_payment(redis_server, "order-9", body)
+    old_reference = provider_reference("order-9")  # the previous version's: from the header
+
+    retry = await pay(gateway, body, key="order-9")
+    without_header = await pay(gateway, body)
+    looked_up = await get(gateway, "/v1/payments/TXN-old")
+
+    assert retry.status == 200
+    assert is_replay(retry)
+    assert retry.body == old_answer
+    assert without_header.body == retry.body
+    assert is_replay(without_header)
+    assert looked_up.json()["response"] == retry.json()
+    adopted = record(redis_server, "TXN-old")
+    assert adopted.reference == old_reference != provider_reference("TXN-old")
+    assert adopted.result == StoredResult(200, retry.body)
+    assert state.requests == 0
+
+
+async def test_a_record_of_the_previous_version_under_the_transaction_id_is_replayed_in_place(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    body = payment("TXN-plain")
+    old_answer = old_payment(redis_server, "TXN-plain", body)
+
+    replay = await pay(gateway, body, key="order-plain")
+
+    assert replay.status == 200
+    assert is_replay(replay)
+    assert replay.body == old_answer
+    assert state.requests == 0
+
+
+async def test_a_payment_an_old_process_is_still_charging_under_the_header_answers_409(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    body = payment("TXN-busy")
+    redis_server.client().set(redis_key("order-10"), legacy_lock(body), ex=10)
+
+    answer = await pay(gateway, body, key="order-10")
+
+    assert answer.status == 409
+    assert answer.json()["error"] == "request_in_progress"
+    assert not redis_server.client().exists(redis_key("TXN-busy")), "the claim was not released"
+    assert state.requests == 0
+
+
+async def test_a_header_an_old_record_bound_to_another_transaction_id_is_422_and_stays_its_own(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    owner = payment("TXN-X")
+    old_payment(redis_server, "order-11", owner)
+
+    borrower = await pay(gateway, payment("TXN-Y"), key="order-11")
+    owners_retry = await pay(gateway, owner, key="order-11")
+
+    assert borrower.status == 422
+    assert borrower.json()["error"] == "idempotency_key_reused"
+    assert not redis_server.client().exists(redis_key("TXN-Y")), "the claim was not released"
+    assert owners_retry.status == 200
+    assert is_replay(owners_retry)
+    assert state.requests == 0
+
+
+async def test_a_header_equal_to_the_transaction_id_of_an_old_record_without_header_is_free(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    old_payment(redis_server, "TXN-G", payment("TXN-G"))
+
+    borrowing = await pay(gateway, payment("TXN-H"), key="TXN-G")
+
+    assert borrowing.status == 200
+    assert not is_replay(borrowing)
+    assert state.requests == 1
+
+
+async def test_after_twice_result_ttl_s_the_old_keys_are_no_longer_looked_at(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    state, _ = upstream
+    redis = redis_server.client()
+    result_ttl_s = 600  # the `gateway` fixture's
+    redis.set(PREFIX + b"identity-by-transaction-id-since", int(time.time()) - 2 * result_ttl_s)
+    old_payment(redis_server, "order-late", payment("TXN-late"))  # cannot exist any more
+
+    answer = await pay(gateway, payment("TXN-late"), key="order-late")
+
+    assert answer.status == 200
+    assert not is_replay(answer)
+    assert redis.get(redis_key("order-late"))[:2] == b"C|", "a guard was written"
+    assert state.requests == 1
+
+
+def previous_versions_reading(value: bytes) -> tuple[str, bool]:
+    """How the previous version's `_decode` read a value: (fingerprint, completed)."""
+    if value[:1] == b"C":
+        _, fingerprint, _status, _body = value.split(b"|", 3)
+        return fingerprint.decode(), True
+    _, _, fingerprint = value.split(b"|", 2)
+    return fingerprint.decode(), False
+
+
+async def test_an_old_process_finds_a_guard_under_the_old_key_of_a_new_payments_header(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """Retried on an old process during a rolling deploy, a payment made with a header on a new
+    one is seen in flight there (409), not charged again under a reference from the header."""
+    body = payment("TXN-guarded")
+    assert (await pay(gateway, body, key="order-guarded")).status == 200
+
+    guard = redis_server.client().get(redis_key("order-guarded"))
+
+    assert guard is not None
+    assert previous_versions_reading(guard) == (fingerprint(body), False)
+    assert 0 < redis_server.client().ttl(redis_key("order-guarded")) <= 600
+
+
+async def test_an_old_process_reads_every_new_record_as_in_flight_with_its_fingerprint(
+    gateway: Client, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """During a rolling deploy an old process answers 409 for such a record (422 for another
+    request) and never claims it: its claim is a `SET NX`, which finds the key taken."""
+    state, _ = upstream
+    state.delay_s = 0.4
+    body = payment("TXN-roll", Payer="256700000001")
+    in_flight = asyncio.create_task(pay(gateway, body, key='a|b "c" |'))
+    await upstream_has_seen(state, 1)
+    locked = redis_server.client().get(redis_key("TXN-roll"))
+    assert (await in_flight).status == 200
+    final = redis_server.client().get(redis_key("TXN-roll"))
+
+    assert locked is not None
+    assert final is not None
+    assert locked != final
+    for value in (locked, final):
+        assert previous_versions_reading(value) == (fingerprint(body), False)
 
 
 # 3. Concurrency -------------------------------------------------------------------------------
@@ -347,7 +634,7 @@ async def _breaker_opens_after_the_claim(state: UpstreamState, client: Client) -
     breaker = client.gateway.breakers["CANON"]
     real_claim = store.claim
 
-    async def claim_then_open(*args: str) -> Claim | StoredResult:
+    async def claim_then_open(*args: Any) -> Claim | StoredResult:
         # The request passed the fail-fast check while the breaker was closed; other requests'
         # failures open it while this one holds its claim, so its own call is refused.
         claimed = await real_claim(*args)
@@ -463,11 +750,14 @@ async def test_a_stale_owner_cannot_overwrite_or_delete_a_newer_lock(
     caplog: pytest.LogCaptureFixture,
     finish: Callable[[Claim], Awaitable[None]],
 ) -> None:
-    claim = await store.claim("stale-key", "fp", lambda: "ref-old")
+    stale = parse_payment(json.dumps(payment("TXN-stale")).encode(), None, {"canon"})
+    claim = await store.claim(stale, "CANON")
     assert isinstance(claim, Claim)
     redis = redis_server.client()
     # The old lock expired and another request claimed the key with its own token.
-    newer = b"L|" + secrets.token_hex(16).encode() + b"|fp"
+    newer = (
+        b"L|" + secrets.token_hex(16).encode() + b"|" + fingerprint(payment("TXN-stale")).encode()
+    )
     redis.set(claim.key, newer, ex=10)
 
     with caplog.at_level(logging.ERROR, logger="payagg.idempotency"):
@@ -475,7 +765,8 @@ async def test_a_stale_owner_cannot_overwrite_or_delete_a_newer_lock(
 
     assert redis.get(claim.key) == newer
     assert 0 < redis.ttl(claim.key) <= 10
-    assert any("expired" in r.getMessage() and "ref-old" in r.getMessage() for r in caplog.records)
+    reference = provider_reference("TXN-stale")
+    assert any("expired" in r.getMessage() and reference in r.getMessage() for r in caplog.records)
 
 
 # 7. Redis outages ------------------------------------------------------------------------------
@@ -567,7 +858,18 @@ async def test_a_key_refused_while_redis_was_down_can_be_retried_as_soon_as_it_i
     assert state.requests == 1 + len(keys)
 
 
-async def test_a_result_that_cannot_be_stored_is_logged_with_its_reference_and_still_answered(
+async def unknown_outcomes(client: Client, action: str) -> float:
+    text = (await get(client, "/metrics")).body.decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "payagg_idempotency_unknown_outcomes_total"
+        and sample.labels["action"] == action
+    )
+
+
+async def test_a_result_whose_store_is_unconfirmed_is_logged_as_unknown_counted_and_answered(
     upstream: Upstream,
     redis_url: str,
     redis_server: RedisServer,
@@ -582,11 +884,15 @@ async def test_a_result_that_cannot_be_stored_is_logged_with_its_reference_and_s
             await upstream_has_seen(state, 1)  # claimed: the lock is in Redis
             await asyncio.to_thread(redis_server.stop)
             answer = await in_flight
+        unknown = await unknown_outcomes(client, "store")
 
     assert answer.status == 200
     assert answer.json()["provider_reference"] == f"up-{reference}"
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert any(reference in r.getMessage() for r in errors), [r.getMessage() for r in errors]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    logged = [m for m in errors if reference in m]
+    assert logged, errors
+    assert all("store outcome unknown" in m and "FAILED" not in m for m in logged), logged
+    assert unknown == 1
 
 
 # 8. Client hang-ups ----------------------------------------------------------------------------
@@ -640,18 +946,105 @@ async def test_the_lookup_endpoint_shows_unknown_in_progress_and_completed_payme
     assert after.json() == {"state": "COMPLETED", "status_code": 200, "response": answer.json()}
 
 
+async def test_a_payment_is_looked_up_by_its_transaction_id_not_by_its_header(
+    gateway: Client, upstream: Upstream
+) -> None:
+    answer = await pay(gateway, payment("TXN-seek"), key="order-seek")
+
+    by_transaction = await get(gateway, "/v1/payments/TXN-seek")
+    by_header = await get(gateway, "/v1/payments/order-seek")
+
+    assert by_transaction.json() == {
+        "state": "COMPLETED",
+        "status_code": 200,
+        "response": answer.json(),
+    }
+    assert by_header.status == 404
+
+
 # 10. Key hashing -------------------------------------------------------------------------------
 
 
-async def test_redis_keys_are_the_prefix_and_a_sha256_of_the_clients_key(
+async def test_redis_keys_are_the_prefix_and_a_sha256_of_the_clients_strings(
     upstream: Upstream, redis_url: str, redis_server: RedisServer
 ) -> None:
     odd_key = 'order 42 * [retry]?|x|"q" \\ #1 a/b 100%2F'
+    odd_id = "TXN:42.a_b-c"
     async with running_gateway(config(upstream[1], redis_url, key_prefix="tenant-7:")) as client:
-        assert (await pay(client, payment(), key=odd_key)).status == 200
-        found = await get(client, f"/v1/payments/{quote(odd_key, safe='')}")
+        assert (await pay(client, payment(odd_id), key=odd_key)).status == 200
+        found = await get(client, f"/v1/payments/{quote(odd_id, safe='')}")
 
-    keys = redis_server.client().keys("*")
-    assert keys == [redis_key(odd_key, prefix=b"tenant-7:")]
-    assert all(odd_key.encode() not in key for key in keys)
+    keys = set(redis_server.client().keys("*"))
+    assert keys == {
+        redis_key(odd_id, prefix=b"tenant-7:"),
+        binding_key(odd_key, prefix=b"tenant-7:"),
+        # While records of the old form may exist: since when, and a guard under the old key.
+        b"tenant-7:identity-by-transaction-id-since",
+        redis_key(odd_key, prefix=b"tenant-7:"),
+    }
+    assert all(odd_key.encode() not in key and odd_id.encode() not in key for key in keys)
     assert found.json()["state"] == "COMPLETED"
+
+
+# 11. Durability of the local stack's Redis -------------------------------------------------------
+
+
+def dev_stack_redis(directory: pathlib.Path) -> list[str]:
+    """`payagg dev`'s redis-server command line, on a free port and in `directory`."""
+    options = DevOptions(config=pathlib.Path("config/gateway.yaml"), redis_port=free_port())
+    redis_service = plan(options, directory)[0]
+    assert redis_service.name == "redis"
+    return redis_service.argv
+
+
+def test_the_dev_stack_runs_redis_with_an_fsynced_append_only_file_and_no_eviction(
+    tmp_path: pathlib.Path,
+) -> None:
+    argv = dev_stack_redis(tmp_path)
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "always"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert options["--dir"] == str(tmp_path)
+
+
+def start_redis(argv: list[str]) -> ServiceProcess:
+    process = ServiceProcess(argv)
+    port = int(argv[argv.index("--port") + 1])
+    client = redis_sync.Redis(port=port, socket_timeout=2)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis_sync.RedisError:
+            return False
+
+    wait_until(answers, what=f"redis-server on port {port}")
+    return process
+
+
+async def test_redis_killed_with_sigkill_and_restarted_on_its_directory_replays_every_payment(
+    upstream: Upstream, tmp_path: pathlib.Path
+) -> None:
+    state, url = upstream
+    argv = dev_stack_redis(tmp_path)
+    redis_url = f"redis://127.0.0.1:{argv[argv.index('--port') + 1]}/0"
+    transaction_ids = [f"TXN-durable-{n}" for n in range(20)]
+    redis = start_redis(argv)
+    try:
+        async with running_gateway(config(url, redis_url)) as client:
+            firsts = await asyncio.gather(*(pay(client, payment(t)) for t in transaction_ids))
+            redis.signal(signal.SIGKILL)
+            await asyncio.to_thread(redis.process.wait, 10)
+            redis.stop()
+            redis = await asyncio.to_thread(start_redis, argv)
+            await ready_again(client)
+            replays = [await pay(client, payment(t)) for t in transaction_ids]
+    finally:
+        redis.stop()
+
+    assert [answer.status for answer in firsts] == [200] * len(transaction_ids)
+    assert all(map(is_replay, replays)), [(r.status, r.body) for r in replays if not is_replay(r)]
+    assert [r.body for r in replays] == [f.body for f in firsts]
+    assert state.requests == len(transaction_ids)

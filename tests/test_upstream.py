@@ -125,18 +125,20 @@ async def client(provider: FakeProvider, metrics: GatewayMetrics) -> AsyncIterat
     await canon.close()
 
 
-def a_payment(key: str = "TXN-1", payer: str | None = None) -> Payment:
-    return Payment("TXN-1", Decimal("20.00"), "ZAR", "canon", payer, key)
+def a_payment(
+    transaction_id: str = "TXN-1", payer: str | None = None, header: str | None = None
+) -> Payment:
+    return Payment(transaction_id, Decimal("20.00"), "ZAR", "canon", payer, header)
 
 
 async def test_the_canonical_request_carries_a_uuid5_reference_and_the_payment(
     client: ProviderClient, provider: FakeProvider
 ) -> None:
     provider.answer(Reply(body={"status": "SUCCESS", "provider_reference": "P-1"}))
-    expected = a_payment(key="KEY-9").provider_reference("CANON")
-    answer = await client.pay(a_payment(key="KEY-9"), expected)
+    expected = a_payment(header="KEY-9").provider_reference("CANON")
+    answer = await client.pay(a_payment(header="KEY-9"), expected)
     (call,) = provider.seen
-    assert expected == str(uuid.uuid5(REFERENCE_NAMESPACE, "CANON\x00KEY-9"))
+    assert expected == str(uuid.uuid5(REFERENCE_NAMESPACE, "CANON\x00TXN-1"))
     assert (call.method, call.path_qs) == ("POST", "/pay")
     assert call.headers["X-Reference-Id"] == expected
     assert call.headers["Content-Type"] == "application/json"
@@ -151,10 +153,12 @@ async def test_the_canonical_request_carries_a_uuid5_reference_and_the_payment(
     assert answer.provider_reference == "P-1"
 
 
-def test_the_same_key_gives_the_same_reference_and_another_key_another() -> None:
-    assert a_payment("A").provider_reference("CANON") == a_payment("A").provider_reference("CANON")
-    assert a_payment("A").provider_reference("CANON") != a_payment("B").provider_reference("CANON")
-    assert a_payment("A").provider_reference("CANON") != a_payment("A").provider_reference("MTN")
+def test_the_same_transaction_id_gives_the_same_reference_whatever_its_header() -> None:
+    reference = a_payment("A").provider_reference("CANON")
+    assert a_payment("A", header="k1").provider_reference("CANON") == reference
+    assert a_payment("A", header="k2").provider_reference("CANON") == reference
+    assert a_payment("B", header="A").provider_reference("CANON") != reference
+    assert a_payment("A").provider_reference("MTN") != reference
 
 
 async def test_a_declined_answer_carries_the_reason(
