@@ -42,6 +42,7 @@ log = logging.getLogger("payagg")
 
 PAY_PATH = "/v1/pay"
 LOOKUP_PREFIX = "/v1/payments/"
+LOOKUP_ROUTE = LOOKUP_PREFIX + "{idempotency_key}"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _new_request_id = unique_tokens()
 
@@ -60,6 +61,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.metrics = GatewayMetrics([provider.name for provider in config.providers])
+        self.metrics.show_build(config.content_sha256)
         self.breakers = {
             provider.name: ProviderBreaker(
                 provider.name,
@@ -91,7 +93,7 @@ class Gateway:
 
     def paths(self) -> list[str]:
         """Every route this gateway serves, in the OpenAPI document's notation."""
-        return [*self._routes, LOOKUP_PREFIX + "{idempotency_key}"]
+        return [*self._routes, LOOKUP_ROUTE]
 
     def make_request(
         self,
@@ -155,6 +157,9 @@ class Gateway:
         provider = request.get(PROVIDER)
         if path == PAY_PATH and outcome:
             self.metrics.count(provider or UNKNOWN_PROVIDER, outcome)
+        self.metrics.observe_answer(
+            self._route_label(path), outcome or "ok", time.perf_counter() - started
+        )
         log_request(
             {
                 "request_id": request_id,
@@ -180,6 +185,12 @@ class Gateway:
             not_allowed.headers["Allow"] = ",".join(methods)
             raise not_allowed
         return handler(request)
+
+    def _route_label(self, path: str) -> str:
+        """The route as the OpenAPI document names it: a label value never taken from the URL."""
+        if path in self._routes:
+            return path
+        return LOOKUP_ROUTE if path.startswith(LOOKUP_PREFIX) else "unmatched"
 
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
         return await self.payments.lookup(_lookup_key(request))
