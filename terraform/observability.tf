@@ -89,6 +89,8 @@ locals {
   })
 
   alarm_actions = [aws_sns_topic.alerts.arn]
+  # AMP's alert manager and CloudWatch alarms publish to the alerts topic.
+  alert_publishers = ["aps.amazonaws.com", "cloudwatch.amazonaws.com"]
   ecs_dimensions = {
     ClusterName = aws_ecs_cluster.payagg.name
     ServiceName = aws_ecs_service.payagg.name
@@ -159,20 +161,10 @@ resource "aws_iam_role_policy" "task_remote_write" {
 # --- the alerts topic ---------------------------------------------------------------------------
 
 # A key of its own: the services that publish (AMP's alert manager, CloudWatch alarms) need to
-# encrypt with it, which the store's key must not allow.
+# encrypt with it, which the store's key must not allow. Its administration is the store key's
+# (kms.tf), plus the publishers.
 data "aws_iam_policy_document" "alerts_key" {
-  #checkov:skip=CKV_AWS_109:a key policy's "*" resource is the key itself; IAM policies narrow access
-  #checkov:skip=CKV_AWS_111:a key policy's "*" resource is the key itself; IAM policies narrow access
-  #checkov:skip=CKV_AWS_356:a key policy's "*" resource is the key itself; IAM policies narrow access
-  statement {
-    sid       = "AccountAdministersTheKey"
-    actions   = ["kms:*"]
-    resources = ["*"]
-    principals {
-      type        = "AWS"
-      identifiers = ["arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root"]
-    }
-  }
+  source_policy_documents = [data.aws_iam_policy_document.kms.json]
 
   statement {
     sid       = "PublishersEncryptAlerts"
@@ -180,7 +172,7 @@ data "aws_iam_policy_document" "alerts_key" {
     resources = ["*"]
     principals {
       type        = "Service"
-      identifiers = ["aps.amazonaws.com", "cloudwatch.amazonaws.com"]
+      identifiers = local.alert_publishers
     }
     condition {
       test     = "StringEquals"
@@ -209,7 +201,7 @@ data "aws_iam_policy_document" "alerts_topic" {
     resources = [aws_sns_topic.alerts.arn]
     principals {
       type        = "Service"
-      identifiers = ["aps.amazonaws.com", "cloudwatch.amazonaws.com"]
+      identifiers = local.alert_publishers
     }
     condition {
       test     = "StringEquals"

@@ -10,15 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import OUTCOMES, REVISION_ENV, GatewayMetrics
 from tests.conftest import GatewayClient, gateway_yaml, make_config, payment, running_gateway
-
-
-def samples(text: str, name: str, **labels: str) -> list[float]:
-    return [
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    ]
+from tests.test_workers import samples
 
 
 def labels_of(text: str, name: str) -> list[dict[str, str]]:
