@@ -3,9 +3,9 @@
 prometheus-client's ProcessCollector reads one process's /proc and has no multiprocess mode: in a
 worker it would describe whichever worker the scrape happened to reach. This collector reads the
 /proc of every live worker and of their supervisor, and answers as one process would: memory,
-CPU time and open file descriptors are summed (what the task uses), the start time is the
-earliest (when the task started) and `process_max_fds` is the per-process limit, the smallest
-one (`open_fds / max_fds` then overstates the pressure on one worker, never understates it).
+CPU time, open file descriptors and their limits are summed (what the task uses and may use, so
+`open_fds / max_fds` is the processes' average use of their limits), and the start time is the
+earliest (when the task started).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _COMBINE: dict[str, Callable[[Iterable[float]], float]] = {
     "process_cpu_seconds_total": sum,
     "process_open_fds": sum,
     "process_start_time_seconds": min,
-    "process_max_fds": min,
+    "process_max_fds": sum,
 }
 
 

@@ -272,6 +272,13 @@ def resident_bytes(pid: int) -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def descriptor_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open files limit for {pid}")
+
+
 def test_process_metrics_add_up_the_supervisor_and_every_worker_whichever_is_scraped(
     workers: Workers,
 ) -> None:
@@ -291,6 +298,8 @@ def test_process_metrics_add_up_the_supervisor_and_every_worker_whichever_is_scr
         (resident,) = samples(text, "process_resident_memory_bytes")
         (open_fds,) = samples(text, "process_open_fds")
         (started,) = samples(text, "process_start_time_seconds")
+        (max_fds,) = samples(text, "process_max_fds")
+        assert max_fds == sum(descriptor_limit(pid) for pid in processes)
         assert len(samples(text, "process_cpu_seconds_total")) == 1
         # Three Python processes: the sum is well above the largest one, whoever answered.
         assert resident > 1.5 * largest
