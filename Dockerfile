@@ -30,6 +30,10 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
  && groupadd --system --gid 10001 payagg \
  && useradd --system --no-log-init --uid 10001 --gid 10001 \
         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin payagg
+# The git commit the image is built from, shown in payagg_build_info:
+#   docker build --build-arg REVISION="$(git rev-parse HEAD)" .
+ARG REVISION=unknown
+ENV PAYAGG_REVISION=${REVISION}
 # Owned by root: the service user reads the config but cannot rewrite it.
 COPY config/gateway.yaml /etc/payagg/gateway.yaml
 USER 10001:10001

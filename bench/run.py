@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import chart
 import profile_summary
 
 HERE = Path(__file__).resolve().parent
@@ -248,6 +249,12 @@ def main() -> int:
     parser.add_argument("--output", help="where to append the figures (default BENCHMARKS.md)")
     parser.add_argument("--no-record", action="store_true", help="print only, do not append")
     parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        help="where to draw the ratios chart (default bench/ratios.png for a recorded run, "
+        "none otherwise)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="record payagg with py-spy (must be installed) into FILE, raw format, and print "
@@ -258,6 +265,8 @@ def main() -> int:
         args.seconds, args.rounds, args.rss_requests = 1, 1, 1_000
         args.no_record = args.no_record or args.output is None
     args.output = args.output or str(ROOT / "BENCHMARKS.md")
+    if args.chart is None and not (args.no_record or args.profile or args.quick):
+        args.chart = str(ROOT / "bench" / "ratios.png")
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
         for tool in missing:
@@ -430,6 +439,9 @@ def main() -> int:
             with open(args.output, "a") as out:
                 out.write(report + "\n")
             print(f"appended to {args.output}")
+        if args.chart:
+            chart.write_chart(chart.latest_run(report), Path(args.chart))
+            print(f"chart: {args.chart}")
         return 0
     finally:
         for child in reversed(children):

@@ -42,6 +42,7 @@ log = logging.getLogger("payagg")
 
 PAY_PATH = "/v1/pay"
 LOOKUP_PREFIX = "/v1/payments/"
+LOOKUP_ROUTE = LOOKUP_PREFIX + "{TransactionID}"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _new_request_id = unique_tokens()
 
@@ -60,6 +61,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.metrics = GatewayMetrics([provider.name for provider in config.providers])
+        self.metrics.show_build(config.content_sha256)
         self.breakers = {
             provider.name: ProviderBreaker(
                 provider.name,
@@ -92,7 +94,7 @@ class Gateway:
 
     def paths(self) -> list[str]:
         """Every route this gateway serves, in the OpenAPI document's notation."""
-        return [*self._routes, LOOKUP_PREFIX + "{TransactionID}"]
+        return [*self._routes, LOOKUP_ROUTE]
 
     def server(self) -> web.Server:
         return GatewayServer(
@@ -131,6 +133,9 @@ class Gateway:
             response, outcome = self._answer_error(answered, request_id), answered.outcome
         if path == PAY_PATH and outcome:
             self.metrics.count(request.get(PROVIDER) or UNKNOWN_PROVIDER, outcome)
+        self.metrics.observe_answer(
+            self._route_label(path), outcome or "ok", time.perf_counter() - started
+        )
         return _logged(request, response, request_id, outcome, started)
 
     def answer_unreadable(self, request: web.BaseRequest, error: PaymentError) -> web.Response:
@@ -142,6 +147,7 @@ class Gateway:
         request_id = _request_id(request)
         response = self._answer_error(error, request_id)
         self.metrics.count(UNKNOWN_PROVIDER, error.outcome)
+        self.metrics.observe_answer("unmatched", error.outcome, time.perf_counter() - started)
         _logged(request, response, request_id, error.outcome, started)
         return response
 
@@ -170,6 +176,12 @@ class Gateway:
             not_allowed.headers["Allow"] = ",".join(methods)
             raise not_allowed
         return handler(request)
+
+    def _route_label(self, path: str) -> str:
+        """The route as the OpenAPI document names it: a label value never taken from the URL."""
+        if path in self._routes:
+            return path
+        return LOOKUP_ROUTE if path.startswith(LOOKUP_PREFIX) else "unmatched"
 
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
         return await self.payments.lookup(_lookup_transaction_id(request))

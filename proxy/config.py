@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import ssl
@@ -204,6 +205,8 @@ class GatewayConfig:
     redis: RedisSettings
     idempotency: IdempotencySettings
     providers: tuple[Provider, ...]
+    # SHA-256 of the file's text as read, before ${VAR} substitution: which file a process runs.
+    content_sha256: str = ""
 
     def summary(self) -> str:
         names = ", ".join(provider.name for provider in self.providers)
@@ -258,7 +261,14 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
         problems.extend(_lock_ttl_problems(shape.idempotency, settings))
     if problems or shape is None:
         raise ConfigError(_format(problems, document, source))
-    return GatewayConfig(source, shape.server, shape.redis, shape.idempotency, providers)
+    return GatewayConfig(
+        source,
+        shape.server,
+        shape.redis,
+        shape.idempotency,
+        providers,
+        content_sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
 
 
 def _merge_defaults(document: YamlDocument) -> dict[str, Any]:

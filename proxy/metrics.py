@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import platform
 from collections.abc import Iterable
+from importlib import metadata
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 
 from proxy.breaker import BreakerState
+from proxy.process_metrics import WorkerProcessCollector
 
 # The `_created` timestamps double the scrape size and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -38,6 +43,13 @@ OUTCOMES = (
     "malformed",
     "client_closed",
 )
+# payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
+_ANSWER_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30,
+)  # fmt: skip
+PAY_ROUTE = "/v1/pay"
+# Set from the Dockerfile's REVISION build argument: the git commit the image was built from.
+REVISION_ENV = "PAYAGG_REVISION"
 # Payments are seconds-scale at worst; the low buckets show the proxy's own overhead.
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -111,6 +123,8 @@ class GatewayMetrics:
                 self.provider_mismatches.labels(provider)
                 self.show_state(provider, BreakerState.CLOSED)
 
+        self._add_operations_metrics(providers)
+
     def count(self, provider: str, outcome: str) -> None:
         self._request_counters[provider, outcome].inc()
 
@@ -127,5 +141,58 @@ class GatewayMetrics:
             # Every worker's values, merged from the files prometheus-client keeps per process.
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            merged.register(WorkerProcessCollector())
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+    # --- operations: what the dashboard and the alert rules in ops/ read ----------------------
+
+    def _add_operations_metrics(self, providers: Iterable[str]) -> None:
+        self.request_duration = Histogram(
+            "payagg_request_duration_seconds",
+            "Time from a request's arrival to payagg's answer, by route and outcome.",
+            ["route", "outcome"],
+            buckets=_ANSWER_BUCKETS,
+            registry=self.registry,
+        )
+        self._answer_histograms: dict[tuple[str, str], Histogram] = {}
+        for outcome in OUTCOMES:
+            self.observe_answer(PAY_ROUTE, outcome, None)
+        for provider in providers:
+            for before, after in itertools.permutations(BreakerState, 2):
+                self.breaker_transitions.labels(provider, before.value, after.value)
+        self.build_info = Gauge(
+            "payagg_build_info",
+            "Always 1; the labels say which build and which config file answer.",
+            ["version", "revision", "python", "config_hash"],
+            registry=self.registry,
+            # Every worker runs the same build and file: one series, dropped with a dead worker.
+            multiprocess_mode="livemax",
+        )
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # With workers, render() reads every worker's /proc instead (see process_metrics).
+            ProcessCollector(registry=self.registry)
+
+    def show_build(self, config_hash: str) -> None:
+        self.build_info.labels(
+            _package_version(),
+            os.environ.get(REVISION_ENV) or "unknown",
+            platform.python_version(),
+            config_hash,
+        ).set(1)
+
+    def observe_answer(self, route: str, outcome: str, seconds: float | None) -> None:
+        """Record one answer's latency; `seconds=None` only creates the series."""
+        histogram = self._answer_histograms.get((route, outcome))
+        if histogram is None:
+            histogram = self.request_duration.labels(route, outcome)
+            self._answer_histograms[route, outcome] = histogram
+        if seconds is not None:
+            histogram.observe(seconds)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("payagg")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -125,7 +125,37 @@ locals {
     }
   }
 
-  containers = [local.proxy_container, local.mtn_container, local.airtel_container]
+  # The metrics collector (observability.tf): scrapes the proxy over the task's loopback and
+  # remote-writes to the Prometheus workspace. Not essential: payments go on without it.
+  collector_container = {
+    name                   = "collector"
+    image                  = var.adot_image
+    essential              = false
+    command                = ["--config=env:AOT_CONFIG_CONTENT"]
+    user                   = "10001"
+    readonlyRootFilesystem = true
+    stopTimeout            = 30
+    environment            = [{ name = "AOT_CONFIG_CONTENT", value = local.collector_config }]
+    dependsOn              = [{ containerName = "proxy", condition = "START" }]
+    healthCheck = {
+      command     = ["CMD", "/healthcheck"] # the image's probe of the health_check extension
+      interval    = 10
+      timeout     = 5
+      retries     = 3
+      startPeriod = 10
+    }
+    mountPoints = [{ sourceVolume = "tmp-collector", containerPath = "/tmp", readOnly = false }]
+    logConfiguration = {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.payagg.name
+        awslogs-region        = data.aws_region.current.name
+        awslogs-stream-prefix = "collector"
+      }
+    }
+  }
+
+  containers = [local.proxy_container, local.mtn_container, local.airtel_container, local.collector_container]
 }
 
 resource "aws_cloudwatch_log_group" "payagg" {

@@ -35,9 +35,12 @@ def test_without_nginx_or_wrk_the_bench_says_how_to_install_them(tmp_path):
     reason="nginx and wrk come from the system's packages; .ci/run installs them where it can",
 )
 def test_a_quick_bench_run_measures_every_scenario_and_judges_every_target(tmp_path):
-    output = tmp_path / "BENCHMARKS.md"
+    output, picture = tmp_path / "BENCHMARKS.md", tmp_path / "ratios.png"
     result = subprocess.run(
-        [*RUN, "--quick", "--output", str(output)], capture_output=True, text=True, timeout=240
+        [*RUN, "--quick", "--output", str(output), "--chart", str(picture)],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     recorded = output.read_text()
@@ -51,6 +54,7 @@ def test_a_quick_bench_run_measures_every_scenario_and_judges_every_target(tmp_p
     # 1,000 requests in a quick run: the memory target needs 100,000 and says so.
     assert verdicts[-1][1].startswith("not judged: only"), verdicts
     assert "payagg RSS:" in recorded
+    assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 @pytest.fixture
@@ -174,3 +178,53 @@ def test_the_profile_summary_prints_each_owners_share(tmp_path):
     lines = _profile_summary().summarise(raw).splitlines()
     assert lines[0].split() == ["system", "calls", "25.0%"]
     assert lines[1].split() == ["payagg", "75.0%"]
+
+
+def _chart():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import chart
+    finally:
+        sys.path.pop(0)
+    return chart
+
+
+CHART_REPORT = """\
+# Benchmarks
+
+## 2026-01-01 10:00 UTC: an older run
+
+| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx |
+| --- | --- | --- | --- | --- |
+| nginx | 40,000 | 0.70 | 1.10 | 1.00 |
+
+## 2026-02-02 10:00 UTC: 32 connections, 3 interleaved rounds of 8 s, payagg workers: 1
+
+| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx | ratio to obvious |
+| --- | --- | --- | --- | --- | --- |
+| nginx | 40,000 | 0.70 | 1.10 | 1.00 | 8.00 |
+| payagg | 8,000 | 3.80 | 7.00 | 0.20 | 1.60 |
+
+| target | measured | verdict |
+| --- | --- | --- |
+| payagg >= 1.5x obvious | 1.60x | met |
+
+payagg RSS: 68.8 MiB before, 72.6 MiB after 1,000 requests (+5.5%).
+"""
+
+
+def test_the_chart_reads_the_latest_run_of_a_report_with_every_ratio_column():
+    run = _chart().latest_run(CHART_REPORT)
+
+    assert run.title.startswith("2026-02-02 10:00 UTC")
+    assert run.references == ["nginx", "obvious"]
+    assert run.ratios == {"nginx": [1.0, 8.0], "payagg": [0.2, 1.6]}
+
+
+def test_the_chart_is_written_as_a_png(tmp_path):
+    chart = _chart()
+    picture = tmp_path / "ratios.png"
+
+    chart.write_chart(chart.latest_run(CHART_REPORT), picture)
+
+    assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

