@@ -21,8 +21,8 @@ from typing import Any
 from proxy.config import IdempotencySettings, RedisSettings
 from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
-from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
 from proxy.replays import ReplayCache
+from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
 from proxy.tokens import unique_tokens
 
 log = logging.getLogger("payagg.idempotency")
@@ -83,7 +83,7 @@ class IdempotencyStore:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
         self._metrics = metrics
-        self._redis = RedisClient(settings.url, settings.timeout_s)
+        self._redis = StoreClient(settings)
         self._replays: ReplayCache[KeyState] = ReplayCache(ttl.replay_cache_size)
         # Claims whose reply never came (Redis stalled, not dead): Redis may still run them when
         # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
@@ -175,12 +175,16 @@ class IdempotencyStore:
 
     async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
         with self._store_errors:
-            done = await self._redis.run_script(_FINISH, [key], [lock, value, ttl_s])
+            done = await self._redis.run_script(
+                _FINISH, [key], [lock, value, ttl_s], durable=bool(value)
+            )
         return bool(done)
 
     async def ping(self) -> bool:
+        """True when a write would succeed now; raises StoreUnavailable (its cause says why)."""
         with self._store_errors:
-            return bool(await self._redis.execute(b"PING"))
+            await self._redis.check_writable()
+        return True
 
     async def close(self) -> None:
         await self._redis.close()

@@ -27,7 +27,7 @@ from tests.conftest import (
     payment,
     running_gateway,
 )
-from tests.test_redis_wire import Relay
+from tests.redis_relay import Relay
 
 Upstream = tuple[UpstreamState, str]
 Client = GatewayClient
