@@ -14,7 +14,7 @@ import logging
 import signal
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +24,13 @@ import trustme
 
 from proxy.config import RedisSettings
 from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, StartRedis
 from tests.processes import free_port, wait_until
 from tests.redis_relay import Relay
 
 TIMEOUT_S = 0.3
 SET_KEY = Script("return redis.call('SET', KEYS[1], ARGV[1])")
 GET_KEY = Script("return redis.call('GET', KEYS[1])")
-
-StartRedis = Callable[..., RedisServer]
-
-
-@pytest.fixture
-def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
-    """Start redis-servers for one test (`start_redis("--requirepass", "x", password="x")`)."""
-    started: list[RedisServer] = []
-
-    def start(*extra: str, password: str | None = None) -> RedisServer:
-        directory = tmp_path / str(len(started))
-        directory.mkdir()
-        server = RedisServer(directory, *extra, password=password)
-        started.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in started:
-        if server.process is not None:
-            server.signal(signal.SIGCONT)  # a frozen server cannot handle SIGTERM
-        server.stop()
 
 
 @contextlib.asynccontextmanager
@@ -357,14 +335,9 @@ async def test_a_full_redis_fails_readiness_and_scripts_with_oom(start_redis: St
 
 async def test_a_busy_redis_is_backed_off_from_then_used_again(start_redis: StartRedis) -> None:
     server = start_redis("--lua-time-limit", "50")
-    busy_script = (
-        "local started = redis.call('TIME')[1] "
-        "while redis.call('TIME')[1] - started < 2 do end return 1"
-    )
-    busy = threading.Thread(target=server.client().eval, args=(busy_script, 0))
     async with connected(server.url, timeout_s=1.0) as client:
         await client.check_writable()
-        busy.start()
+        busy = server.busy_for(2)
         try:
             await asyncio.to_thread(
                 wait_until, lambda: _answers_busy(server), 10, "the script to make Redis BUSY"
