@@ -98,6 +98,7 @@ class StoreClient:
         # keeps claims and lookups from queueing behind it while a replica is slow.
         self._durable = _Connection(settings) if settings.wait_replicas else self._main
         self._probe_key = settings.key_prefix + "readiness-probe"
+        self._replicas_missing_until = 0.0
 
     async def run_script(
         self,
@@ -158,7 +159,26 @@ class StoreClient:
             pause_s = min(pause_s * 2, _MAX_BACKOFF_S)
 
     async def _replicate(self, key: bytes | str) -> None:
+        """WAIT for `redis.wait_replicas`; never raises: the write itself has succeeded."""
         wanted = self._settings.wait_replicas
+        if time.monotonic() < self._replicas_missing_until:
+            acknowledged: Any = "no WAIT: replicas were missing a moment ago"
+        else:
+            acknowledged = await self._wait_for_replicas(key, wanted)
+        if isinstance(acknowledged, int) and acknowledged >= wanted:
+            return
+        # WAIT holds its connection (and every answer queued behind it) for its whole timeout
+        # while a replica is missing; once one came back short, the next ones skip it a while.
+        self._replicas_missing_until = time.monotonic() + _MAX_BACKOFF_S
+        log.error(
+            "a charged payment's answer is on the primary only (%s of %d replicas): a failover "
+            "now could lose it (key %s)",
+            acknowledged,
+            wanted,
+            _text(key),
+        )
+
+    async def _wait_for_replicas(self, key: bytes | str, wanted: int) -> int | str:
         # Half the command timeout: the answer (how many replicas made it) must come back
         # before glide gives up on the command.
         wait = ["WAIT", str(wanted), str(max(1, int(self._settings.timeout_s * 500)))]
@@ -170,15 +190,10 @@ class StoreClient:
                 return client.custom_command(wait, route)
             return client.custom_command(wait)
 
-        acknowledged = await self._durable.run(on_the_keys_primary)
-        if int(acknowledged) < wanted:
-            log.error(
-                "a charged payment's answer reached %d of %d replicas in time: a failover now "
-                "could lose it (key %s)",
-                acknowledged,
-                wanted,
-                _text(key),
-            )
+        try:
+            return int(await self._durable.run(on_the_keys_primary))
+        except (RedisUnavailable, RedisReplyError) as error:
+            return f"WAIT failed: {error}"
 
 
 class _Connection:

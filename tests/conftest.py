@@ -9,7 +9,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis as redis_sync
@@ -20,6 +20,9 @@ from proxy.app import Gateway
 from proxy.config import GatewayConfig, parse_config
 from tests.canonical_upstream import UpstreamState, build_upstream
 from tests.processes import ServiceProcess, free_port, wait_until
+
+if TYPE_CHECKING:
+    from tests.redis_cluster import RedisCluster
 
 
 def redis_server_binary() -> str:
@@ -111,6 +114,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """3 masters with a replica each; a test that kills a node restarts it before it ends."""
+    from tests.redis_cluster import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 StartRedis = Callable[..., RedisServer]

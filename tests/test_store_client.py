@@ -390,4 +390,4 @@ async def test_with_wait_replicas_and_no_replica_the_write_is_logged_as_unreplic
     async with connected(primary.url, wait_replicas=1) as client:
         with caplog.at_level(logging.ERROR, "payagg.redis"):
             assert await client.run_script(SET_KEY, ["store:k"], ["v"], durable=True) == "OK"
-    assert "reached 0 of 1 replicas" in caplog.text
+    assert "on the primary only (0 of 1 replicas)" in caplog.text
