@@ -246,13 +246,20 @@ class _Connection:
 
     def _back_off(self, reason: str) -> None:
         self._refusal = reason
-        self._refusing_until = time.monotonic() + self._backoff_s
+        now = time.monotonic()
+        # Refusals of commands sent before the back-off began do not lengthen it: only a new
+        # attempt, refused again, does.
+        if now < self._refusing_until:
+            return
+        self._refusing_until = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, _MAX_BACKOFF_S)
 
     async def _discard(self, client: Glide) -> None:
+        # Commands in flight on a discarded client fail with it; theirs must not discard the
+        # client built since.
         if self._client is client:
             self._client = None
-        await client.close()
+            await client.close()
 
     async def _create(self) -> Glide:
         # Concurrent callers share one client instead of building one each.
