@@ -13,7 +13,7 @@ import pytest
 import redis as redis_sync
 import trustme
 
-from tests.conftest import RedisServer, StartRedis
+from tests.conftest import RedisServer, StartRedis, payment
 from tests.conftest import running_gateway as gateway_on
 from tests.payment_burst import (
     Upstream,
@@ -158,6 +158,34 @@ async def test_a_redis_busy_in_a_script_fails_closed_and_recovers_once_it_is_don
             await in_thread(busy.join)
         await recovers(client, "busy")
     assert "TXN-busy" not in {body["transaction_id"] for body in upstream[0].bodies}
+
+
+async def test_a_charged_payments_answer_waits_out_a_busy_redis_and_is_stored(
+    start_redis: StartRedis, upstream: Upstream
+) -> None:
+    """The provider has charged; Redis answers BUSY (it runs nothing) when the answer is to be
+    stored. The old client gave up at once: the client saw 200, nothing was stored, and every
+    retry got 409 until the lock expired."""
+    server = start_redis("--lua-time-limit", "50")
+    state, upstream_url = upstream
+    state.delay_s = 1.0
+    async with gateway_on(config(upstream_url, server.url)) as client:
+        assert await until_readiness(client, 200) == ""
+        paying = asyncio.ensure_future(pay(client, "TXN-charged"))
+        await in_thread(wait_until, lambda: state.requests == 1, 10, "the provider call")
+        busy = server.busy_for(3)  # 2-3 s (whole seconds of TIME): past the provider's answer
+        try:
+            status, body = await paying
+        finally:
+            await in_thread(busy.join)
+    assert status == 200
+    async with (
+        gateway_on(config(upstream_url, server.url)) as fresh,
+        fresh.post("/v1/pay", json=payment("TXN-charged")) as replay,
+    ):
+        assert (replay.status, await replay.read()) == (200, body)
+        assert replay.headers["Idempotent-Replayed"] == "true"
+    assert state.requests == 1
 
 
 # 6. TLS ------------------------------------------------------------------------------------------
