@@ -68,6 +68,7 @@ _REFUSED = re.compile(
 # no retry mends.
 _NOT_AN_OUTAGE = re.compile(r"Error (running|compiling) script|NOPERM|PermissionDenied")
 
+_MAX_IN_FLIGHT = 20_000
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 
@@ -292,6 +293,9 @@ class _Connection:
             "request_timeout": timeout_ms,
             "protocol": ProtocolVersion.RESP2,
             "lazy_connect": True,
+            # glide refuses commands beyond 1,000 in flight by default; after an outage the store
+            # releases up to 10,000 unanswered claims in one batch (idempotency.py).
+            "inflight_requests_limit": _MAX_IN_FLIGHT,
         }
         client: Glide
         try:

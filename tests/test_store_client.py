@@ -95,6 +95,24 @@ async def test_a_script_error_is_a_reply_error_not_an_outage(
         assert await client.run_script(SET_KEY, ["store:k"], ["still usable"]) == "OK"
 
 
+async def test_five_thousand_scripts_in_flight_behind_a_stalled_redis_all_get_their_reply(
+    start_redis: StartRedis,
+) -> None:
+    """glide refuses commands beyond 1,000 in flight by default, which a half-second stall under
+    load reaches; the store also releases up to 10,000 unanswered claims at once."""
+    server = start_redis()
+    echo = Script("return ARGV[1]")
+    async with connected(server.url, timeout_s=10) as client:
+        await client.check_writable()
+        server.signal(signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(0.5, server.signal, signal.SIGCONT)
+        replies = await asyncio.gather(
+            *(client.run_script(echo, [f"store:{i}"], [f"reply-{i}"]) for i in range(5000)),
+            return_exceptions=True,
+        )
+    assert replies == [f"reply-{i}".encode() for i in range(5000)]
+
+
 # 2. AUTH, SELECT, TLS ----------------------------------------------------------------------------
 
 
