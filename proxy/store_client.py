@@ -85,12 +85,12 @@ class Script:
     """A Lua script, run by its SHA and sent whole once when the server lacks it."""
 
     def __init__(self, source: str) -> None:
-        self.source = source
         self.glide = GlideScript(source)  # type: ignore[no-untyped-call]
 
 
 class StoreClient:
-    """Scripts and readiness checks on one lazily built glide client (standalone or cluster)."""
+    """Scripts and readiness checks on a lazily built glide client (standalone or cluster; a
+    second one for durable writes when they WAIT for replicas)."""
 
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
