@@ -308,7 +308,9 @@ async def test_airtel_issues_a_token_for_client_credentials_expiring_in_180_s(
     async with client.post("/auth/oauth2/token", json=grant) as answer:
         assert answer.status == 200
         body = await answer.json()
-    assert body == {"access_token": body["access_token"], "expires_in": "180", "token_type": "bearer"}
+    assert body == {
+        "access_token": body["access_token"], "expires_in": "180", "token_type": "bearer",
+    }
 
 
 CONFIGURED = Credentials("the-user", "the-secret", "sub-key")
