@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,8 @@ class Ledger:
     def __init__(self) -> None:
         self.stats = Stats()
         self._entries: dict[str, Entry] = {}
-        self._pending: dict[str, Entry] = {}
+        # Pending entries by due time (and booking order), so settling costs only what is due.
+        self._due: list[tuple[float, int, Entry]] = []
 
     def find(self, reference: str) -> Entry | None:
         return self._entries.get(reference)
@@ -120,18 +122,15 @@ class Ledger:
             # lost. It is charged once, when it turns SUCCESSFUL.
             entry = Entry(payment, None, now + decision.approval_s)
         self._entries[payment.reference] = entry
-        self._pending[payment.reference] = entry
+        heapq.heappush(self._due, (entry.due, len(self._entries), entry))
         self.stats.pending += 1
         return Booking(entry, decision.outcome)
 
     def settle(self, now: float) -> list[Entry]:
-        """Turn every pending entry that is due final; returns them, oldest due first."""
-        due = sorted(
-            (entry for entry in self._pending.values() if entry.due <= now),
-            key=lambda entry: entry.due,
-        )
-        for entry in due:
-            del self._pending[entry.payment.reference]
+        """Turn every pending entry that is due final; returns them, the earliest due first."""
+        settled = []
+        while self._due and self._due[0][0] <= now:
+            entry = heapq.heappop(self._due)[2]
             self.stats.pending -= 1
             if entry.fate is None:
                 entry.state = State.SUCCESSFUL
@@ -139,10 +138,11 @@ class Ledger:
             else:
                 entry.state = State.FAILED
                 self.stats.declines += 1
-        return due
+            settled.append(entry)
+        return settled
 
     def next_due(self) -> float | None:
-        return min((entry.due for entry in self._pending.values()), default=None)
+        return self._due[0][0] if self._due else None
 
 
 @dataclass(frozen=True)

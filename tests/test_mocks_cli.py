@@ -23,18 +23,6 @@ from tests.processes import VENV_BIN, free_port, mock_provider, running, wait_un
 Json = dict[str, Any]
 
 
-def http(
-    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
-) -> tuple[int, Json]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def http_raw(
     method: str, url: str, body: object = None, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
@@ -45,6 +33,13 @@ def http_raw(
             return answer.status, answer.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def http(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, Json]:
+    status, raw = http_raw(method, url, body, headers)
+    return status, json.loads(raw)
 
 
 SUBSCRIPTION = {"Ocp-Apim-Subscription-Key": "sub"}
