@@ -13,11 +13,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from mock_providers import airtel, mtn
+from mock_providers import airtel, mtn, validation
 from mock_providers.api import ProviderApi
 from mock_providers.app import MockOptions, create_app
 from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency, check_rate
@@ -87,8 +86,7 @@ def non_empty(text: str) -> str:
 
 
 def http_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not validation.is_http_url(text):
         raise argparse.ArgumentTypeError(f"must be an http(s) URL, got {text!r}")
     return text
 

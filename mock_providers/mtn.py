@@ -84,6 +84,8 @@ def read_payment(headers: Mapping[str, str], body: bytes) -> Payment:
         reference = validation.header(headers, "X-Reference-Id", validation.UUID)
         validation.header(headers, "X-Target-Environment")
         callback_url = headers.get("X-Callback-Url", "").strip() or None
+        if callback_url is not None and not validation.is_http_url(callback_url):
+            raise BadField("X-Callback-Url", f"header must be an http(s) URL, got {callback_url!r}")
         document = validation.json_object(body)
         amount = validation.decimal_string(document, "amount")
         currency = validation.text(document, "currency", validation.CURRENCY)

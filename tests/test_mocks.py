@@ -490,6 +490,7 @@ MTN_MALFORMED = [
     ("body", "currency", "EUR\n", "currency"),
     ("body", "payer.partyId", "0733123450", "payer.partyId"),
     ("body", "payer.partyId", "+46733123450", "payer.partyId"),
+    ("header", "X-Callback-Url", "callbacks.example", "X-Callback-Url"),
 ]
 MTN_MALFORMED_IDS = [
     "no-reference-id", "reference-id-not-a-uuid", "no-target-environment", "body-not-json",
@@ -498,7 +499,7 @@ MTN_MALFORMED_IDS = [
     "payer-missing", "payer-not-an-object", "party-id-type-unknown", "party-id-missing",
     "party-id-empty", "payee-note-not-a-string", "amount-trailing-newline",
     "amount-arabic-indic-digits", "currency-trailing-newline", "msisdn-national",
-    "msisdn-with-plus",
+    "msisdn-with-plus", "callback-url-not-a-url",
 ]
 
 
@@ -927,6 +928,25 @@ async def test_two_mocks_with_the_same_seed_give_the_same_outcome_sequence(
     assert await outcomes(second, dialect, 30) == sequence
     assert {"success", "failure"} < set(sequence)
     assert any(outcome.startswith("failed:") for outcome in sequence)
+
+
+@DIALECTS
+async def test_the_same_seed_draws_the_same_approval_delays(
+    start_mock: StartMock, dialect: Dialect
+) -> None:
+    finals = []
+    for _ in range(2):
+        clock = FakeClock()
+        client = await start_mock(dialect, seed=99, clock=clock, approval_ms=(0, 1000))
+        access_token = await token(client, dialect)
+        references = [dialect.new_reference() for _ in range(20)]
+        for reference in references:
+            await pay(client, dialect, reference, access_token)
+        clock.now += 0.5
+        statuses = [(await status_of(client, dialect, ref, access_token))[1] for ref in references]
+        finals.append([dialect.final(body) is not None for body in statuses])
+    assert finals[0] == finals[1]
+    assert 0 < sum(finals[0]) < 20  # the delays really spread over the range
 
 
 async def test_latency_is_added_within_the_configured_range(start_mock: StartMock) -> None:
