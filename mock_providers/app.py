@@ -176,8 +176,9 @@ async def pay(request: web.Request) -> web.Response:
 
 
 async def hang_until_the_client_leaves(hangs: set[asyncio.Future[None]]) -> NoReturn:
-    # The payment is already charged; only the answer is lost. The handler is cancelled when the
-    # client disconnects, or by drop_hung_requests at shutdown, so no task outlives its connection.
+    # The payment is already created (and charged once its payer approves); only the answer is
+    # lost. The handler is cancelled when the client disconnects, or by drop_hung_requests at
+    # shutdown, so no task outlives its connection.
     never = asyncio.get_running_loop().create_future()
     hangs.add(never)
     try:
