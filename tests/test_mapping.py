@@ -41,6 +41,8 @@ def fields(**overrides: object) -> PaymentFields:
         "reference": "0b7f5a3e-4c1d-4f5e-9a2b-1c3d5e7f9a0b",
         "idempotency_key": "key-1",
         "provider": "TEST",
+        "token": "tok-1",
+        "callback_url": "https://payagg.example/v1/callbacks/TEST/abc",
     }
     values.update(overrides)
     return PaymentFields(**values)  # type: ignore[arg-type]
@@ -71,6 +73,8 @@ def rendered(body: object, **overrides: object) -> object:
         ("{reference}", "0b7f5a3e-4c1d-4f5e-9a2b-1c3d5e7f9a0b"),
         ("{idempotency_key}", "key-1"),
         ("{provider}", "TEST"),
+        ("{token}", "tok-1"),
+        ("{callback_url}", "https://payagg.example/v1/callbacks/TEST/abc"),
     ],
     ids=[
         "transaction_id",
@@ -80,13 +84,15 @@ def rendered(body: object, **overrides: object) -> object:
         "reference",
         "idempotency_key",
         "provider",
+        "token",
+        "callback_url",
     ],
 )
 def test_each_placeholder_alone_renders_the_payments_value(placeholder, expected):
     assert rendered({"value": placeholder}) == {"value": expected}
 
 
-def test_every_known_placeholder_is_covered_by_the_table_above():
+def test_every_payment_placeholder_is_covered_by_the_table_above():
     assert (
         sorted(
             [
@@ -97,10 +103,16 @@ def test_every_known_placeholder_is_covered_by_the_table_above():
                 "reference",
                 "idempotency_key",
                 "provider",
+                "token",
+                "callback_url",
             ]
         )
-        == mapping_module.PLACEHOLDERS
+        == sorted(mapping_module.PAYMENT_PLACEHOLDERS)
     )
+    # The provider's own id is known only to status queries.
+    assert set(mapping_module.PLACEHOLDERS) - mapping_module.PAYMENT_PLACEHOLDERS == {
+        "provider_reference"
+    }
 
 
 @pytest.mark.parametrize(
@@ -656,7 +668,8 @@ CANONICAL_ANSWERS = [
     ),
     (200, {"status": "DECLINED"}, Answer("declined", reason="DECLINED")),
     (200, {"status": "DECLINED", "reason": ""}, Answer("declined", reason="DECLINED")),
-    (200, {"status": "PENDING"}, "failure"),
+    (200, {"status": "PENDING"}, "pending"),
+    (200, {"status": "PROCESSING"}, "failure"),
     (200, [1, 2], "failure"),
     (200, b"", "failure"),
     (200, b"{not json", "failure"),
@@ -678,6 +691,7 @@ CANONICAL_IDS = [
     "DECLINED-with-reason",
     "DECLINED-without-reason-says-DECLINED",
     "DECLINED-with-empty-reason-says-DECLINED",
+    "PENDING-is-pending",
     "unknown-status-value-is-failure",
     "not-an-object-is-failure",
     "empty-body-is-failure",
