@@ -640,7 +640,8 @@ def shipped() -> dict[str, ProviderMapping]:
 def assert_classified(answer: Answer, expected: Answer | str) -> None:
     if isinstance(expected, str):
         assert answer.outcome == expected, answer
-        assert answer.detail, "a failure or a rejection says what the provider answered"
+        if expected not in ("pending", "not_found"):
+            assert answer.detail, "a failure or a rejection says what the provider answered"
     else:
         assert (answer.outcome, answer.provider_reference, answer.reason) == (
             expected.outcome,
@@ -950,7 +951,8 @@ def config_problems(text: str) -> list[str]:
             """,
             [
                 "gw.yaml:5: providers.P.request.body.amount: unknown placeholder {amont}; known: "
-                "amount, currency, idempotency_key, payer, provider, reference, transaction_id"
+                "amount, callback_url, currency, idempotency_key, payer, provider, reference, "
+                "token, transaction_id"
             ],
         ),
         (
