@@ -247,7 +247,7 @@ class AnswerRule(_Spec):
 class ResponseSpec(_Spec):
     """How to read the provider's answer (YAML `response:`); first matching rule wins."""
 
-    success: list[AnswerRule]
+    success: list[AnswerRule] = Field(default_factory=list)
     declined: list[AnswerRule] = Field(default_factory=list)
     # The provider has the payment and it is not final (MTN's empty 202, Airtel's DP00800001006).
     pending: list[AnswerRule] = Field(default_factory=list)
@@ -674,10 +674,13 @@ def compile_mapping(
     answers = response or CANONICAL_RESPONSE
     response_path = (*path, "response")
     success = _compile_rules(answers.success, (*response_path, "success"), problems)
-    if not success:
-        problems.append(Problem((*response_path, "success"), "needs at least one rule"))
-    declined = _compile_rules(answers.declined, (*response_path, "declined"), problems)
     pending = _compile_rules(answers.pending, (*response_path, "pending"), problems)
+    if not success and not pending:
+        # A provider whose payments always start pending (MTN) answers success only later.
+        problems.append(
+            Problem((*response_path, "success"), "needs at least one rule (or `pending` ones)")
+        )
+    declined = _compile_rules(answers.declined, (*response_path, "declined"), problems)
     already_exists = _compile_rules(
         answers.already_exists, (*response_path, "already_exists"), problems
     )

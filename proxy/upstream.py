@@ -47,6 +47,7 @@ from proxy.errors import (
     ProviderMismatch,
     ProviderNotReached,
     ProviderRejected,
+    ProviderUnavailable,
 )
 from proxy.mapping import Answer, PaymentFields, StatusAnswer
 from proxy.metrics import GatewayMetrics
@@ -255,20 +256,20 @@ class ProviderClient:
             provider=self.name,
             provider_reference=quote(provider_reference or "", safe=""),
         )
-        with self.breaker.call() as verdict:
-            status, headers, raw = await self._authorised(
-                lambda token: self._request(
-                    spec.method,
-                    URL(spec.render_url(replace(fields, token=token)), encoded=True),
-                    {
-                        "Accept": "application/json",
-                        **spec.render_headers(replace(fields, token=token)),
-                    },
-                    b"",
-                )
+        # The breaker counts payments, one vote each: a status query obeys it but never votes,
+        # so polling neither dilutes a failing provider's window nor takes a half-open trial.
+        if self.breaker.rejects_now():
+            raise ProviderUnavailable(self.name, self.breaker.retry_after_s())
+        status, headers, raw = await self._authorised(
+            lambda token: self._request(
+                spec.method,
+                URL(spec.render_url(replace(fields, token=token)), encoded=True),
+                {"Accept": "application/json", **spec.render_headers(replace(fields, token=token))},
+                b"",
             )
-            answer = spec.classify(status, raw)
-            self._refuse(answer, status, headers, verdict)
+        )
+        answer = spec.classify(status, raw)
+        self._refuse(answer, status, headers, None)
         if answer.detail:
             log.warning(
                 "%s status answer for %s %s: left pending",
@@ -388,11 +389,11 @@ class ProviderClient:
         answer: Answer,
         status: int,
         headers: CIMultiDictProxy[str],
-        verdict: CallVerdict,
+        verdict: CallVerdict | None,
     ) -> None:
         """Raises for an answer that is not about a payment: a failure, busy or a refusal."""
         if answer.outcome == "failure":
-            if status in _RETRY_AFTER_STATUSES:
+            if verdict is not None and status in _RETRY_AFTER_STATUSES:
                 verdict.retry_after_s = retry_after_s(headers.get("Retry-After"))
             if self._proxy is not None and status in _PROXY_GAVE_UP:
                 raise OutcomeUnknown(
