@@ -443,10 +443,7 @@ def _build_providers(
         problems.extend(mapping_problems)
         canonical = settings.request is None and settings.response is None
         status, status_problems = compile_status(
-            settings.status,
-            settings.url if canonical else None,
-            path,
-            settings.breaker.failure_statuses,
+            settings.status, settings.url if canonical else None, path
         )
         problems.extend(status_problems)
         problems.extend(_protocol_problems(settings, mapping, status, server, path))

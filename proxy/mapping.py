@@ -706,10 +706,7 @@ def compile_mapping(
 
 
 def compile_status(
-    status: StatusSpec | None,
-    canonical_url: str | None,
-    path: Path,
-    failure_statuses: Iterable[int] = BUSY_STATUSES,
+    status: StatusSpec | None, canonical_url: str | None, path: Path
 ) -> tuple[StatusMapping | None, list[Problem]]:
     """Compile a provider's status query: its `status:`, else the canonical protocol's
     `GET {url}/{reference}` when `canonical_url` is given, else None (no status endpoint)."""
@@ -749,7 +746,8 @@ def compile_status(
         headers=headers,
         rules=tuple(rules),
         reader=_reader(status, status_path, problems),
-        failure_statuses=frozenset(failure_statuses),
+        # A status query never votes in the breaker: a 408 or 429 only says "slow down".
+        failure_statuses=frozenset(),
         not_found_grace_s=status.not_found_grace_s,
         names_used=frozenset(compiler.names_used),
     )
