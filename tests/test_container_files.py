@@ -41,7 +41,6 @@ PROXY_DRAIN_S = 20
 
 # --- reading the Dockerfile ------------------------------------------------------------------
 
-
 @dataclass(frozen=True)
 class Instruction:
     keyword: str
@@ -145,7 +144,6 @@ def exposed_ports() -> set[int]:
 
 # --- reading .dockerignore (the patternmatcher rules Docker uses) ------------------------------
 
-
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     regex, i = "", 0
     while i < len(pattern):
@@ -159,7 +157,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
             regex, i = regex + "[^/]", i + 1
         elif pattern[i] == "[" and "]" in pattern[i:]:
             end = pattern.index("]", i)
-            regex, i = regex + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
+            regex, i = regex + "[" + pattern[i + 1:end].replace("!", "^", 1) + "]", end + 1
         else:
             regex, i = regex + re.escape(pattern[i]), i + 1
     return re.compile(regex)
@@ -195,7 +193,6 @@ def copied_sources() -> list[str]:
 
 
 # --- reading compose.yaml and the shipped config ----------------------------------------------
-
 
 @cache
 def compose() -> dict[str, Any]:
@@ -295,16 +292,11 @@ def seconds(duration: str | int) -> float:
 
 # --- the Dockerfile ----------------------------------------------------------------------------
 
-
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
     assert HADOLINT.exists(), f"hadolint is not installed next to {sys.executable} (dev extras)"
     result = subprocess.run(
-        [str(HADOLINT), "--no-color", DOCKERFILE.name],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [str(HADOLINT), "--no-color", DOCKERFILE.name], cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     findings = f"hadolint findings:\n{result.stdout}{result.stderr}"
     assert result.returncode == 0, findings
@@ -326,9 +318,8 @@ def test_a_builder_stage_builds_the_wheels_and_the_final_stage_only_installs_the
 
 
 def test_the_final_stage_is_a_slim_python_image_without_compilers_or_pip_caches() -> None:
-    assert re.fullmatch(
-        r"python:3\.1[12][.\d]*-slim(-bookworm)?(@sha256:[0-9a-f]{64})?", final_stage().base
-    ), final_stage().base
+    assert re.fullmatch(r"python:3\.1[12][.\d]*-slim(-bookworm)?(@sha256:[0-9a-f]{64})?",
+                        final_stage().base), final_stage().base
     for run in final_stage().all("RUN"):
         assert not re.search(r"\b(gcc|g\+\+|build-essential|apt-get install)\b", run), run
         if "pip install" in run:
@@ -371,8 +362,7 @@ def test_the_dockerignore_lets_in_every_file_the_dockerfile_copies(source: str) 
     files = [source]
     if (ROOT / source).is_dir():
         files += [
-            path.relative_to(ROOT).as_posix()
-            for path in (ROOT / source).rglob("*")
+            path.relative_to(ROOT).as_posix() for path in (ROOT / source).rglob("*")
             if path.is_file() and "__pycache__" not in path.parts
         ]
     assert [path for path in files if left_out_of_the_build_context(path)] == []
@@ -381,29 +371,13 @@ def test_the_dockerignore_lets_in_every_file_the_dockerfile_copies(source: str) 
 @pytest.mark.parametrize(
     "path",
     [
-        ".venv/bin/python",
-        ".git/HEAD",
-        ".pytest_cache/v/cache/nodeids",
-        "proxy/__pycache__/app.cpython-311.pyc",
-        ".mypy_cache/3.11/proxy/app.meta.json",
-        "terraform/terraform.tfstate",
-        "terraform/.terraform/providers/aws",
-        "tests/test_end_to_end.py",
-        "payagg.egg-info/PKG-INFO",
-        ".env",
+        ".venv/bin/python", ".git/HEAD", ".pytest_cache/v/cache/nodeids",
+        "proxy/__pycache__/app.cpython-311.pyc", ".mypy_cache/3.11/proxy/app.meta.json",
+        "terraform/terraform.tfstate", "terraform/.terraform/providers/aws",
+        "tests/test_end_to_end.py", "payagg.egg-info/PKG-INFO", ".env",
     ],
-    ids=[
-        "venv",
-        "git",
-        "pytest-cache",
-        "bytecode",
-        "mypy-cache",
-        "terraform-state",
-        "terraform-providers",
-        "tests",
-        "egg-info",
-        "dotenv",
-    ],
+    ids=["venv", "git", "pytest-cache", "bytecode", "mypy-cache", "terraform-state",
+         "terraform-providers", "tests", "egg-info", "dotenv"],
 )
 def test_the_dockerignore_keeps_local_state_out_of_the_build_context(path: str) -> None:
     assert left_out_of_the_build_context(path)
@@ -422,7 +396,6 @@ def test_the_image_healthcheck_asks_healthz_on_the_exposed_port_with_python() ->
 
 
 # --- compose.yaml ------------------------------------------------------------------------------
-
 
 def test_compose_follows_the_compose_specification_without_a_version_key() -> None:
     assert "version" not in compose()
@@ -582,14 +555,8 @@ def test_the_shipped_config_serves_on_every_interface_at_the_published_port() ->
 
 
 MOCK_LIFECYCLE_ENV = {
-    "MOCK_APPROVAL_MS",
-    "MOCK_ABANDON_RATE",
-    "MOCK_APPROVAL_TIMEOUT_S",
-    "MOCK_STATUS_FAILURE_RATE",
-    "MOCK_SYNC_DECLINES",
-    "MOCK_TOKEN_TTL_S",
-    "MOCK_CLIENT_ID",
-    "MOCK_CLIENT_SECRET",
+    "MOCK_APPROVAL_MS", "MOCK_ABANDON_RATE", "MOCK_APPROVAL_TIMEOUT_S", "MOCK_STATUS_FAILURE_RATE",
+    "MOCK_SYNC_DECLINES", "MOCK_TOKEN_TTL_S", "MOCK_CLIENT_ID", "MOCK_CLIENT_SECRET",
 }
 
 

@@ -93,19 +93,22 @@ def test_each_placeholder_alone_renders_the_payments_value(placeholder, expected
 
 
 def test_every_payment_placeholder_is_covered_by_the_table_above():
-    assert sorted(
-        [
-            "transaction_id",
-            "amount",
-            "currency",
-            "payer",
-            "reference",
-            "idempotency_key",
-            "provider",
-            "token",
-            "callback_url",
-        ]
-    ) == sorted(mapping_module.PAYMENT_PLACEHOLDERS)
+    assert (
+        sorted(
+            [
+                "transaction_id",
+                "amount",
+                "currency",
+                "payer",
+                "reference",
+                "idempotency_key",
+                "provider",
+                "token",
+                "callback_url",
+            ]
+        )
+        == sorted(mapping_module.PAYMENT_PLACEHOLDERS)
+    )
     # The provider's own id is known only to status queries.
     assert set(mapping_module.PLACEHOLDERS) - mapping_module.PAYMENT_PLACEHOLDERS == {
         "provider_reference"

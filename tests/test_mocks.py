@@ -208,15 +208,8 @@ async def final_status(client: Client, dialect: Dialect, reference: str) -> Json
 
 def counters(**changed: int) -> Json:
     zero = {
-        "requests": 0,
-        "charges": 0,
-        "declines": 0,
-        "failures": 0,
-        "duplicates": 0,
-        "pending": 0,
-        "tokens_issued": 0,
-        "unauthorized": 0,
-        "callbacks_sent": 0,
+        "requests": 0, "charges": 0, "declines": 0, "failures": 0, "duplicates": 0,
+        "pending": 0, "tokens_issued": 0, "unauthorized": 0, "callbacks_sent": 0,
         "callbacks_failed": 0,
     }
     return {**zero, **changed}
@@ -301,9 +294,7 @@ async def test_mtn_issues_a_token_for_basic_credentials_and_a_subscription_key(
         assert answer.status == 200
         body = await answer.json()
     assert body == {
-        "access_token": body["access_token"],
-        "token_type": "access_token",
-        "expires_in": 3600,
+        "access_token": body["access_token"], "token_type": "access_token", "expires_in": 3600,
     }
     assert len(body["access_token"]) >= 32
     assert await stats(client) == counters(tokens_issued=1)
@@ -318,9 +309,7 @@ async def test_airtel_issues_a_token_for_client_credentials_expiring_in_180_s(
         assert answer.status == 200
         body = await answer.json()
     assert body == {
-        "access_token": body["access_token"],
-        "expires_in": "180",
-        "token_type": "bearer",
+        "access_token": body["access_token"], "expires_in": "180", "token_type": "bearer",
     }
 
 
@@ -341,17 +330,14 @@ async def test_wrong_credentials_get_the_providers_real_refusal_and_no_token(
         dialect.api.token_path, **dialect.token_request(client_id, secret)
     ) as answer:
         refusal = (answer.status, await answer.json())
-    assert (
-        refusal
-        == {
-            # Sic: MTN answers bad API user credentials with a 500.
-            "mtn": (500, {"error": "login_failed"}),
-            "airtel": (
-                401,
-                {"error": "invalid_client", "error_description": "Client authentication failed"},
-            ),
-        }[dialect.api.name]
-    )
+    assert refusal == {
+        # Sic: MTN answers bad API user credentials with a 500.
+        "mtn": (500, {"error": "login_failed"}),
+        "airtel": (
+            401,
+            {"error": "invalid_client", "error_description": "Client authentication failed"},
+        ),
+    }[dialect.api.name]
     assert await stats(client) == counters(unauthorized=1)
     assert await token(client, dialect, "the-user", "the-secret")
 
@@ -507,30 +493,13 @@ MTN_MALFORMED = [
     ("header", "X-Callback-Url", "callbacks.example", "X-Callback-Url"),
 ]
 MTN_MALFORMED_IDS = [
-    "no-reference-id",
-    "reference-id-not-a-uuid",
-    "no-target-environment",
-    "body-not-json",
-    "body-not-an-object",
-    "amount-a-number",
-    "amount-zero",
-    "amount-negative",
-    "amount-not-decimal",
-    "amount-missing",
-    "currency-lower-case",
-    "external-id-missing",
-    "payer-missing",
-    "payer-not-an-object",
-    "party-id-type-unknown",
-    "party-id-missing",
-    "party-id-empty",
-    "payee-note-not-a-string",
-    "amount-trailing-newline",
-    "amount-arabic-indic-digits",
-    "currency-trailing-newline",
-    "msisdn-national",
-    "msisdn-with-plus",
-    "callback-url-not-a-url",
+    "no-reference-id", "reference-id-not-a-uuid", "no-target-environment", "body-not-json",
+    "body-not-an-object", "amount-a-number", "amount-zero", "amount-negative",
+    "amount-not-decimal", "amount-missing", "currency-lower-case", "external-id-missing",
+    "payer-missing", "payer-not-an-object", "party-id-type-unknown", "party-id-missing",
+    "party-id-empty", "payee-note-not-a-string", "amount-trailing-newline",
+    "amount-arabic-indic-digits", "currency-trailing-newline", "msisdn-national",
+    "msisdn-with-plus", "callback-url-not-a-url",
 ]
 
 
@@ -568,24 +537,11 @@ AIRTEL_MALFORMED = [
     ("body", "transaction.currency", "UGX\n", "transaction.currency"),
 ]
 AIRTEL_MALFORMED_IDS = [
-    "no-country-header",
-    "currency-header-malformed",
-    "empty-body",
-    "reference-missing",
-    "subscriber-missing",
-    "msisdn-not-digits",
-    "msisdn-a-boolean",
-    "subscriber-country-a-name",
-    "subscriber-currency-missing",
-    "amount-a-string",
-    "amount-zero",
-    "amount-a-boolean",
-    "transaction-country-missing",
-    "transaction-currency-lower-case",
-    "transaction-id-missing",
-    "transaction-id-blank",
-    "msisdn-arabic-indic-digits",
-    "transaction-currency-trailing-newline",
+    "no-country-header", "currency-header-malformed", "empty-body", "reference-missing",
+    "subscriber-missing", "msisdn-not-digits", "msisdn-a-boolean", "subscriber-country-a-name",
+    "subscriber-currency-missing", "amount-a-string", "amount-zero", "amount-a-boolean",
+    "transaction-country-missing", "transaction-currency-lower-case", "transaction-id-missing",
+    "transaction-id-blank", "msisdn-arabic-indic-digits", "transaction-currency-trailing-newline",
 ]
 
 
@@ -682,12 +638,8 @@ async def test_a_real_approval_delay_ends_final_without_anyone_moving_a_clock(
     assert dialect.final(await final_status(client, dialect, reference)) == "success"
 
 
-MTN_REASONS = [
-    "NOT_ENOUGH_FUNDS",
-    "PAYER_NOT_FOUND",
-    "PAYEE_NOT_ALLOWED_TO_RECEIVE",
-    "APPROVAL_REJECTED",
-]
+MTN_REASONS = ["NOT_ENOUGH_FUNDS", "PAYER_NOT_FOUND", "PAYEE_NOT_ALLOWED_TO_RECEIVE",
+               "APPROVAL_REJECTED"]
 AIRTEL_CODES = {
     "DP00800001007": "User wallet does not have enough money to cover the payable amount.",
     "DP00800001010": "Payee is barred or not registered on Airtel Money platform.",
@@ -1066,7 +1018,9 @@ async def test_airtel_posts_its_callback_to_the_configured_url_with_an_hmac_hash
     start_mock: StartMock, receiver: tuple[Receiver, str]
 ) -> None:
     hooks, url = receiver
-    options = MockOptions(callback_url=url, callback_secret="s3cret", callback_retries=FAST_RETRIES)
+    options = MockOptions(
+        callback_url=url, callback_secret="s3cret", callback_retries=FAST_RETRIES
+    )
     client = await start_mock(AIRTEL, options=options, decline_rate=1.0, approval_ms=(10, 20))
     reference = AIRTEL.new_reference()
     await pay(client, AIRTEL, reference)
@@ -1164,19 +1118,9 @@ BAD_CONFIGS = [
     ({"status_failure_rate": -1}, "status_failure_rate"),
 ]
 BAD_CONFIG_IDS = [
-    "rate-above-one",
-    "rate-negative",
-    "rate-a-string",
-    "rate-a-boolean",
-    "latency-lo-above-hi",
-    "latency-negative",
-    "latency-one-bound",
-    "latency-a-string",
-    "unknown-key",
-    "rates-sum-above-one",
-    "body-not-an-object",
-    "approval-lo-above-hi",
-    "abandon-above-one",
+    "rate-above-one", "rate-negative", "rate-a-string", "rate-a-boolean", "latency-lo-above-hi",
+    "latency-negative", "latency-one-bound", "latency-a-string", "unknown-key",
+    "rates-sum-above-one", "body-not-an-object", "approval-lo-above-hi", "abandon-above-one",
     "status-failure-negative",
 ]
 
