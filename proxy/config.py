@@ -23,6 +23,7 @@ from proxy.mapping import (
     StatusSpec,
     compile_mapping,
     compile_status,
+    http_url,
 )
 from proxy.providers.access_tokens import AuthSpec
 from proxy.providers.callbacks import CallbackSpec, CallbackTarget
@@ -182,10 +183,7 @@ class ProviderSettings(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
-        return url
+        return http_url(url)
 
 
 class ProviderDefaults(_Section):

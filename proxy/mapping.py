@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.yaml_source import Path, Problem
 
@@ -224,6 +225,14 @@ class TemplateCompiler:
         return getter
 
 
+def http_url(url: str) -> str:
+    """`url` when it is an http:// or https:// URL with a host; else a ValueError saying so."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+    return url
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -244,7 +253,17 @@ class AnswerRule(_Spec):
     equals: str | int | bool | list[str | int | bool] | None = None
 
 
-class ResponseSpec(_Spec):
+class AnswerPathsSpec(_Spec):
+    """Where an answer says which payment it is about (shared by `response:` and `status:`)."""
+
+    provider_reference: str | None = None
+    reason: str | list[str] = Field(default_factory=list)
+    # Where the answer says which amount and currency it is about; compared with the request.
+    amount: str | None = None
+    currency: str | None = None
+
+
+class ResponseSpec(AnswerPathsSpec):
     """How to read the provider's answer (YAML `response:`); first matching rule wins."""
 
     success: list[AnswerRule] = Field(default_factory=list)
@@ -253,14 +272,9 @@ class ResponseSpec(_Spec):
     pending: list[AnswerRule] = Field(default_factory=list)
     # The provider already holds a payment under this reference (MTN: 409 RESOURCE_ALREADY_EXIST).
     already_exists: list[AnswerRule] = Field(default_factory=list)
-    provider_reference: str | None = None
-    reason: str | list[str] = Field(default_factory=list)
-    # Where the answer says which amount and currency it is about; compared with the request.
-    amount: str | None = None
-    currency: str | None = None
 
 
-class StatusSpec(_Spec):
+class StatusSpec(AnswerPathsSpec):
     """How to ask the provider for a payment's state (YAML `status:`); first matching rule wins.
 
     An answer that matches no rule leaves the payment pending: it never fails one.
@@ -273,13 +287,14 @@ class StatusSpec(_Spec):
     declined: list[AnswerRule] = Field(default_factory=list)
     pending: list[AnswerRule] = Field(default_factory=list)
     not_found: list[AnswerRule] = Field(default_factory=list)
-    provider_reference: str | None = None
-    reason: str | list[str] = Field(default_factory=list)
-    amount: str | None = None
-    currency: str | None = None
     # A "not found" this soon after the payment request proves nothing: the provider may not
     # have recorded it yet.
     not_found_grace_s: float = Field(0, ge=0, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return http_url(url)
 
 
 # payagg's own protocol, used by any provider that declares no request/response mapping.

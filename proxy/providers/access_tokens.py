@@ -14,11 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.mapping import as_number, lookup_path
+from proxy.mapping import as_number, http_url, lookup_path
 
 # A token whose answer gives no usable lifetime is used for this long.
 FALLBACK_LIFETIME_S = 60.0
@@ -55,10 +55,7 @@ class AuthSpec(_Spec):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
-        return url
+        return http_url(url)
 
     @field_validator("token", "expires_in")
     @classmethod
