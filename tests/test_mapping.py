@@ -1115,14 +1115,20 @@ def config_problems(text: str) -> list[str]:
                 response:
                   success: []
             """,
-            ["gw.yaml:5: providers.P.response.success: needs at least one rule (or `pending` ones)"],
+            [
+                "gw.yaml:5: providers.P.response.success: needs at least one rule "
+                "(or `pending` ones)"
+            ],
         ),
         (
             """\
                 response:
                   declined: [{status: 402}]
             """,
-            ["gw.yaml:4: providers.P.response.success: needs at least one rule (or `pending` ones)"],
+            [
+                "gw.yaml:4: providers.P.response.success: needs at least one rule "
+                "(or `pending` ones)"
+            ],
         ),
         (
             """\
