@@ -260,14 +260,14 @@ class ProviderClient:
         # so polling neither dilutes a failing provider's window nor takes a half-open trial.
         if self.breaker.rejects_now():
             raise ProviderUnavailable(self.name, self.breaker.retry_after_s())
-        status, headers, raw = await self._authorised(
-            lambda token: self._request(
-                spec.method,
-                URL(spec.render_url(replace(fields, token=token)), encoded=True),
-                {"Accept": "application/json", **spec.render_headers(replace(fields, token=token))},
-                b"",
-            )
-        )
+
+        async def ask(token: str) -> Exchange:
+            with_token = replace(fields, token=token)
+            url = URL(spec.render_url(with_token), encoded=True)
+            headers = {"Accept": "application/json", **spec.render_headers(with_token)}
+            return await self._request(spec.method, url, headers, b"")
+
+        status, headers, raw = await self._authorised(ask)
         answer = spec.classify(status, raw)
         self._refuse(answer, status, headers, None)
         if answer.detail:
@@ -378,7 +378,7 @@ class ProviderClient:
         """SUCCESS, DECLINED or PENDING about this very payment; every other answer raises."""
         self._refuse(answer, status, headers, verdict)
         if answer.contradicts(fields.amount, fields.currency):
-            self.report_mismatch(answer, fields.transaction_id, fields.reference, fields)
+            self.report_mismatch(answer, fields, fields.reference)
             raise ProviderMismatch()
         if answer.outcome == "already_exists":
             raise PaymentAlreadyExists(self.name)
@@ -494,7 +494,7 @@ class ProviderClient:
         return self._proxies[host]
 
     def report_mismatch(
-        self, verdict: Answer, transaction_id: str, reference: str, fields: PaymentFields | Payment
+        self, verdict: Answer, request: PaymentFields | Payment, reference: str
     ) -> None:
         """An answer about another payment than the request's: counted and logged, no payer data."""
         self._mismatches.inc()
@@ -505,17 +505,17 @@ class ProviderClient:
             reference,
             verdict.amount,
             verdict.currency,
-            fields.amount,
-            fields.currency,
+            request.amount,
+            request.currency,
             extra={
                 "fields": {
                     "provider": self.name,
-                    "transaction_id": transaction_id,
+                    "transaction_id": request.transaction_id,
                     "provider_reference": reference,
                     "answer_amount": verdict.amount,
                     "answer_currency": verdict.currency,
-                    "request_amount": str(fields.amount),
-                    "request_currency": fields.currency,
+                    "request_amount": str(request.amount),
+                    "request_currency": request.currency,
                 }
             },
         )

@@ -41,7 +41,7 @@ async def wait_for_final(
             answer = None  # a failed query changes nothing: ask again
         if answer is not None and answer.outcome in FINAL_OUTCOMES:
             if answer.contradicts(payment.amount, payment.currency):
-                client.report_mismatch(answer, payment.transaction_id, reference, payment)
+                client.report_mismatch(answer, payment, reference)
                 raise ProviderMismatch()
             return answer
         not_found = answer is not None and answer.outcome == "not_found"
