@@ -28,7 +28,7 @@ from proxy.payment import Payment
 from proxy.payments.settle import wait_for_final
 from proxy.upstream import ProviderClient
 from tests.canonical_upstream import UpstreamState
-from tests.conftest import make_config, payment
+from tests.conftest import gateway_yaml, make_config, payment, running_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "gateway.yaml"
@@ -387,3 +387,23 @@ async def test_a_canonical_409_unknown_to_the_status_endpoint_stays_an_unknown_o
     reply = await gateway.post("/v1/pay", json=payment("TXN-409-LOST"))
     assert reply.status == 504, await reply.text()
     assert (await reply.json())["error"] == "provider_timeout"
+
+
+async def test_a_payment_still_pending_after_sync_wait_s_is_504_and_its_retry_reuses_the_reference(
+    upstream, redis_url
+):
+    state: UpstreamState = upstream[0]
+    yaml = gateway_yaml(upstream[1], redis_url).replace(
+        f'CANON: {{url: "{upstream[1]}"}}', f'CANON: {{url: "{upstream[1]}", sync_wait_s: 0.3}}'
+    )
+    state.pending_polls = 10_000  # the payer does not approve in time
+    async with running_gateway(make_config(yaml)) as gateway:
+        first = await gateway.post("/v1/pay", json=payment("TXN-SLOW"))
+        assert first.status == 504, await first.text()
+        assert (await first.json())["error"] == "provider_timeout"
+        (reference,) = state.polls_left
+        state.polls_left[reference] = 0  # the payer approves
+        retry = await gateway.post("/v1/pay", json=payment("TXN-SLOW"))
+        assert retry.status == 200, await retry.text()
+    assert state.references == [reference, reference], "the retry sent the same reference"
+    assert len(state.answered) == 1, "one payment at the provider"
