@@ -177,6 +177,7 @@ class ProviderClient:
         self._default_payer = settings.default_payer
         self._duration = metrics.upstream_duration.labels(provider.name)
         self._mismatches = metrics.provider_mismatches.labels(provider.name)
+        self._unrecognised = metrics.unrecognised_status.labels(provider.name)
         # Built once: an unusable file was already a config error.
         self._tls: ssl.SSLContext | None = (
             settings.tls.context() if settings.tls is not None else None
@@ -271,6 +272,7 @@ class ProviderClient:
         answer = spec.classify(status, raw)
         self._refuse(answer, status, headers, None)
         if answer.detail:
+            self._unrecognised.inc()
             log.warning(
                 "%s status answer for %s %s: left pending",
                 self.name,

@@ -176,7 +176,9 @@ async def status_provider() -> AsyncIterator[StatusProvider]:
     await server.close()
 
 
-def status_client(provider: StatusProvider, extra: str = "") -> ProviderClient:
+def status_client(
+    provider: StatusProvider, extra: str = "", metrics: GatewayMetrics | None = None
+) -> ProviderClient:
     text = f"""\
 providers:
   ST:
@@ -200,7 +202,7 @@ providers:
 """
     config = make_config(text).providers[0]
     breaker = ProviderBreaker("ST", config.settings.breaker)
-    return ProviderClient(config, GatewayMetrics(["ST"]), breaker)
+    return ProviderClient(config, metrics or GatewayMetrics(["ST"]), breaker)
 
 
 async def test_a_status_query_asks_the_rendered_url_with_the_reference_escaped(status_provider):
@@ -212,6 +214,19 @@ async def test_a_status_query_asks_the_rendered_url_with_the_reference_escaped(s
         await client.close()
     assert answer.outcome == "success"
     assert status_provider.paths == ["/payments/ref%2F1%20x"]
+
+
+async def test_a_status_answer_no_rule_describes_is_pending_and_counted(status_provider, caplog):
+    status_provider.answers = [(200, {"state": "ON_HOLD"})]
+    metrics = GatewayMetrics(["ST"])
+    client = status_client(status_provider, metrics=metrics)
+    try:
+        answer = await client.query_status("ref-1")
+    finally:
+        await client.close()
+    assert answer.outcome == "pending"
+    assert 'payagg_status_unrecognised_total{provider="ST"} 1.0' in metrics.render().decode()
+    assert any("left pending" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize(
