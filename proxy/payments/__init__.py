@@ -1,0 +1,1 @@
+"""The request path and the payment lifecycle."""
