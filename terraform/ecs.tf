@@ -231,6 +231,7 @@ resource "aws_ecs_service" "payagg" {
     ignore_changes = [desired_count]
   }
 
-  # The proxy cannot start before the secret holds the Redis URL.
-  depends_on = [aws_lb_listener.http, aws_secretsmanager_secret_version.redis]
+  # ECS refuses a target group that no listener rule forwards to yet, and the proxy cannot start
+  # before the secret holds the Redis URL.
+  depends_on = [aws_lb_listener_rule.http, aws_lb_listener_rule.https, aws_secretsmanager_secret_version.redis]
 }
