@@ -18,7 +18,10 @@ locals {
     readonlyRootFilesystem = true
     stopTimeout            = 30
     linuxParameters        = { initProcessEnabled = true }
-    portMappings           = [{ containerPort = 8080, protocol = "tcp" }]
+    # Only the public port. The admin port (server.admin_port, 9090) is for the collector beside it,
+    # over the task's loopback: awsvpc needs no mapping for that, and the security group admits
+    # nothing but 8080 from the ALB.
+    portMappings = [{ containerPort = 8080, protocol = "tcp" }]
     dependsOn = [
       { containerName = "mtn", condition = "HEALTHY" },
       { containerName = "airtel", condition = "HEALTHY" },
