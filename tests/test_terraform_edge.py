@@ -206,29 +206,22 @@ def not_public() -> list[tuple[str, str]]:
 # --- the listeners ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("listener", LISTENERS, ids=LISTENERS)
-def test_every_listener_answers_a_json_404_to_what_no_rule_forwards(listener: str) -> None:
+def default_response(listener: str) -> dict[str, Any]:
+    """The fixed response a listener's default action answers (locals resolved)."""
     action = single(listeners()[listener]["default_action"])
-    assert action["type"] == "fixed-response"
-    response = {key: local_value(value) for key, value in single(action["fixed_response"]).items()}
-    assert response["status_code"] == "404"
-    assert response["content_type"] == "application/json"
-    assert json.loads(response["message_body"])["error"] == "not_found"
+    assert action["type"] == "fixed-response", f"{listener} does not answer by itself"
+    return {key: local_value(value) for key, value in single(action["fixed_response"]).items()}
 
 
-async def test_the_alb_404_is_the_body_payagg_answers_for_an_unknown_route(
-    gateway: GatewayClient,
+@pytest.mark.parametrize("listener", LISTENERS, ids=LISTENERS)
+async def test_every_listener_answers_what_no_rule_forwards_as_payagg_answers_an_unknown_route(
+    listener: str, gateway: GatewayClient
 ) -> None:
+    response = default_response(listener)
     answer = await gateway.get("/no/such/route")
-    fixed = {
-        key: local_value(value)
-        for key, value in single(
-            single(listeners()["aws_lb_listener.http"]["default_action"])["fixed_response"]
-        ).items()
-    }
-    assert answer.status == int(fixed["status_code"])
-    assert answer.content_type == fixed["content_type"]
-    assert await answer.json() == json.loads(fixed["message_body"])
+    assert answer.status == int(response["status_code"]) == 404
+    assert answer.content_type == response["content_type"]
+    assert await answer.json() == json.loads(response["message_body"])
 
 
 @pytest.mark.parametrize("listener", LISTENERS, ids=LISTENERS)
