@@ -345,13 +345,6 @@ def test_https_exists_only_with_a_certificate_and_uses_a_tls13_policy() -> None:
     assert config.variables["ssl_policy"]["default"].startswith("ELBSecurityPolicy-TLS13-1-2")
 
 
-def test_http_redirects_to_https_when_there_is_a_certificate_and_forwards_otherwise() -> None:
-    action = single(terraform().resource("aws_lb_listener", "http")["default_action"])
-    assert expression(action["type"]) == 'local.https_enabled ? "redirect" : "forward"'
-    redirect = single(single(action["dynamic"])["redirect"])
-    assert single(redirect["content"])["protocol"] == "HTTPS"
-
-
 def test_access_logs_go_to_a_private_encrypted_bucket_when_enabled() -> None:
     config = terraform()
     bucket_parts = [
