@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import random
@@ -27,17 +26,8 @@ from proxy.config import ConfigError, WebhookSettings, load_config, parse_config
 from proxy.metrics import GatewayMetrics
 from proxy.payments.webhooks import DeliveryTiming, WebhookDelivery, webhook_body
 from proxy.redis_wire import Argument, RedisClient, Script
-from proxy.store.outbox import (
-    SHARDS,
-    HookRecord,
-    Lease,
-    Outbox,
-    hook_key,
-    hook_record,
-    member_of,
-    outbox_key,
-    shard_of,
-)
+from proxy.store.keys import SHARDS, outbox_member, payment_sha, shard_for, shard_of
+from proxy.store.outbox import HookRecord, Lease, Outbox, hook_record
 from tests.conftest import gateway_yaml
 from tests.processes import ServiceProcess, free_port, http_ok, payagg_serve, wait_until
 from tests.test_end_to_end import metric
@@ -147,7 +137,7 @@ def body_for(transaction_id: str, state: str = "SUCCESS") -> bytes:
 
 async def enqueue(redis_url: str, transaction_id: str, state: str = "SUCCESS") -> bytes:
     """What a transition script does: the record and the outbox member, in one script."""
-    sha = hashlib.sha256(f"\x00{transaction_id}".encode()).hexdigest()
+    sha = payment_sha(transaction_id)
     body = body_for(transaction_id, state)
     outbox = outbox_on(redis_url)
     await outbox.enqueue(
@@ -326,9 +316,7 @@ async def test_two_processes_never_deliver_the_same_webhook_at_once(redis_url, r
     state, url = receiver
     state.delay_s = 0.05  # long enough for the other process to try the same member meanwhile
     bodies = [await enqueue(redis_url, f"TXN-{number}") for number in range(40)]
-    assert (
-        len({shard_of(hashlib.sha256(f"\x00TXN-{n}".encode()).hexdigest()) for n in range(40)}) > 8
-    )
+    assert len({shard_of(payment_sha(f"TXN-{n}")) for n in range(40)}) > 8
     async with (
         delivering(redis_url, settings(url)) as (_, first),
         delivering(redis_url, settings(url)) as (_, second),
@@ -365,9 +353,9 @@ class RecordingRunner:
 async def test_every_outbox_script_declares_its_keys_and_they_share_one_hash_slot(redis_url):
     runner = RecordingRunner(RedisClient(redis_url, 2.0))
     outbox = Outbox(runner, PREFIX)
-    sha = hashlib.sha256(b"\x00TXN-SLOTS").hexdigest()
-    shard = shard_of(sha)
-    member = member_of(sha, "SUCCESS")
+    sha = payment_sha("TXN-SLOTS")
+    shard = shard_for(PREFIX, sha)
+    member = outbox_member(sha, "SUCCESS")
     now_ms = int(time.time() * 1000)
     await outbox.enqueue(sha, "SUCCESS", hook_record(b"{}", now_ms), now_ms)
     assert await outbox.due(shard, now_ms, 10) == [member]
@@ -392,8 +380,7 @@ async def test_every_outbox_script_declares_its_keys_and_they_share_one_hash_slo
         tags = {re.match(r"\{[^}]+\}", key).group(0) for key in keys}  # type: ignore[union-attr]
         assert len(tags) == 1, keys
         assert len({key_slot(key.encode()) for key in keys}) == 1, keys
-    assert outbox_key(PREFIX, shard) in runner.calls[0]
-    assert hook_key(PREFIX, shard, member) in runner.calls[0]
+    assert runner.calls[0] == [shard.outbox.decode(), shard.hook(sha, "SUCCESS").decode()]
 
 
 def test_a_hook_record_keeps_the_body_byte_for_byte():

@@ -29,7 +29,7 @@ import aiohttp
 from proxy.config import WebhookSettings
 from proxy.metrics import GatewayMetrics
 from proxy.redis_wire import RedisReplyError, RedisUnavailable
-from proxy.store.outbox import SHARDS, HookRecord, Lease, Outbox
+from proxy.store.outbox import HookRecord, Lease, Outbox
 
 log = logging.getLogger("payagg.webhooks")
 
@@ -159,11 +159,12 @@ class WebhookDelivery:
         """
         started = 0
         now_ms = self._now_ms()
-        for offset in range(SHARDS):
+        shards = self._outbox.shards()
+        for offset in range(len(shards)):
             room = self._timing.concurrency - len(self._attempts)
             if room <= 0:
                 break
-            shard = (self._next_shard + offset) % SHARDS
+            shard = shards[(self._next_shard + offset) % len(shards)]
             for member in await self._outbox.due(shard, now_ms, room):
                 lease = await self._outbox.lease(
                     shard, member, now_ms, now_ms + int(self._timing.lease_s * 1000)
@@ -171,7 +172,7 @@ class WebhookDelivery:
                 if lease is not None:
                     self._begin(lease)
                     started += 1
-        self._next_shard = (self._next_shard + 1) % SHARDS
+        self._next_shard = (self._next_shard + 1) % len(shards)
         return started
 
     async def _run(self) -> None:

@@ -17,8 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from proxy.redis_wire import Argument, Script
-
-SHARDS = 16
+from proxy.store.keys import Shard, all_shards, outbox_member, shard_for
 
 # For life's transition scripts: paste it in and call it with keys the script declares in KEYS.
 # NX on both writes: a transition script run twice (a retry after a failover) never resets a
@@ -76,27 +75,6 @@ class ScriptRunner(Protocol):
     async def close(self) -> None: ...
 
 
-def shard_tag(prefix: str, shard: int) -> str:
-    return f"{{{prefix}s{shard:02d}}}"
-
-
-def shard_of(sha: str) -> int:
-    """The shard of a payment, from the hex SHA-256 naming its record."""
-    return int(sha[:8], 16) % SHARDS
-
-
-def outbox_key(prefix: str, shard: int) -> str:
-    return shard_tag(prefix, shard) + "outbox"
-
-
-def hook_key(prefix: str, shard: int, member: str) -> str:
-    return shard_tag(prefix, shard) + "hook:" + member
-
-
-def member_of(sha: str, state: str) -> str:
-    return f"{sha}:{state}"
-
-
 @dataclass(frozen=True)
 class HookRecord:
     """One delivery: the exact body to POST, when it was enqueued, the attempts that failed."""
@@ -140,7 +118,7 @@ def hook_record(body: bytes, created_ms: int) -> str:
 class Lease:
     """A delivery this process may attempt until `until_ms`."""
 
-    shard: int
+    shard: Shard
     member: str
     record: HookRecord
     until_ms: int
@@ -155,22 +133,22 @@ class Outbox:
 
     async def enqueue(self, sha: str, state: str, record: str, now_ms: int) -> None:
         """What a transition script does with `ENQUEUE_LUA`, as a script of its own."""
-        shard = shard_of(sha)
-        member = member_of(sha, state)
+        shard = shard_for(self._prefix, sha)
         await self._client.run_script(
             _ENQUEUE,
-            [outbox_key(self._prefix, shard), hook_key(self._prefix, shard, member)],
-            [member, record, now_ms],
+            [shard.outbox, shard.hook(sha, state)],
+            [outbox_member(sha, state), record, now_ms],
         )
 
-    async def due(self, shard: int, now_ms: int, limit: int) -> list[str]:
+    def shards(self) -> list[Shard]:
+        return all_shards(self._prefix)
+
+    async def due(self, shard: Shard, now_ms: int, limit: int) -> list[str]:
         """Members of `shard` due at `now_ms` (leased ones are not), oldest first."""
-        members = await self._client.run_script(
-            _DUE, [outbox_key(self._prefix, shard)], [now_ms, limit]
-        )
+        members = await self._client.run_script(_DUE, [shard.outbox], [now_ms, limit])
         return [member.decode() for member in members]
 
-    async def lease(self, shard: int, member: str, now_ms: int, until_ms: int) -> Lease | None:
+    async def lease(self, shard: Shard, member: str, now_ms: int, until_ms: int) -> Lease | None:
         """The delivery, leased until `until_ms`; None when another process leased it first."""
         record = await self._client.run_script(
             _LEASE, self._keys(shard, member), [member, now_ms, until_ms]
@@ -208,15 +186,13 @@ class Outbox:
     async def backlog(self) -> int:
         """Deliveries not yet done, leased ones included, summed over the shards."""
         counts = await asyncio.gather(
-            *(
-                self._client.run_script(_BACKLOG, [outbox_key(self._prefix, shard)], [])
-                for shard in range(SHARDS)
-            )
+            *(self._client.run_script(_BACKLOG, [shard.outbox], []) for shard in self.shards())
         )
         return sum(int(count) for count in counts)
 
     async def close(self) -> None:
         await self._client.close()
 
-    def _keys(self, shard: int, member: str) -> list[Argument]:
-        return [outbox_key(self._prefix, shard), hook_key(self._prefix, shard, member)]
+    def _keys(self, shard: Shard, member: str) -> list[Argument]:
+        sha, state = member.split(":", 1)
+        return [shard.outbox, shard.hook(sha, state)]
