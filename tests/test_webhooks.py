@@ -525,3 +525,31 @@ async def test_without_a_url_no_delivery_loop_runs(redis_url):
     assert not delivery.enabled
     assert delivery._loop_task is None
     await delivery.close(0)
+
+
+def readme_receiver() -> str:
+    """The Python receiver shown in the README's "Merchant webhooks" section."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Merchant webhooks\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readmes_receiver_accepts_a_real_webhook_once_and_refuses_forgeries_and_replays(
+    redis_url, receiver, monkeypatch
+):
+    state, url = receiver
+    body = await enqueue(redis_url, "TXN-README", "DECLINED")
+    async with delivering(redis_url, settings(url)):
+        await eventually(lambda: len(state.received) == 1, "the webhook")
+    (got,) = state.received
+    monkeypatch.setenv("PAYAGG_WEBHOOK_SECRET", SECRET)
+    example: dict[str, Any] = {}
+    exec(compile(readme_receiver(), "README.md", "exec"), example)
+
+    assert example["handle"](got.signature, got.body) == 200
+    assert example["handle"](got.signature, got.body) == 200
+    assert example["handled"] == {("TXN-README", "DECLINED")}
+    assert example["handle"](got.signature, body.replace(b"DECLINED", b"SUCCESS")) == 400
+    assert example["handle"]("t=1,v1=00", got.body) == 400
+    assert example["handle"]("garbage", got.body) == 400
+    assert example["verified_event"](got.signature, got.body, now=time.time() + 301) is None
