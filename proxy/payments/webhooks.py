@@ -192,18 +192,21 @@ class WebhookDelivery:
         attempt.add_done_callback(self._attempts.discard)
 
     async def _attempt(self, lease: Lease) -> None:
-        failure = await self._post(lease.record.body)
+        # Whatever goes wrong here, the delivery stays in Redis: its lease ends and it is
+        # attempted again (at least once, perhaps twice).
         try:
+            failure = await self._post(lease.record.body)
             if failure is None:
                 await self._outbox.delivered(lease)
                 self._metrics.webhook_deliveries.labels("delivered").inc()
             else:
                 await self._after_failure(lease, failure)
         except (RedisUnavailable, RedisReplyError) as error:
-            # Its lease ends and it is attempted again: at least once, perhaps twice.
             log.warning(
                 "webhook attempt not recorded: %s", error, extra={"fields": _about(lease.record)}
             )
+        except Exception:
+            log.exception("webhook attempt failed", extra={"fields": _about(lease.record)})
 
     async def _post(self, body: bytes) -> str | None:
         """None when the receiver answered 2xx, else what went wrong."""

@@ -31,6 +31,9 @@ local function enqueue_webhook(outbox_key, hook_key, member, record, now_ms)
 end
 """
 _ENQUEUE = Script(ENQUEUE_LUA + "enqueue_webhook(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
+# A script may only touch the keys named in its KEYS (Cluster routes by them), and a hook's key is
+# known only once its member is: so leasing takes two steps, which members are due (this script),
+# then each member's lease, which checks again that it is still due.
 _DUE = Script("return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])")
 # Only a member still due is leased, so of two processes that saw it due, one gets it.
 _LEASE = Script("""
