@@ -28,7 +28,7 @@ from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment, reference_for
 from proxy.records import KeyState, StoredResult
-from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
+from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
 from proxy.tokens import unique_tokens
 
 log = logging.getLogger("payagg.idempotency")
@@ -47,8 +47,12 @@ if bound == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return bound
 """)
 # Store a value (ARGV[2] non-empty) or delete (ARGV[2] empty), only while ARGV[1] is there.
+# A durable store may run twice (retried after an unconfirmed first run): finding its own value
+# already there is success, not a lost lock.
 _FINISH = Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local current = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and current == ARGV[2] then return 1 end
+if current ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1])
 else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
 return 1
@@ -75,7 +79,7 @@ class IdempotencyStore:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
         self._metrics = metrics
-        self._redis = RedisClient(settings.url, settings.timeout_s)
+        self._redis = StoreClient(settings)
         # Claims whose reply never came (Redis stalled, not dead): Redis may still run them when
         # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
         # released, only if its exact value is still there, before the next claim or lookup.
@@ -265,15 +269,19 @@ class IdempotencyStore:
 
     async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
         with self._store_errors:
-            done = await self._redis.run_script(_FINISH, [key], [lock, value, ttl_s])
+            done = await self._redis.run_script(
+                _FINISH, [key], [lock, value, ttl_s], durable=bool(value)
+            )
         return bool(done)
 
     def count_unknown_outcome(self, action: str) -> None:
         self._metrics.unknown_store_outcomes.labels(action).inc()
 
     async def ping(self) -> bool:
+        """True when a write would succeed now; raises StoreUnavailable (its cause says why)."""
         with self._store_errors:
-            return bool(await self._redis.execute(b"PING"))
+            await self._redis.check_writable()
+        return True
 
     async def close(self) -> None:
         await self._redis.close()
