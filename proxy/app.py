@@ -36,8 +36,8 @@ from proxy.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.openapi import build_document
 from proxy.pay import OUTCOME, PROVIDER, PaymentService
 from proxy.payments.webhooks import WebhookDelivery
-from proxy.redis_wire import RedisClient
 from proxy.store.outbox import Outbox
+from proxy.store_client import StoreClient
 from proxy.tokens import unique_tokens
 from proxy.upstream import ProviderClient
 
@@ -84,7 +84,7 @@ class Gateway:
         # Its own Redis connection: deliveries never queue behind payments' commands.
         self.webhooks = WebhookDelivery(
             config.webhooks,
-            Outbox(RedisClient(config.redis.url, config.redis.timeout_s), config.redis.key_prefix),
+            Outbox(StoreClient(config.redis), config.redis.key_prefix),
             self.metrics,
         )
         self._openapi_document = build_document([provider.name for provider in config.providers])

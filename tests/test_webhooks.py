@@ -22,12 +22,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.crc import key_slot
 
-from proxy.config import ConfigError, WebhookSettings, load_config, parse_config
+from proxy.config import ConfigError, RedisSettings, WebhookSettings, load_config, parse_config
 from proxy.metrics import GatewayMetrics
 from proxy.payments.webhooks import DeliveryTiming, WebhookDelivery, webhook_body
-from proxy.redis_wire import Argument, RedisClient, Script
 from proxy.store.keys import SHARDS, outbox_member, payment_sha, shard_for, shard_of
 from proxy.store.outbox import HookRecord, Lease, Outbox, hook_record
+from proxy.store_client import Argument, Script, StoreClient
 from tests.conftest import gateway_yaml
 from tests.processes import ServiceProcess, free_port, http_ok, payagg_serve, wait_until
 from tests.test_end_to_end import metric
@@ -109,8 +109,12 @@ def settings(url: str, retry_for_s: float = 86400) -> WebhookSettings:
     return WebhookSettings(url=url, secret=SECRET, retry_for_s=retry_for_s)
 
 
+def store_client(redis_url: str) -> StoreClient:
+    return StoreClient(RedisSettings(url=redis_url, timeout_s=2))
+
+
 def outbox_on(redis_url: str) -> Outbox:
-    return Outbox(RedisClient(redis_url, 2.0), PREFIX)
+    return Outbox(store_client(redis_url), PREFIX)
 
 
 @asynccontextmanager
@@ -336,7 +340,7 @@ async def test_two_processes_never_deliver_the_same_webhook_at_once(redis_url, r
 class RecordingRunner:
     """A real Redis client that remembers the KEYS of every script it runs."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: StoreClient) -> None:
         self.client = client
         self.calls: list[list[str]] = []
 
@@ -351,7 +355,7 @@ class RecordingRunner:
 
 
 async def test_every_outbox_script_declares_its_keys_and_they_share_one_hash_slot(redis_url):
-    runner = RecordingRunner(RedisClient(redis_url, 2.0))
+    runner = RecordingRunner(store_client(redis_url))
     outbox = Outbox(runner, PREFIX)
     sha = payment_sha("TXN-SLOTS")
     shard = shard_for(PREFIX, sha)

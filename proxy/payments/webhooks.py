@@ -28,8 +28,8 @@ import aiohttp
 
 from proxy.config import WebhookSettings
 from proxy.metrics import GatewayMetrics
-from proxy.redis_wire import RedisReplyError, RedisUnavailable
 from proxy.store.outbox import HookRecord, Lease, Outbox
+from proxy.store_client import RedisReplyError, RedisUnavailable
 
 log = logging.getLogger("payagg.webhooks")
 

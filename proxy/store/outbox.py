@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from proxy.redis_wire import Argument, Script
 from proxy.store.keys import Shard, all_shards, outbox_member, shard_for
+from proxy.store_client import Argument, Script
 
 # For life's transition scripts: paste it in and call it with keys the script declares in KEYS.
 # NX on both writes: a transition script run twice (a retry after a failover) never resets a
@@ -69,7 +69,7 @@ _BACKLOG = Script("return redis.call('ZCARD', KEYS[1])")
 
 
 class ScriptRunner(Protocol):
-    """What the outbox needs of a Redis client (`RedisClient`)."""
+    """What the outbox needs of a Redis client (`StoreClient`)."""
 
     async def run_script(
         self, script: Script, keys: Sequence[Argument], args: Sequence[Argument]
