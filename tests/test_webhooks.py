@@ -109,17 +109,27 @@ def settings(url: str, retry_for_s: float = 86400) -> WebhookSettings:
     return WebhookSettings(url=url, secret=SECRET, retry_for_s=retry_for_s)
 
 
-def store_client(redis_url: str) -> StoreClient:
-    return StoreClient(RedisSettings(url=redis_url, timeout_s=2))
+# A standalone server's URL, or the settings of another store (a cluster).
+Redis = str | RedisSettings
 
 
-def outbox_on(redis_url: str) -> Outbox:
-    return Outbox(store_client(redis_url), PREFIX)
+def redis_settings(redis: Redis) -> RedisSettings:
+    if isinstance(redis, RedisSettings):
+        return redis
+    return RedisSettings(url=redis, timeout_s=2, key_prefix=PREFIX)
+
+
+def store_client(redis: Redis) -> StoreClient:
+    return StoreClient(redis_settings(redis))
+
+
+def outbox_on(redis: Redis) -> Outbox:
+    return Outbox(store_client(redis), redis_settings(redis).key_prefix)
 
 
 @asynccontextmanager
 async def delivering(
-    redis_url: str,
+    redis_url: Redis,
     webhooks: WebhookSettings,
     timing: DeliveryTiming = FAST,
     clock: Callable[[], float] = time.time,
@@ -139,7 +149,7 @@ def body_for(transaction_id: str, state: str = "SUCCESS") -> bytes:
     return webhook_body(transaction_id, state, "CANON", f"ref-{transaction_id}", 20, "ZAR", None)
 
 
-async def enqueue(redis_url: str, transaction_id: str, state: str = "SUCCESS") -> bytes:
+async def enqueue(redis_url: Redis, transaction_id: str, state: str = "SUCCESS") -> bytes:
     """What a transition script does: the record and the outbox member, in one script."""
     sha = payment_sha(transaction_id)
     body = body_for(transaction_id, state)
@@ -167,7 +177,7 @@ def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
 
-async def backlog(redis_url: str) -> int:
+async def backlog(redis_url: Redis) -> int:
     outbox = outbox_on(redis_url)
     try:
         return await outbox.backlog()
@@ -175,7 +185,7 @@ async def backlog(redis_url: str) -> int:
         await outbox.close()
 
 
-async def outbox_empty(redis_url: str) -> bool:
+async def outbox_empty(redis_url: Redis) -> bool:
     return await backlog(redis_url) == 0
 
 
@@ -557,3 +567,19 @@ async def test_the_readmes_receiver_accepts_a_real_webhook_once_and_refuses_forg
     assert example["handle"]("t=1,v1=00", got.body) == 400
     assert example["handle"]("garbage", got.body) == 400
     assert example["verified_event"](got.signature, got.body, now=time.time() + 301) is None
+
+
+async def test_webhooks_are_delivered_through_a_redis_cluster(redis_cluster, receiver):
+    """Every script runs on one node: a key outside its shard's slot would fail CROSSSLOT."""
+    state, url = receiver
+    cluster = RedisSettings(
+        url=redis_cluster.url_via(redis_cluster.masters()[0]),
+        mode="cluster",
+        key_prefix="hooks-cluster:",
+        timeout_s=2,
+    )
+    bodies = [await enqueue(cluster, f"TXN-C{number}") for number in range(20)]
+    assert await backlog(cluster) == 20
+    async with delivering(cluster, settings(url)):
+        await eventually(lambda: outbox_empty(cluster), "every delivery to be done", 60)
+    assert state.bodies() == Counter(bodies)
