@@ -22,7 +22,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 
 import aiohttp
 
@@ -53,30 +52,6 @@ class DeliveryTiming:
     def __post_init__(self) -> None:
         if self.lease_s <= self.timeout_s:
             raise ValueError("lease_s must exceed timeout_s: a lease must outlive its attempt")
-
-
-def webhook_body(
-    transaction_id: str,
-    state: str,
-    provider: str,
-    provider_reference: str | None,
-    amount: Decimal | float,
-    currency: str,
-    reason: str | None,
-) -> bytes:
-    """The exact bytes POSTed: compact JSON, keys in the contract's order, amount a number."""
-    return json.dumps(
-        {
-            "transaction_id": transaction_id,
-            "state": state,
-            "provider": provider,
-            "provider_reference": provider_reference,
-            "amount": float(amount),
-            "currency": currency,
-            "reason": reason,
-        },
-        separators=(",", ":"),
-    ).encode()
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:

@@ -19,18 +19,13 @@ from typing import Any, Protocol
 from proxy.store.keys import Shard, all_shards, outbox_member, shard_for
 from proxy.store_client import Argument, Script
 
-# For life's transition scripts: paste it in and call it with keys the script declares in KEYS.
-# NX on both writes: a transition script run twice (a retry after a failover) never resets a
-# delivery that another process holds leased right now.
-ENQUEUE_LUA = """
-local function enqueue_webhook(outbox_key, hook_key, member, record, now_ms)
-  if record == '' then return end
-  if redis.call('SET', hook_key, record, 'NX') then
-    redis.call('ZADD', outbox_key, now_ms, member)
-  end
+# Life's transition scripts enqueue in the same step that makes a payment final; this is the same
+# as a script of its own. NX on both writes: run twice, it never resets a delivery under way.
+_ENQUEUE = Script("""
+if redis.call('SET', KEYS[2], ARGV[2], 'NX') then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 end
-"""
-_ENQUEUE = Script(ENQUEUE_LUA + "enqueue_webhook(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
+""")
 # A script may only touch the keys named in its KEYS (Cluster routes by them), and a hook's key is
 # known only once its member is: so leasing takes two steps, which members are due (this script),
 # then each member's lease, which checks again that it is still due.
@@ -112,11 +107,6 @@ class HookRecord:
         return replace(self, attempts=self.attempts + 1)
 
 
-def hook_record(body: bytes, created_ms: int) -> str:
-    """The `hook:` value a transition script stores with its webhook (ARGV of `ENQUEUE_LUA`)."""
-    return HookRecord(body, created_ms).text()
-
-
 @dataclass(frozen=True)
 class Lease:
     """A delivery this process may attempt until `until_ms`."""
@@ -134,8 +124,9 @@ class Outbox:
         self._client = client
         self._prefix = key_prefix
 
-    async def enqueue(self, sha: str, state: str, record: str, now_ms: int) -> None:
-        """What a transition script does with `ENQUEUE_LUA`, as a script of its own."""
+    async def enqueue(self, sha: str, state: str, body: bytes, now_ms: int) -> None:
+        """A webhook of `body` for the payment `sha` in `state`, due at once."""
+        record = HookRecord(body, now_ms).text()
         shard = shard_for(self._prefix, sha)
         await self._client.run_script(
             _ENQUEUE,
