@@ -585,3 +585,29 @@ async def test_webhooks_are_delivered_through_a_redis_cluster(redis_cluster, rec
     async with delivering(cluster, settings(url)):
         await eventually(lambda: outbox_empty(cluster), "every delivery to be done", 60)
     assert state.bodies() == Counter(bodies)
+
+
+async def test_a_clean_shutdown_finishes_the_attempt_in_flight(redis_url, receiver):
+    state, url = receiver
+    state.hold = asyncio.Event()
+    await enqueue(redis_url, "TXN-SHUTDOWN")
+    async with delivering(redis_url, settings(url)) as (delivery, metrics):
+        await eventually(lambda: len(state.received) == 1, "the attempt")
+        closing = asyncio.ensure_future(delivery.close(timeout_s=10))
+        await asyncio.sleep(0.1)
+        assert not closing.done(), "close waits for the attempt in flight"
+        state.hold.set()
+        await closing
+        assert sample(metrics, DELIVERIES, result="delivered") == 1
+    assert await backlog(redis_url) == 0
+
+
+async def test_the_delivery_loop_outlives_a_redis_outage(redis_server, redis_url, receiver):
+    state, url = receiver
+    async with delivering(redis_url, settings(url)):
+        redis_server.stop()
+        await asyncio.sleep(10 * FAST.poll_interval_s)  # polls that fail, and are logged
+        redis_server.start()
+        body = await enqueue(redis_url, "TXN-AFTER-OUTAGE")
+        await eventually(lambda: outbox_empty(redis_url), "the delivery after the outage")
+    assert [item.body for item in state.received] == [body]
