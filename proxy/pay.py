@@ -9,10 +9,17 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from proxy.errors import NotFound, PayloadTooLarge, ProviderUnavailable, UnsupportedMediaType
+from proxy.errors import (
+    NotFound,
+    PayloadTooLarge,
+    PaymentAlreadyExists,
+    ProviderUnavailable,
+    UnsupportedMediaType,
+)
 from proxy.idempotency import Claim, IdempotencyStore, describe
-from proxy.mapping import Answer
+from proxy.mapping import FINAL_OUTCOMES, Answer
 from proxy.payment import Payment, parse_payment
+from proxy.payments.settle import wait_for_final
 from proxy.records import StoredResult
 from proxy.upstream import ProviderClient
 
@@ -59,7 +66,7 @@ class PaymentService:
         self, provider: ProviderClient, payment: Payment, claim: Claim
     ) -> tuple[int, bytes]:
         try:
-            answer = await provider.pay(payment, claim.reference)
+            answer = await _provider_answer(provider, payment, claim.reference)
         except BaseException:
             await claim.release()
             raise
@@ -74,6 +81,24 @@ class PaymentService:
         if state is None or not state.belongs_to(transaction_id):
             raise NotFound("no payment with this TransactionID")
         return web.json_response(describe(state))
+
+
+async def _provider_answer(provider: ProviderClient, payment: Payment, reference: str) -> Answer:
+    """The provider's final answer, waited for within its `sync_wait_s` when it is pending.
+
+    Interim (#14 before the payment lifecycle of #15 lands): a payment still pending after the
+    wait is answered as an unknown outcome (504, key released, the same reference on retry);
+    the lifecycle replaces this with 202 PENDING and reconciliation.
+    """
+    try:
+        answer = await provider.pay(payment, reference, provider.callback_url(reference))
+    except PaymentAlreadyExists:
+        if not provider.has_status:
+            raise
+    else:
+        if answer.outcome in FINAL_OUTCOMES:
+            return answer
+    return await wait_for_final(provider, payment, reference, provider.sync_wait_s)
 
 
 async def _json_body(request: web.BaseRequest) -> bytes:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from mock_providers import cli as mock_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -29,10 +31,7 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 CONFIG_REFERENCE = re.compile(r"\$\{([A-Z0-9_]+)(:-[^}]*)?\}")
 URL = re.compile(r"https?://[^\s'\"]+")
 PROXY_ENV_OUTSIDE_THE_CONFIG = {"PAYAGG_CONFIG", "LOG_LEVEL"}
-MOCK_ENV = {
-    "MOCK_PROVIDER", "MOCK_HOST", "MOCK_PORT", "MOCK_FAILURE_RATE", "MOCK_DECLINE_RATE",
-    "MOCK_LATENCY_MS", "MOCK_HANG_RATE", "MOCK_SEED",
-}
+MOCK_ENV = {option.env for option in mock_cli.OPTIONS}
 SERVICES = ["redis", "proxy", "mtn", "airtel"]
 PAYAGG_SERVICES = ["proxy", "mtn", "airtel"]
 MOCKS = ["mtn", "airtel"]
@@ -607,3 +606,16 @@ def test_the_shipped_config_serves_on_every_interface_at_the_published_port() ->
     server = shipped_config_with_defaults()["server"]
     published = int(service("proxy")["ports"][0].split(":")[-1])
     assert (str(server["host"]), int(server["port"])) == ("0.0.0.0", published), server
+
+
+MOCK_LIFECYCLE_ENV = {
+    "MOCK_APPROVAL_MS", "MOCK_ABANDON_RATE", "MOCK_APPROVAL_TIMEOUT_S", "MOCK_STATUS_FAILURE_RATE",
+    "MOCK_SYNC_DECLINES", "MOCK_TOKEN_TTL_S", "MOCK_CLIENT_ID", "MOCK_CLIENT_SECRET",
+}
+
+
+@pytest.mark.parametrize("name", MOCKS, ids=MOCKS)
+def test_compose_passes_the_payment_lifecycle_and_credential_settings_to_each_mock(
+    name: str,
+) -> None:
+    assert set(environment(name)) >= MOCK_LIFECYCLE_ENV
