@@ -35,6 +35,9 @@ from proxy.logs import log_request
 from proxy.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.openapi import build_document
 from proxy.pay import OUTCOME, PROVIDER, PaymentService
+from proxy.payments.webhooks import WebhookDelivery
+from proxy.store.outbox import Outbox
+from proxy.store_client import StoreClient
 from proxy.tokens import unique_tokens
 from proxy.upstream import ProviderClient
 
@@ -78,6 +81,12 @@ class Gateway:
             for provider in config.providers
         }
         self.payments = PaymentService(self._clients, self.store)
+        # Its own Redis connection: deliveries never queue behind payments' commands.
+        self.webhooks = WebhookDelivery(
+            config.webhooks,
+            Outbox(StoreClient(config.redis), config.redis.key_prefix),
+            self.metrics,
+        )
         self._openapi_document = build_document([provider.name for provider in config.providers])
         get_routes: dict[str, Handler] = {
             "/v1/providers": self._providers,
@@ -106,13 +115,16 @@ class Gateway:
 
     async def close(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for payments still settling, then close every connection."""
+        await asyncio.gather(self._settle_payments(timeout_s), self.webhooks.close(timeout_s))
+        for client in self._clients.values():
+            await client.close()
+        await self.store.close()
+
+    async def _settle_payments(self, timeout_s: float) -> None:
         settling = self.payments.settling
         if settling:
             log.info("waiting for %d payment(s) in flight before exit", len(settling))
             await asyncio.wait(settling, timeout=timeout_s)
-        for client in self._clients.values():
-            await client.close()
-        await self.store.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route, then answer errors as JSON and log and count every request."""
@@ -219,6 +231,7 @@ class Gateway:
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         for breaker in self.breakers.values():
             _ = breaker.state  # applies a due open -> half_open move before the gauges are read
+        await self.webhooks.refresh_backlog()
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},

@@ -8,7 +8,7 @@ import os
 import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -147,6 +147,25 @@ class IdempotencySettings(_Section):
     replay_cache_size: int | None = None
 
 
+class WebhookSettings(_Section):
+    """Merchant webhooks: where final states are POSTed, signed, and for how long retried."""
+
+    # Empty: no webhook is sent, and none is enqueued (the outbox would only grow).
+    url: str = ""
+    # The HMAC-SHA256 key of Payagg-Signature; from the environment, never written in the file.
+    secret: str = Field("", repr=False)
+    # A delivery still failing this long after its payment became final is dropped (logged).
+    retry_for_s: float = Field(86400, ge=1, le=30 * 86400)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        return url
+
+
 class BreakerSettings(_Section):
     failure_rate_threshold: float = Field(0.6, gt=0, le=1)
     minimum_calls: int = 3
@@ -247,6 +266,7 @@ class _FileShape(_Section):
     server: ServerSettings = ServerSettings()
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    webhooks: WebhookSettings = WebhookSettings()
     defaults: ProviderDefaults = ProviderDefaults()
     # Each provider is validated on its own, so one bad provider hides no other's problems.
     providers: dict[str, Any]
@@ -296,6 +316,7 @@ class GatewayConfig:
     providers: tuple[Provider, ...]
     # SHA-256 of the file's text as read, before ${VAR} substitution: which file a process runs.
     content_sha256: str = ""
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     def summary(self) -> str:
         names = ", ".join(provider.name for provider in self.providers)
@@ -349,6 +370,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
     problems.extend(provider_problems)
     if shape is not None:
         problems.extend(_lock_ttl_problems(shape.idempotency, settings))
+        problems.extend(_webhook_problems(shape.webhooks))
     if problems or shape is None:
         raise ConfigError(_format(problems, document, source))
     return GatewayConfig(
@@ -358,6 +380,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
         shape.idempotency,
         providers,
         content_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        webhooks=shape.webhooks,
     )
 
 
@@ -615,6 +638,32 @@ def _lock_ttl_problems(
             "works lets a retry charge twice",
         )
     ]
+
+
+# HMAC keys shorter than this can be found offline from a single signed webhook.
+_MIN_WEBHOOK_SECRET_CHARS = 16
+
+
+def _webhook_problems(webhooks: WebhookSettings) -> list[Problem]:
+    if not webhooks.url:
+        return []
+    if not webhooks.secret:
+        return [
+            Problem(
+                ("webhooks", "secret"),
+                "required when webhooks.url is set (${PAYAGG_WEBHOOK_SECRET}): receivers "
+                "could not tell payagg's webhooks from forged ones",
+            )
+        ]
+    if len(webhooks.secret) < _MIN_WEBHOOK_SECRET_CHARS:
+        return [
+            Problem(
+                ("webhooks", "secret"),
+                f"must be at least {_MIN_WEBHOOK_SECRET_CHARS} characters, got "
+                f"{len(webhooks.secret)}: a short key can be guessed from one signed webhook",
+            )
+        ]
+    return []
 
 
 def _format(problems: list[Problem], document: YamlDocument, source: str) -> list[str]:

@@ -43,6 +43,7 @@ OUTCOMES = (
     "malformed",
     "client_closed",
 )
+WEBHOOK_RESULTS = ("delivered", "failed", "expired")
 # payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
 _ANSWER_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30,
@@ -131,6 +132,7 @@ class GatewayMetrics:
                 self.show_state(provider, BreakerState.CLOSED)
 
         self._add_operations_metrics(providers)
+        self._add_webhook_metrics()
 
     def count(self, provider: str, outcome: str) -> None:
         self._request_counters[provider, outcome].inc()
@@ -196,6 +198,25 @@ class GatewayMetrics:
             self._answer_histograms[route, outcome] = histogram
         if seconds is not None:
             histogram.observe(seconds)
+
+    # --- merchant webhooks ----------------------------------------------------------------------
+
+    def _add_webhook_metrics(self) -> None:
+        self.webhook_deliveries = Counter(
+            "payagg_webhook_deliveries_total",
+            "Merchant webhook attempts: delivered (2xx), failed (will retry), expired (given up).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result)
+        self.webhook_backlog = Gauge(
+            "payagg_webhook_backlog",
+            "Merchant webhooks not yet delivered, read from the store at each scrape.",
+            registry=self.registry,
+            # Every process reads the same store: the latest reading is right for all of them.
+            multiprocess_mode="livemostrecent",
+        )
 
 
 def _package_version() -> str:

@@ -29,6 +29,7 @@ async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        gateway.webhooks.start()
         await stop.wait()
     finally:
         stopping_at = time.monotonic()

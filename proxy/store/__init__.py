@@ -1,0 +1,1 @@
+"""Redis: key layout, Lua scripts and the payment records of the lifecycle."""

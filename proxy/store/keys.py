@@ -1,0 +1,82 @@
+"""Where the lifecycle keeps each payment in Redis (lifecycle-design §2).
+
+Payments are spread over `SHARDS` shards, each with a hash tag (`{<prefix>sNN}`), so that every
+script touches keys of one hash slot (Redis Cluster, MemoryDB): a payment's record, its shard's
+schedule (`due`), webhook outbox (`outbox`), webhook bodies (`hook:`) and gauge counters
+(`counts`). Only the lookup by provider reference (`ref:`) lives outside the shards: it is a
+single-key write made before the claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+# Fixed forever: changing it would move every record to another shard.
+SHARDS = 16
+FINAL_STATES = frozenset({"SUCCESS", "DECLINED", "NOT_CREATED"})
+
+
+def payment_sha(transaction_id: str, scope: str = "") -> str:
+    """SHA-256 hex of scope + NUL + TransactionID: client strings never become raw Redis keys."""
+    return hashlib.sha256(f"{scope}\x00{transaction_id}".encode()).hexdigest()
+
+
+def shard_of(sha: str) -> int:
+    return int(sha[:8], 16) % SHARDS
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """The keys of one shard; every name carries the shard's hash tag."""
+
+    prefix: str
+    number: int
+
+    @property
+    def tag(self) -> str:
+        return f"{{{self.prefix}s{self.number:02d}}}"
+
+    @property
+    def due(self) -> bytes:
+        """zset: member `<sha>`, score = unix ms when next due (lease expiry while leased)."""
+        return f"{self.tag}due".encode()
+
+    @property
+    def outbox(self) -> bytes:
+        """zset: member `<sha>:<STATE>`, score = unix ms of the next delivery attempt."""
+        return f"{self.tag}outbox".encode()
+
+    @property
+    def counts(self) -> bytes:
+        """hash: `pending:<PROVIDER>`, `unresolved:<PROVIDER>`."""
+        return f"{self.tag}counts".encode()
+
+    def payment(self, sha: str) -> bytes:
+        """string: the payment's record (JSON facts, `proxy/records.py`)."""
+        return f"{self.tag}pay:{sha}".encode()
+
+    def hook(self, sha: str, state: str) -> bytes:
+        """string: `{"body", "created_ms", "attempts", "target"}` of one webhook."""
+        return f"{self.tag}hook:{sha}:{state}".encode()
+
+    def tombstone(self, sha: str) -> bytes:
+        """string: provider, reference, amount, currency and final state of an expired result."""
+        return f"{self.tag}tomb:{sha}".encode()
+
+
+def shard_for(prefix: str, sha: str) -> Shard:
+    return Shard(prefix, shard_of(sha))
+
+
+def all_shards(prefix: str) -> list[Shard]:
+    return [Shard(prefix, number) for number in range(SHARDS)]
+
+
+def reference_key(prefix: str, provider: str, reference: str) -> bytes:
+    """string: `<sha>` of the payment sent under this provider reference (callbacks find it)."""
+    return f"{prefix}ref:{provider}:{reference}".encode()
+
+
+def outbox_member(sha: str, state: str) -> str:
+    return f"{sha}:{state}"
