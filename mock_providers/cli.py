@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import NoReturn
 
 from aiohttp import web
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a mock MTN MoMo or Airtel Money service with faults you can dial in. "
         "Each option can come from its environment variable; a flag wins over it.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     for option in OPTIONS:
         parser.add_argument(
             option.flag,
@@ -145,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{option.help}; env {option.env}",
         )
     return parser
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("payagg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_c
 from proxy.demo import DEFAULT_PROXY_URL, run_demo
 from proxy.devstack import DevOptions, run_dev
 from proxy.logs import configure_logging
+from proxy.metrics import package_version
 from proxy.serving import serve
 from proxy.workers import is_worker, run_workers
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="payagg", description="A resilient payment gateway aggregator."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy")
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
     )
     serve.add_argument("--host", help="address to listen on (default: server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default: server.port)")
     serve.add_argument(
         "--workers",
         type=_positive,
@@ -187,7 +189,3 @@ def _dev(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.url, args.provider, args.count)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,8 +51,8 @@ def mtn_payment(base_url: str) -> tuple[int, Json]:
 def test_the_parser_offers_exactly_the_contract_options() -> None:
     flags = {flag for action in build_parser()._actions for flag in action.option_strings}
     assert flags == {
-        "-h", "--help", "--provider", "--host", "--port", "--failure-rate", "--decline-rate",
-        "--latency-ms", "--hang-rate", "--seed",
+        "-h", "--help", "--version", "--provider", "--host", "--port", "--failure-rate",
+        "--decline-rate", "--latency-ms", "--hang-rate", "--seed",
     }
 
 
