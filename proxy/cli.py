@@ -15,7 +15,7 @@ import uvloop
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
 from proxy.demo import DEFAULT_PROXY_URL, run_demo
 from proxy.devstack import DevOptions, run_dev
-from proxy.logs import configure_logging
+from proxy.logs import configure_logging, log_level_problem
 from proxy.metrics import package_version
 from proxy.serving import serve
 from proxy.workers import is_worker, run_workers
@@ -119,12 +119,15 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:
+    """The config, or None after printing every problem with it and with the environment."""
+    problems = [f"payagg: {problem}" for problem in [log_level_problem(os.environ)] if problem]
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
-        return None
+        problems += error.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return None if problems else config
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -136,10 +139,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging()
     config = _load_or_report(_config_path(args))
     if config is None:
         return 1
+    configure_logging()
     host = args.host or config.server.host
     port = args.port or config.server.port
     if args.workers > 1:

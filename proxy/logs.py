@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import orjson
@@ -105,6 +106,14 @@ def log_request(fields: dict[str, Any]) -> None:
     entry.update(fields)
     # orjson: a tenth of json.dumps's time on the line every request writes.
     _sink.write_line(orjson.dumps(entry).decode())
+
+
+def log_level_problem(environ: Mapping[str, str]) -> str | None:
+    """Why $LOG_LEVEL cannot be used (one line), or None when it is unset or a level name."""
+    raw = environ.get("LOG_LEVEL", "")
+    if not raw or raw.upper() in logging.getLevelNamesMapping():
+        return None
+    return f"LOG_LEVEL: must be one of debug, info, warning, error, critical, got {raw!r}"
 
 
 def configure_logging(level: str | None = None) -> None:

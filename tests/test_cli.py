@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
 from tests.processes import VENV_BIN
 
+ROOT = Path(__file__).resolve().parent.parent
 VERSION = metadata.version("payagg")
 
 
@@ -44,3 +47,22 @@ def test_python_dash_m_proxy_is_the_payagg_command() -> None:
     result = run(sys.executable, "-m", "proxy", "--help")
     assert result.returncode == 0
     assert "check-config" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_a_bad_log_level_is_one_line_naming_the_variable(command: str) -> None:
+    shipped = str(ROOT / "config" / "gateway.yaml")
+    argv = ["serve", "--config", shipped] if command == "serve" else ["check-config", shipped]
+    result = subprocess.run(
+        [str(VENV_BIN / "payagg"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "LOG_LEVEL": "bogus"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "payagg: LOG_LEVEL: must be one of debug, info, warning, error, critical, got 'bogus'"
+    ]
+    assert "OK" not in result.stdout
