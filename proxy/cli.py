@@ -148,18 +148,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         serve_args = ["--config", config.source, "--host", host, "--port", str(port)]
         return run_workers(args.workers, serve_args, config.server.shutdown_timeout_s + 5)
-    log.info(
-        "payagg serving on http://%s:%d with %s",
-        host,
-        port,
-        config.summary(),
-        extra={"fields": {"host": host, "port": port}},
-    )
     _tune_garbage_collector()
     try:
         uvloop.run(serve(config, host, port, reuse_port=is_worker()))
     except OSError as error:
-        print(f"payagg: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+        # asyncio rewords a bind error into a sentence repeating the address; the errno is enough.
+        problem = error.strerror or error
+        if error.errno is not None and error.errno > 0:  # resolver errors are negative
+            problem = os.strerror(error.errno).lower()
+        print(f"payagg: cannot listen on {host}:{port}: {problem}", file=sys.stderr)
         return 1
     log.info("payagg stopped")
     return 0

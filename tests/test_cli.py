@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import VENV_BIN
+from tests.processes import VENV_BIN, free_port, payagg_serve, running, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = metadata.version("payagg")
@@ -66,3 +68,38 @@ def test_a_bad_log_level_is_one_line_naming_the_variable(command: str) -> None:
         "payagg: LOG_LEVEL: must be one of debug, info, warning, error, critical, got 'bogus'"
     ]
     assert "OK" not in result.stdout
+
+
+def unreachable_redis_config(tmp_path: Path) -> Path:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        'redis: {url: "redis://127.0.0.1:1/0"}\n'
+        'providers:\n  CANON: {url: "http://127.0.0.1:9/pay"}\n'
+    )
+    return config
+
+
+def test_a_failed_bind_prints_one_line_and_never_claims_to_be_serving(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(*payagg_serve(unreachable_redis_config(tmp_path), port))
+    assert result.returncode == 1
+    assert "serving" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"payagg: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+
+
+def test_an_unreachable_redis_is_one_warning_naming_it_at_start_up(tmp_path: Path) -> None:
+    port = free_port()
+    argv = payagg_serve(unreachable_redis_config(tmp_path), port)
+    with running(argv, f"http://127.0.0.1:{port}/healthz") as proxy:
+        wait_until(lambda: "redis at 127.0.0.1:1 " in proxy.log(), what="the Redis warning")
+        lines = [json.loads(line) for line in proxy.log().splitlines()]
+    serving = next(i for i, line in enumerate(lines) if "serving on" in line["msg"])
+    warnings = [line for line in lines if line["msg"].startswith("redis at 127.0.0.1:1 ")]
+    assert [line["level"] for line in warnings] == ["warning"]
+    assert lines.index(warnings[0]) > serving
+    assert warnings[0]["redis_port"] == 1
