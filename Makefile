@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/mypy proxy mock_providers
 
 dev: $(STAMP)
-	exec $(BIN)/payagg dev
+	exec $(BIN)/payagg dev $(ARGS)
 
 # Needs nginx and wrk from the system's packages (bench/run.py says how to install them).
 bench: $(STAMP)
