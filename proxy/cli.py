@@ -13,7 +13,7 @@ from pathlib import Path
 import uvloop
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
-from proxy.demo import DEFAULT_PROXY_URL, run_demo
+from proxy.demo import DEFAULT_PROXY_URL, proxy_url, run_demo
 from proxy.devstack import DevOptions, run_dev
 from proxy.logs import configure_logging, log_level_problem
 from proxy.metrics import package_version
@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="send n payments in a row and summarise the answers (the breaker demo)"
     )
     demo.add_argument(
-        "--url", default=DEFAULT_PROXY_URL, help=f"the proxy (default {DEFAULT_PROXY_URL})"
+        "--url",
+        type=_proxy_url,
+        default=DEFAULT_PROXY_URL,
+        help=f"the proxy (default {DEFAULT_PROXY_URL})",
     )
     demo.add_argument("--provider", default="AIRTEL", help="ProviderKey to pay (default AIRTEL)")
     demo.add_argument(
@@ -100,6 +103,13 @@ def _rate(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
     return value
+
+
+def _proxy_url(text: str) -> str:
+    try:
+        return proxy_url(text)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}") from problem
 
 
 def _positive(text: str) -> int:
