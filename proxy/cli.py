@@ -21,6 +21,10 @@ from proxy.serving import serve
 from proxy.workers import is_worker, run_workers
 
 log = logging.getLogger("payagg")
+PACKAGED_CONFIG = Path(__file__).parent / "default_config" / "gateway.yaml"
+CONFIG_HELP = (
+    f"YAML file (default: $PAYAGG_CONFIG, else ./{DEFAULT_CONFIG_PATH}, else the packaged one)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument(
-        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
-    )
+    serve.add_argument("--config", help=CONFIG_HELP)
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=_port, help="port to listen on (default: server.port)")
     serve.add_argument(
@@ -67,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--seed", type=int, metavar="N", help="both mocks' --seed, for a reproducible run"
     )
-    dev.add_argument(
-        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
-    )
+    dev.add_argument("--config", help=CONFIG_HELP)
     dev.set_defaults(run=_dev)
 
     demo = commands.add_parser(
@@ -125,7 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config_path(args: argparse.Namespace) -> str:
-    return str(args.config or os.environ.get("PAYAGG_CONFIG") or DEFAULT_CONFIG_PATH)
+    """--config, else $PAYAGG_CONFIG, else ./config/gateway.yaml, else the one in the package
+    (the same file: the package's copy is a link to it), so `payagg serve` starts anywhere."""
+    chosen = args.config or os.environ.get("PAYAGG_CONFIG")
+    if chosen:
+        return str(chosen)
+    if Path(DEFAULT_CONFIG_PATH).is_file():
+        return DEFAULT_CONFIG_PATH
+    return str(PACKAGED_CONFIG)
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:

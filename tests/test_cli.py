@@ -7,12 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from tests.processes import VENV_BIN, free_port, payagg_serve, running, wait_until
+from tests.processes import VENV_BIN, ServiceProcess, free_port, payagg_serve, running, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = metadata.version("payagg")
@@ -103,3 +104,22 @@ def test_an_unreachable_redis_is_one_warning_naming_it_at_start_up(tmp_path: Pat
     assert [line["level"] for line in warnings] == ["warning"]
     assert lines.index(warnings[0]) > serving
     assert warnings[0]["redis_port"] == 1
+
+
+def test_the_packaged_default_config_is_the_shipped_file_itself() -> None:
+    packaged = ROOT / "proxy" / "default_config" / "gateway.yaml"
+    assert packaged.resolve() == (ROOT / "config" / "gateway.yaml").resolve()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "default_config/gateway.yaml" in pyproject["tool"]["setuptools"]["package-data"]["proxy"]
+
+
+def test_serve_outside_the_repository_uses_the_packaged_config(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [str(VENV_BIN / "payagg"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    service = ServiceProcess(argv, env={"REDIS_URL": "redis://127.0.0.1:1/0"}, cwd=tmp_path)
+    try:
+        service.wait_ready(f"http://127.0.0.1:{port}/healthz")
+        wait_until(lambda: "serving on" in service.log(), what="the serving line")
+        assert "default_config/gateway.yaml: OK, 2 provider(s)" in service.log()
+    finally:
+        service.stop()
