@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from mock_providers import airtel, mtn
 from mock_providers.api import ProviderApi
-from mock_providers.app import create_app
+from mock_providers.app import create_app, write_log_line
 from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency, check_rate
 
 PROVIDERS = {api.name: api for api in (mtn.API, airtel.API)}
@@ -238,14 +237,15 @@ def bind_problem(error: OSError) -> str:
 
 
 def announce(settings: Settings) -> None:
-    line = {
+    line: dict[str, object] = {
+        "msg": "listening",
         "event": "listening",
         "provider": settings.api.name,
         "url": f"http://{settings.host}:{settings.port}",
         "seed": settings.seed,
         "faults": settings.faults.as_json(),
     }
-    print(json.dumps(line), flush=True)
+    write_log_line(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

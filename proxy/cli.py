@@ -159,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return 1
-    configure_logging()
+    configure_logging(worker=is_worker())
     host = args.host or config.server.host
     port = args.port or config.server.port
     if args.workers > 1:

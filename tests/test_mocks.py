@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -639,9 +640,14 @@ async def test_every_request_writes_one_json_log_line(
     reference = dialect.new_reference()
     await pay(client, dialect, reference)
     await get_json(client, "/healthz")
-    payment, health = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    output = capsys.readouterr().out
+    assert ", " not in output  # compact, like the proxy's lines
+    payment, health = (json.loads(line) for line in output.splitlines())
     assert payment.pop("latency_ms") >= 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", payment.pop("ts"))
     assert payment == {
+        "level": "info",
+        "msg": "request",
         "provider": dialect.api.name,
         "method": "POST",
         "path": dialect.api.payment_path,

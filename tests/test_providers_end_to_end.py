@@ -319,7 +319,7 @@ def test_a_decline_is_402_with_the_providers_reason(stack, provider, codes, must
         answered_500 = [
             json.loads(line)
             for line in mock.process.log().splitlines()
-            if '"outcome": "decline"' in line and '"status": 500' in line
+            if '"outcome":"decline"' in line and '"status":500' in line
         ]
         assert answered_500, "NOT_ENOUGH_FUNDS went through the mock's HTTP 500 path"
 
