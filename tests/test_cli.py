@@ -123,3 +123,31 @@ def test_serve_outside_the_repository_uses_the_packaged_config(tmp_path: Path) -
         assert "default_config/gateway.yaml: OK, 2 provider(s)" in service.log()
     finally:
         service.stop()
+
+
+def make_plan(target: str, tmp_path: Path) -> list[str]:
+    """The commands `make TARGET` would run on a machine without the virtualenv."""
+    result = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), target, f"VENV={tmp_path / 'venv'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def test_a_first_make_dev_installs_only_the_stack_and_says_so(tmp_path: Path) -> None:
+    plan = "\n".join(make_plan("dev", tmp_path))
+    assert "installing what the local stack needs" in plan
+    assert "-e '.[stack]'" in plan
+    assert ".[dev]" not in plan
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert set(extras["stack"]) <= set(extras["dev"])  # make test's install covers make dev's
+
+
+def test_make_test_installs_the_terraform_tools_before_pytest_starts(tmp_path: Path) -> None:
+    plan = make_plan("test", tmp_path)
+    tools = plan.index(f"{tmp_path / 'venv'}/bin/python -m tests.terraform_checks.tools")
+    assert plan[tools + 1].endswith("-m pytest")

