@@ -368,8 +368,10 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
     server = shape.server if shape is not None else ServerSettings()
     providers, provider_problems = _build_providers(settings, server)
     problems.extend(provider_problems)
+    idempotency = shape.idempotency if shape is not None else _idempotency_alone(raw)
+    if idempotency is not None:
+        problems.extend(_lock_ttl_problems(idempotency, settings))
     if shape is not None:
-        problems.extend(_lock_ttl_problems(shape.idempotency, settings))
         problems.extend(_webhook_problems(shape.webhooks))
     if problems or shape is None:
         raise ConfigError(_format(problems, document, source))
@@ -619,6 +621,14 @@ def _tls_problems(settings: ProviderSettings, path: Path) -> list[Problem]:
     except TlsFileError as error:
         return [Problem((*path, error.key), error.problem)]
     return []
+
+
+def _idempotency_alone(raw: dict[str, Any]) -> IdempotencySettings | None:
+    """The `idempotency` section when another section is invalid, so its rule is checked too."""
+    try:
+        return IdempotencySettings.model_validate(raw.get("idempotency") or {})
+    except ValidationError:
+        return None  # its own problems are already reported by the whole file's validation
 
 
 def _lock_ttl_problems(

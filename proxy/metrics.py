@@ -184,7 +184,7 @@ class GatewayMetrics:
 
     def show_build(self, config_hash: str) -> None:
         self.build_info.labels(
-            _package_version(),
+            package_version(),
             os.environ.get(REVISION_ENV) or "unknown",
             platform.python_version(),
             config_hash,
@@ -219,7 +219,7 @@ class GatewayMetrics:
         )
 
 
-def _package_version() -> str:
+def package_version() -> str:
     try:
         return metadata.version("payagg")
     except metadata.PackageNotFoundError:

