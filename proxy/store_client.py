@@ -131,11 +131,11 @@ class StoreClient:
         def call(client: Glide) -> Awaitable[Any]:
             return client.invoke_script(script.glide, keys=key_list, args=arg_list)
 
+        # In a pipeline by SHA; a server that lacks the script gets it whole through `call`.
+        evalsha = ["EVALSHA", script.sha, str(len(key_list)), *key_list, *arg_list]
         if not durable:
-            # In a pipeline by SHA; a server that lacks the script gets it whole through `call`.
-            evalsha = ["EVALSHA", script.sha, str(len(key_list)), *key_list, *arg_list]
             return await self._main.pipelined(evalsha, call)
-        reply = await self._durably(call)
+        reply = await self._durably(evalsha, call)
         if self._settings.wait_replicas and key_list:
             await self._replicate(key_list[0])
         return reply
@@ -164,12 +164,14 @@ class StoreClient:
         if self._durable is not self._main:
             await self._durable.close()
 
-    async def _durably(self, call: Callable[[Glide], Awaitable[Any]]) -> Any:
+    async def _durably(
+        self, command: list[bytes | str], call: Callable[[Glide], Awaitable[Any]]
+    ) -> Any:
         deadline = time.monotonic() + self._settings.durable_retry_s
         pause_s = _FIRST_BACKOFF_S
         while True:
             try:
-                return await self._durable.run(call)
+                return await self._durable.pipelined(command, call)
             except RedisUnavailable:
                 if time.monotonic() + pause_s > deadline:
                     raise

@@ -99,7 +99,8 @@ async def test_commands_issued_together_go_as_one_pipeline_each_with_its_own_rep
     redis_server: RedisServer, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One glide call per event-loop iteration instead of one per command (its fixed cost is
-    most of a replay's); the replies are exactly those the commands get when sent alone."""
+    most of a replay's), a charged payment's durable write included; the replies are exactly
+    those the commands get when sent alone."""
     script = Script("return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1, false}")
     failing = Script("return redis.call('NOSUCHCOMMAND')")
 
@@ -110,6 +111,7 @@ async def test_commands_issued_together_go_as_one_pipeline_each_with_its_own_rep
             client.run_script(failing, ["store:k"], []),
             client.execute("GET", "store:together"),
             client.run_script(GET_KEY, ["store:missing"], []),
+            client.run_script(SET_KEY, ["store:durable"], ["charged"], durable=True),
             return_exceptions=True,
         )
 
@@ -123,6 +125,7 @@ async def test_commands_issued_together_go_as_one_pipeline_each_with_its_own_rep
         alone += [
             await client.execute("GET", "store:together"),
             await client.run_script(GET_KEY, ["store:missing"], []),
+            await client.run_script(SET_KEY, ["store:durable"], ["charged"], durable=True),
         ]
         pipelines: list[int] = []
         glide = client._main._client
@@ -138,7 +141,7 @@ async def test_commands_issued_together_go_as_one_pipeline_each_with_its_own_rep
         redis_server.client().script_flush()  # NOSCRIPT in the pipeline: sent again alone
         replies_after_flush = await together(client)
 
-    assert pipelines == [5, 5]
+    assert pipelines == [6, 6]
     for answered in (replies, replies_after_flush):
         assert answered[:2] + answered[3:] == alone
         assert isinstance(answered[2], RedisReplyError)
