@@ -166,6 +166,12 @@ def _profile_summary():  # bench/ is a folder of scripts, not a package
             "aiohttp",
         ),
         ("main (proxy/cli.py:1);run_forever (loop.c:9);Py_DECREF (object.h:1)", "event loop"),
+        (
+            "main (proxy/cli.py:1);peek (proxy/idempotency.py:4);"
+            "_execute_command (glide/glide_client.py:9);"
+            "to_c_strings (glide_shared/ffi_helpers.py:2)",
+            "valkey-glide",
+        ),
     ],
 )
 def test_the_profile_summary_charges_each_sample_to_its_innermost_owner(stack, owner):
