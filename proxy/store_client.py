@@ -28,7 +28,6 @@ from glide import (
     AdvancedGlideClientConfiguration,
     AdvancedGlideClusterClientConfiguration,
     Batch,
-    ClusterBatch,
     GlideClient,
     GlideClientConfiguration,
     GlideClusterClient,
@@ -226,6 +225,7 @@ class _Connection:
         self._refusing_until = 0.0
         self._refusal = ""
         self._backoff_s = _FIRST_BACKOFF_S
+        self._cluster = settings.mode == "cluster"
         self._queued: list[_Queued] = []
         self._sending: set[asyncio.Task[None]] = set()  # kept from the GC until they end
 
@@ -245,7 +245,14 @@ class _Connection:
     ) -> Any:
         """`call(client)`, sent with the other commands of this event-loop iteration as one
         glide pipeline (`command` is its form there); each command keeps its own reply or
-        error, as if sent alone. An EVALSHA the server cannot run (NOSCRIPT) is sent alone."""
+        error, as if sent alone. An EVALSHA the server cannot run (NOSCRIPT) is sent alone.
+
+        Standalone only: a batch has one timeout, and in a cluster one unresponsive node would
+        fail the commands that went to healthy ones with it. On one node the commands of a
+        batch share a connection, so they share its stalls anyway.
+        """
+        if self._cluster:
+            return await self.run(call)
         if self._refusing_until and time.monotonic() < self._refusing_until:
             raise RedisUnavailable(f"backing off after: {self._refusal}")
         loop = asyncio.get_running_loop()
@@ -280,9 +287,7 @@ class _Connection:
                 if len(queued) == 1:
                     replies: list[Any] = [await queued[0].call(client)]
                 else:
-                    batch = (ClusterBatch if isinstance(client, GlideClusterClient) else Batch)(
-                        is_atomic=False
-                    )
+                    batch = Batch(is_atomic=False)
                     for waiting in queued:
                         batch.custom_command(waiting.command)
                     replies = await client.exec(batch, raise_on_error=False) or []
