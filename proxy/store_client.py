@@ -10,7 +10,10 @@ against real redis-server processes (tests/test_store_failover.py):
   fail closed without being sent for a short, growing back-off instead of piling onto a node
   that cannot take them;
 - a charged payment's answer must not be lost to a failover's few seconds: `durable` writes are
-  retried for `redis.durable_retry_s`, and replicated with WAIT when `redis.wait_replicas` is set.
+  retried for `redis.durable_retry_s`, and replicated with WAIT when `redis.wait_replicas` is set;
+- a glide call's cost is mostly fixed: with one node, the commands of one event-loop iteration
+  go as one non-atomic pipeline (its one timeout is shared by commands that share a connection
+  anyway); in a cluster each goes alone.
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ _DEMOTED = re.compile(r"READONLY|ReadOnly|No primary node found")
 _REFUSED = re.compile(
     r"\b(LOADING|BusyLoading|BUSY|OOM|MASTERDOWN|MasterDown|CLUSTERDOWN|ClusterDown|TRYAGAIN|TryAgain)"
 )
+# A pipelined EVALSHA of a script the server does not hold (restarted, SCRIPT FLUSH).
+_NO_SCRIPT = re.compile(r"NOSCRIPT|NoScript")
 # A script that ran and raised, or a user without the rights: a bug or a misconfiguration, which
 # no retry mends.
-_NO_SCRIPT = re.compile(r"NOSCRIPT|NoScript")
 _NOT_AN_OUTAGE = re.compile(r"Error (running|compiling) script|NOPERM|PermissionDenied")
 
 _MAX_IN_FLIGHT = 20_000
