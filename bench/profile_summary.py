@@ -3,7 +3,9 @@
 Each sample is charged to the innermost frame that says who is working:
   system calls   the C library's socket, poll and process calls (write, read, epoll, getpid, ...)
   payagg         code under proxy/, and what it calls directly (JSON, hashing, Decimal, regex)
-  aiohttp        aiohttp's server and its helpers (multidict, yarl, propcache)
+  valkey-glide   the Redis client's Python layer (its FFI calls, futures, answer pipe); its Rust
+                 core runs on threads of its own, which py-spy does not sample
+  aiohttp        aiohttp's server and client and their helpers (multidict, yarl, propcache)
   event loop     uvloop/libuv and asyncio's task machinery
   other          everything else (the interpreter itself, the garbage collector)
 """
@@ -20,6 +22,7 @@ _SYSTEM_CALLS = re.compile(
     r"__libc_\w+|syscall) \(libc"
 )
 _OWNERS = [
+    ("valkey-glide", re.compile(r"\((glide|glide_shared|cffi|sniffio)/|libglide_ffi|_cffi_back")),
     ("aiohttp", re.compile(r"\((aiohttp|multidict|yarl|propcache)/|_http_parser|_multidict")),
     ("event loop", re.compile(r"\(loop\.c|\(uvloop/|\w+\.c\) *$|asyncio/")),
 ]
@@ -50,7 +53,7 @@ def summarise(path: Path) -> str:
     total = sum(shares.values()) or 1
     return "\n".join(
         f"  {name:13} {shares[name] / total:6.1%}"
-        for name in ("system calls", "payagg", "aiohttp", "event loop", "other")
+        for name in ("system calls", "payagg", "valkey-glide", "aiohttp", "event loop", "other")
     )
 
 

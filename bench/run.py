@@ -91,6 +91,20 @@ def post(url: str, body: dict[str, object]) -> int:
         return int(error.code)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) a process and all its descendants have used so far.
+
+    On a machine shared with other work, requests/s move with the load; the CPU time one request
+    costs the server barely does: it is what before/after comparisons should use.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += cpu_s(int(child))
+    return total
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process and all its descendants (the workers of `--workers N`)."""
     total = 0
@@ -129,10 +143,16 @@ class Result:
     p50_ms: float
     p99_ms: float
     statuses: dict[str, int]
+    cpu_s: float = 0.0  # the server's CPU time during the measurement
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        """The server's CPU microseconds per request."""
+        return self.cpu_s * 1e6 / self.requests if self.requests else 0.0
 
 
 @dataclass
@@ -166,6 +186,7 @@ class Scenario:
     provider: str
     expected_status: str
     replay: bool = False
+    pid: int = 0  # the server process whose CPU time is measured (0: none, nginx's workers)
     results: list[Result] = field(default_factory=list)
 
 
@@ -186,7 +207,9 @@ def run_wrk(scenario: Scenario, seconds: int, connections: int, run_id: str, lab
         scenario.provider,
         "replay" if scenario.replay else "fresh",
     ]
+    cpu_before = cpu_s(scenario.pid) if scenario.pid else 0.0
     output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    cpu_used = cpu_s(scenario.pid) - cpu_before if scenario.pid else 0.0
     line = next(row for row in output.splitlines() if row.startswith("RESULT "))
     data = json.loads(line.removeprefix("RESULT "))
     result = Result(
@@ -195,6 +218,7 @@ def run_wrk(scenario: Scenario, seconds: int, connections: int, run_id: str, lab
         data["p50_us"] / 1000,
         data["p99_us"] / 1000,
         {str(k): v for k, v in data["statuses"].items()},
+        cpu_used,
     )
     unexpected = {
         status: n for status, n in result.statuses.items() if status != scenario.expected_status
@@ -342,7 +366,7 @@ def main() -> int:
             "payagg.log",
         )
         provider_url = f"http://127.0.0.1:{upstream_port}/pay"
-        start(
+        obvious = start(
             [
                 sys.executable,
                 str(HERE / "obvious.py"),
@@ -352,7 +376,9 @@ def main() -> int:
             ],
             "obvious.log",
         )
-        start([sys.executable, str(HERE / "ceiling.py"), str(ceiling_port)], "ceiling.log")
+        ceiling = start(
+            [sys.executable, str(HERE / "ceiling.py"), str(ceiling_port)], "ceiling.log"
+        )
         base = f"http://127.0.0.1:{payagg_port}"
         wait_http(f"{base}/readyz")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
@@ -362,11 +388,15 @@ def main() -> int:
         open_down_breakers(base, run_id)
         scenarios = [
             Scenario("nginx", f"http://127.0.0.1:{nginx_port}/v1/pay", "FAST", "200"),
-            Scenario("obvious", f"http://127.0.0.1:{obvious_port}/v1/pay", "FAST", "200"),
-            Scenario("ceiling", f"http://127.0.0.1:{ceiling_port}/v1/pay", "FAST", "200"),
-            Scenario("payagg", f"{base}/v1/pay", "FAST", "200"),
-            Scenario("failfast", f"{base}/v1/pay", "DOWN", "503"),
-            Scenario("replay", f"{base}/v1/pay", "FAST", "200", replay=True),
+            Scenario(
+                "obvious", f"http://127.0.0.1:{obvious_port}/v1/pay", "FAST", "200", pid=obvious.pid
+            ),
+            Scenario(
+                "ceiling", f"http://127.0.0.1:{ceiling_port}/v1/pay", "FAST", "200", pid=ceiling.pid
+            ),
+            Scenario("payagg", f"{base}/v1/pay", "FAST", "200", pid=payagg.pid),
+            Scenario("failfast", f"{base}/v1/pay", "DOWN", "503", pid=payagg.pid),
+            Scenario("replay", f"{base}/v1/pay", "FAST", "200", replay=True, pid=payagg.pid),
         ]
         replay_key = {
             "TransactionID": f"{run_id}-replay",
@@ -411,7 +441,8 @@ def main() -> int:
                 print(
                     f"round {round_number}/{args.rounds} {scenario.name:9} "
                     f"{result.rps:9.0f} req/s  "
-                    f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms",
+                    f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
+                    + (f"  CPU {result.cpu_us:6.0f} us/request" if scenario.pid else ""),
                     flush=True,
                 )
         # The RSS target is about the full payment path: keep paying until it alone has served
@@ -462,6 +493,7 @@ def summarise(scenarios: list[Scenario], args: argparse.Namespace, memory: Memor
             statistics.median(r.p50_ms for r in s.results),
             statistics.median(r.p99_ms for r in s.results),
             {},
+            statistics.median(r.cpu_us for r in s.results) / 1e6,
         )
         for s in scenarios
     }
@@ -469,7 +501,7 @@ def summarise(scenarios: list[Scenario], args: argparse.Namespace, memory: Memor
     rows = [
         f"| {name} | {m.rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
         + " | ".join(f"{m.rps / reference:.2f}" for reference in references)
-        + " |"
+        + (f" | {m.cpu_us:,.0f} |" if m.cpu_s else " | - |")
         for name, m in medians.items()
     ]
     return "\n".join(
@@ -482,8 +514,8 @@ def summarise(scenarios: list[Scenario], args: argparse.Namespace, memory: Memor
             f"Machine: {machine()}",
             "",
             "| scenario | requests/s (median) | p50 ms | p99 ms | ratio to nginx "
-            "| ratio to obvious | ratio to ceiling |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| ratio to obvious | ratio to ceiling | server CPU us/request |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
             *targets(medians, args, memory),

@@ -10,7 +10,10 @@ against real redis-server processes (tests/test_store_failover.py):
   fail closed without being sent for a short, growing back-off instead of piling onto a node
   that cannot take them;
 - a charged payment's answer must not be lost to a failover's few seconds: `durable` writes are
-  retried for `redis.durable_retry_s`, and replicated with WAIT when `redis.wait_replicas` is set.
+  retried for `redis.durable_retry_s`, and replicated with WAIT when `redis.wait_replicas` is set;
+- a glide call's cost is mostly fixed: with one node, the commands of one event-loop iteration
+  go as one non-atomic pipeline (its one timeout is shared by commands that share a connection
+  anyway); in a cluster each goes alone.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
 from glide import (
     AdvancedGlideClientConfiguration,
     AdvancedGlideClusterClientConfiguration,
+    Batch,
     GlideClient,
     GlideClientConfiguration,
     GlideClusterClient,
@@ -64,11 +69,17 @@ _DEMOTED = re.compile(r"READONLY|ReadOnly|No primary node found")
 _REFUSED = re.compile(
     r"\b(LOADING|BusyLoading|BUSY|OOM|MASTERDOWN|MasterDown|CLUSTERDOWN|ClusterDown|TRYAGAIN|TryAgain)"
 )
+# A pipelined EVALSHA of a script the server does not hold (restarted, SCRIPT FLUSH).
+_NO_SCRIPT = re.compile(r"NOSCRIPT|NoScript")
 # A script that ran and raised, or a user without the rights: a bug or a misconfiguration, which
 # no retry mends.
 _NOT_AN_OUTAGE = re.compile(r"Error (running|compiling) script|NOPERM|PermissionDenied")
 
 _MAX_IN_FLIGHT = 20_000
+# Commands issued in one event-loop iteration go to glide as one pipeline of at most this many:
+# a glide call costs ~30 µs of CPU whatever it carries (the FFI call, the wake-up of its Rust
+# core, the answer's trip back through a pipe), a command in a pipeline ~5 µs (BENCHMARKS.md).
+_MAX_PIPELINE = 256
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 
@@ -86,6 +97,7 @@ class Script:
 
     def __init__(self, source: str) -> None:
         self.glide = GlideScript(source)  # type: ignore[no-untyped-call]
+        self.sha: str = self.glide.get_hash()
 
 
 class StoreClient:
@@ -122,9 +134,11 @@ class StoreClient:
         def call(client: Glide) -> Awaitable[Any]:
             return client.invoke_script(script.glide, keys=key_list, args=arg_list)
 
+        # In a pipeline by SHA; a server that lacks the script gets it whole through `call`.
+        evalsha = ["EVALSHA", script.sha, str(len(key_list)), *key_list, *arg_list]
         if not durable:
-            return await self._main.run(call)
-        reply = await self._durably(call)
+            return await self._main.pipelined(evalsha, call)
+        reply = await self._durably(evalsha, call)
         if self._settings.wait_replicas and key_list:
             await self._replicate(key_list[0])
         return reply
@@ -133,7 +147,7 @@ class StoreClient:
         """One plain command (`GET`, `SET ... NX`) on a single key; glide routes it by that key in
         cluster mode. Raises RedisUnavailable or RedisReplyError."""
         parts = [_encode(part) for part in command]
-        return await self._main.run(lambda client: client.custom_command(parts))
+        return await self._main.pipelined(parts, lambda client: client.custom_command(parts))
 
     async def check_writable(self) -> None:
         """Raises RedisUnavailable, saying why, unless a write would succeed now (readiness).
@@ -153,12 +167,14 @@ class StoreClient:
         if self._durable is not self._main:
             await self._durable.close()
 
-    async def _durably(self, call: Callable[[Glide], Awaitable[Any]]) -> Any:
+    async def _durably(
+        self, command: list[bytes | str], call: Callable[[Glide], Awaitable[Any]]
+    ) -> Any:
         deadline = time.monotonic() + self._settings.durable_retry_s
         pause_s = _FIRST_BACKOFF_S
         while True:
             try:
-                return await self._durable.run(call)
+                return await self._durable.pipelined(command, call)
             except RedisUnavailable:
                 if time.monotonic() + pause_s > deadline:
                     raise
@@ -213,6 +229,9 @@ class _Connection:
         self._refusing_until = 0.0
         self._refusal = ""
         self._backoff_s = _FIRST_BACKOFF_S
+        self._cluster = settings.mode == "cluster"
+        self._queued: list[_Queued] = []
+        self._sending: set[asyncio.Task[None]] = set()  # kept from the GC until they end
 
     async def run(self, call: Callable[[Glide], Awaitable[Any]]) -> Any:
         if self._refusing_until and time.monotonic() < self._refusing_until:
@@ -222,9 +241,76 @@ class _Connection:
             reply = await call(client)
         except GlideError as error:
             raise await self._failure(client, error) from error
+        self._answered()
+        return reply
+
+    async def pipelined(
+        self, command: list[bytes | str], call: Callable[[Glide], Awaitable[Any]]
+    ) -> Any:
+        """`call(client)`, sent with the other commands of this event-loop iteration as one
+        glide pipeline (`command` is its form there); each command keeps its own reply or
+        error, as if sent alone. An EVALSHA the server cannot run (NOSCRIPT) is sent alone.
+
+        Standalone only: a batch has one timeout, and in a cluster one unresponsive node would
+        fail the commands that went to healthy ones with it. On one node the commands of a
+        batch share a connection, so they share its stalls anyway.
+        """
+        if self._cluster:
+            return await self.run(call)
+        if self._refusing_until and time.monotonic() < self._refusing_until:
+            raise RedisUnavailable(f"backing off after: {self._refusal}")
+        loop = asyncio.get_running_loop()
+        queued = _Queued(command, call, loop.create_future())
+        self._queued.append(queued)
+        if len(self._queued) == 1:
+            loop.call_soon(self._send_queued, loop)
+        client, reply = await queued.answer
+        if isinstance(reply, GlideError):
+            if isinstance(reply, RequestError) and _NO_SCRIPT.search(str(reply)):
+                return await self.run(call)
+            raise await self._failure(client, reply) from reply
+        self._answered()
+        return reply
+
+    def _answered(self) -> None:
         self._refusing_until = 0.0
         self._backoff_s = _FIRST_BACKOFF_S
-        return reply
+
+    def _send_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        queued, self._queued = self._queued, []
+        for start in range(0, len(queued), _MAX_PIPELINE):
+            task = loop.create_task(self._send(queued[start : start + _MAX_PIPELINE]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, queued: list[_Queued]) -> None:
+        failure: BaseException | None = None
+        try:
+            client = self._client or await self._create()
+            try:
+                if len(queued) == 1:
+                    replies: list[Any] = [await queued[0].call(client)]
+                else:
+                    batch = Batch(is_atomic=False)
+                    for waiting in queued:
+                        batch.custom_command(waiting.command)
+                    replies = await client.exec(batch, raise_on_error=False) or []
+            except GlideError as error:
+                replies = [error] * len(queued)
+            for waiting, reply in zip(queued, replies, strict=False):
+                if not waiting.answer.done():
+                    waiting.answer.set_result((client, reply))
+        except RedisUnavailable as unavailable:  # no client could be built
+            failure = unavailable
+        except BaseException as error:  # cancelled at shutdown
+            failure = RedisUnavailable(f"the pipeline was not answered: {error!r}")
+            raise
+        finally:
+            for waiting in queued:
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(
+                        failure or RedisUnavailable("glide answered the pipeline short")
+                    )
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -322,6 +408,15 @@ class _Connection:
             raise RedisUnavailable(f"cannot set up the Redis client: {error}") from error
         self._client = client
         return client
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A command waiting for its event-loop iteration's pipeline, and where its answer goes."""
+
+    command: list[bytes | str]
+    call: Callable[[Glide], Awaitable[Any]]
+    answer: asyncio.Future[tuple[Glide, Any]]
 
 
 def _tls_config(settings: RedisSettings) -> TlsAdvancedConfiguration:

@@ -35,7 +35,6 @@ from yarl import URL
 
 from proxy.breaker import CallVerdict, ProviderBreaker
 from proxy.config import Provider
-from proxy.deadlines import CancelAfter
 from proxy.errors import (
     InvalidRequest,
     OutcomeUnknown,
@@ -190,7 +189,6 @@ class ProviderClient:
             total=None, connect=min(settings.connect_timeout_s, settings.timeout_s)
         )
         self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         auth = settings.auth
         self._tokens = (
             AccessTokens(partial(self._fetch_token, auth, auth.request()), auth.refresh_before_s)
@@ -355,7 +353,7 @@ class ProviderClient:
         token = _CURRENT_CALL.set(call)
         started = time.perf_counter()
         try:
-            with CancelAfter(self._bound_loop(), self._timeout_s):
+            async with asyncio.timeout(self._timeout_s):
                 await self._take_slot(call)
                 try:
                     return await self._send(method, url, headers, body)
@@ -521,12 +519,6 @@ class ProviderClient:
                 }
             },
         )
-
-    def _bound_loop(self) -> asyncio.AbstractEventLoop:
-        # Looked up once: a client and its pooled connections live in one loop.
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
 
     async def close(self) -> None:
         if self._session is not None:

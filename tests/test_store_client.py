@@ -95,6 +95,59 @@ async def test_a_script_error_is_a_reply_error_not_an_outage(
         assert await client.run_script(SET_KEY, ["store:k"], ["still usable"]) == "OK"
 
 
+async def test_commands_issued_together_go_as_one_pipeline_each_with_its_own_reply_or_error(
+    redis_server: RedisServer, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One glide call per event-loop iteration instead of one per command (its fixed cost is
+    most of a replay's), a charged payment's durable write included; the replies are exactly
+    those the commands get when sent alone."""
+    script = Script("return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1, false}")
+    failing = Script("return redis.call('NOSUCHCOMMAND')")
+
+    async def together(client: StoreClient) -> list[Any]:
+        return await asyncio.gather(
+            client.run_script(script, ["store:k"], [b"caf\xc3\xa9", 41]),
+            client.run_script(SET_KEY, ["store:together"], ["value"]),
+            client.run_script(failing, ["store:k"], []),
+            client.execute("GET", "store:together"),
+            client.run_script(GET_KEY, ["store:missing"], []),
+            client.run_script(SET_KEY, ["store:durable"], ["charged"], durable=True),
+            return_exceptions=True,
+        )
+
+    async with connected(redis_url) as client:
+        alone = [
+            await client.run_script(script, ["store:k"], [b"caf\xc3\xa9", 41]),
+            await client.run_script(SET_KEY, ["store:together"], ["value"]),
+        ]
+        with pytest.raises(RedisReplyError) as alone_error:
+            await client.run_script(failing, ["store:k"], [])
+        alone += [
+            await client.execute("GET", "store:together"),
+            await client.run_script(GET_KEY, ["store:missing"], []),
+            await client.run_script(SET_KEY, ["store:durable"], ["charged"], durable=True),
+        ]
+        pipelines: list[int] = []
+        glide = client._main._client
+        assert glide is not None
+        send_pipeline = glide.exec
+
+        async def counted(batch: Any, raise_on_error: bool) -> Any:
+            pipelines.append(len(batch.commands))
+            return await send_pipeline(batch, raise_on_error=raise_on_error)
+
+        monkeypatch.setattr(glide, "exec", counted)
+        replies = await together(client)
+        redis_server.client().script_flush()  # NOSCRIPT in the pipeline: sent again alone
+        replies_after_flush = await together(client)
+
+    assert pipelines == [6, 6]
+    for answered in (replies, replies_after_flush):
+        assert answered[:2] + answered[3:] == alone
+        assert isinstance(answered[2], RedisReplyError)
+        assert str(answered[2]) == str(alone_error.value)
+
+
 async def test_five_thousand_scripts_in_flight_behind_a_stalled_redis_all_get_their_reply(
     start_redis: StartRedis,
 ) -> None:

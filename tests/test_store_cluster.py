@@ -4,13 +4,15 @@ a killed master's replica takes over with no TransactionID charged twice."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 from redis.crc import key_slot
 
-from proxy.config import GatewayConfig
+from proxy.config import GatewayConfig, RedisSettings
 from proxy.idempotency import IdempotencyStore
 from proxy.metrics import GatewayMetrics
+from proxy.store_client import RedisUnavailable, StoreClient
 from tests.conftest import running_gateway as gateway_on
 from tests.payment_burst import Upstream, burst_against, config, in_thread, pay, until_readiness
 from tests.redis_cluster import RedisCluster
@@ -81,3 +83,39 @@ async def test_a_killed_master_is_replaced_by_its_replica_and_nothing_is_charged
             await in_thread(victim.start)
         await in_thread(redis_cluster.wait_until_healthy)
     assert redis_cluster.role(victim) == "slave"  # it came back as the new master's replica
+
+
+async def test_a_frozen_master_fails_only_the_commands_sent_to_it(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Commands of one event-loop iteration are pipelined on one node only: in a cluster, a
+    batch's single timeout would fail the commands that went to a healthy master with it."""
+    frozen, healthy = redis_cluster.masters()[:2]
+    frozen_key = next(
+        f"k{n}"
+        for n in range(10_000)
+        if key_slot(f"k{n}".encode()) in redis_cluster.slots_of(frozen)
+    )
+    healthy_key = next(
+        f"k{n}"
+        for n in range(10_000)
+        if key_slot(f"k{n}".encode()) in redis_cluster.slots_of(healthy)
+    )
+    settings = RedisSettings(url=redis_cluster.url_via(healthy), mode="cluster", timeout_s=0.5)
+    client = StoreClient(settings)
+    try:
+        await client.execute("SET", healthy_key, "before")
+        await client.execute("SET", frozen_key, "before")
+        frozen.signal(signal.SIGSTOP)
+        try:
+            to_frozen, to_healthy = await asyncio.gather(
+                client.execute("GET", frozen_key),
+                client.execute("GET", healthy_key),
+                return_exceptions=True,
+            )
+        finally:
+            frozen.signal(signal.SIGCONT)
+    finally:
+        await client.close()
+    assert isinstance(to_frozen, RedisUnavailable)
+    assert to_healthy == b"before"

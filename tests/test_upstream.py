@@ -230,6 +230,32 @@ async def test_no_answer_within_the_timeout_is_a_provider_timeout(
     assert raised.value.message == f"CANON did not answer within {TIMEOUT_S:g}s"
 
 
+async def test_a_provider_call_cancelled_from_outside_is_a_cancellation_not_a_timeout(
+    client: ProviderClient, provider: FakeProvider
+) -> None:
+    """The call's deadline is asyncio.timeout (issue #18: the hand-made one saved 2.5 µs of a
+    ~400 µs payment, which `make bench` cannot see); a shutdown's cancellation must still come
+    out as a cancellation, and the task stay cancellable after a timeout it survived."""
+    provider.answer(
+        Reply(body={"status": "SUCCESS"}, delay_s=5), Reply(body={"status": "SUCCESS"}, delay_s=5)
+    )
+
+    async def timed_out_then_waiting() -> None:
+        with pytest.raises(ProviderTimeout):
+            await client.pay(a_payment(), REFERENCE)
+        await client.pay(a_payment(), REFERENCE)
+
+    task = asyncio.ensure_future(timed_out_then_waiting())
+    wait_for = time.monotonic() + 30
+    # The fake provider only records what it saw: polled, up to a generous bound.
+    while len(provider.seen) < 2 and time.monotonic() < wait_for:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert len(provider.seen) == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_after_a_timeout_the_next_payment_gets_its_own_answer(
     client: ProviderClient, provider: FakeProvider
 ) -> None:
