@@ -66,12 +66,13 @@ def config(
     minimum_calls: int = 3,
     open_s: float = 30,
     key_prefix: str = PREFIX.decode(),
+    redis_timeout_s: float = REDIS_TIMEOUT_S,
 ) -> GatewayConfig:
     """One canonical provider CANON, every knob these tests turn in one place."""
     return make_config(
         textwrap.dedent(
             f"""\
-            redis: {{url: "{redis_url}", key_prefix: "{key_prefix}", timeout_s: {REDIS_TIMEOUT_S}}}
+            redis: {{url: "{redis_url}", key_prefix: "{key_prefix}", timeout_s: {redis_timeout_s}}}
             idempotency: {{lock_ttl_s: {lock_ttl_s}, result_ttl_s: {result_ttl_s}}}
             defaults:
               timeout_s: {timeout_s}
@@ -1032,7 +1033,10 @@ async def test_redis_killed_with_sigkill_and_restarted_on_its_directory_replays_
     transaction_ids = [f"TXN-durable-{n}" for n in range(20)]
     redis = start_redis(argv)
     try:
-        async with running_gateway(config(url, redis_url)) as client:
+        # Every write is fsynced before Redis answers: on a loaded machine that can take longer
+        # than the fail-fast bound the other tests use, and durability is the point here.
+        durable = config(url, redis_url, redis_timeout_s=5)
+        async with running_gateway(durable) as client:
             firsts = await asyncio.gather(*(pay(client, payment(t)) for t in transaction_ids))
             redis.signal(signal.SIGKILL)
             await asyncio.to_thread(redis.process.wait, 10)
