@@ -8,7 +8,7 @@ import os
 import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,9 +63,21 @@ class RedisSettings(_Section):
 class IdempotencySettings(_Section):
     lock_ttl_s: int = Field(30, gt=0)
     result_ttl_s: int = Field(86400, gt=0)
+    # After result_ttl_s a compact tombstone per TransactionID refuses a reuse with another
+    # provider or amount (422) for this long: "never charged twice" does not end after a day.
+    tombstone_ttl_s: int = Field(90 * 86400, gt=0)
     # Deprecated and ignored (the per-process replay cache is gone): accepted, with a warning at
     # start-up, so a config written for an earlier version still starts.
     replay_cache_size: int | None = None
+
+
+class ReconcileSettings(_Section):
+    """How the reconciler asks providers about payments not final yet."""
+
+    # Polls back off from 1 s, doubling, up to this.
+    max_interval_s: float = Field(60, ge=1, le=3600)
+    # Not final after this: UNRESOLVED (never guessed; still changed by a late report).
+    give_up_after_s: float = Field(86400, gt=0)
 
 
 class BreakerSettings(_Section):
@@ -134,6 +146,8 @@ class ProviderSettings(_Section):
     default_payer: str | None = Field(None, pattern=r"^[0-9]{8,15}$")
     request: RequestSpec | None = None
     response: ResponseSpec | None = None
+    # How long POST /v1/pay waits for a final state before answering 202 PENDING.
+    sync_wait_s: float = Field(10, ge=0, le=60)
 
     @field_validator("url")
     @classmethod
@@ -156,12 +170,14 @@ class ProviderDefaults(_Section):
     default_payer: Any = None
     request: Any = None
     response: Any = None
+    sync_wait_s: Any = None
 
 
 class _FileShape(_Section):
     server: ServerSettings = ServerSettings()
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     defaults: ProviderDefaults = ProviderDefaults()
     # Each provider is validated on its own, so one bad provider hides no other's problems.
     providers: dict[str, Any]
@@ -205,6 +221,7 @@ class GatewayConfig:
     redis: RedisSettings
     idempotency: IdempotencySettings
     providers: tuple[Provider, ...]
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     # SHA-256 of the file's text as read, before ${VAR} substitution: which file a process runs.
     content_sha256: str = ""
 
@@ -267,6 +284,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
         shape.redis,
         shape.idempotency,
         providers,
+        reconcile=shape.reconcile,
         content_sha256=hashlib.sha256(text.encode()).hexdigest(),
     )
 

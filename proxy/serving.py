@@ -27,6 +27,7 @@ async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -
     timeout_s = config.server.shutdown_timeout_s
     runner = web.ServerRunner(gateway.server(), shutdown_timeout=timeout_s)
     await runner.setup()
+    gateway.start()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
         await stop.wait()

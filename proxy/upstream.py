@@ -16,6 +16,7 @@ import select
 import ssl
 import time
 import weakref
+from collections.abc import Mapping
 from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from enum import Enum
@@ -167,6 +168,26 @@ class ProviderClient:
         )
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The lifecycle's view of the provider; the provider protocols (#14) fill these in.
+        self.has_status = False
+        self.not_found_grace_s = 0.0
+        self.sync_wait_s = settings.sync_wait_s
+        self.timeout_s = settings.timeout_s
+
+    def callback_url(self, reference: str) -> str | None:
+        """payagg's callback URL for this payment; None: this provider sends no callbacks."""
+        return None
+
+    async def query_status(self, reference: str) -> Answer:
+        """The payment's state at the provider; this provider has no status query."""
+        raise LookupError(f"{self.name} has no status query")
+
+    def authenticate_callback(self, method: str, headers: Mapping[str, str], raw: bytes) -> bool:
+        """Whether a callback passes the provider's own check; this provider sends none."""
+        return False
+
+    def callback_state(self, raw: bytes) -> str | None:
+        return None
 
     def check(self, payment: Payment) -> None:
         """Reject, before any side effect, a payment this provider's mapping cannot express."""
@@ -178,7 +199,9 @@ class ProviderClient:
             if unsafe:
                 raise InvalidRequest(unsafe)
 
-    async def pay(self, payment: Payment, reference: str) -> Answer:
+    async def pay(
+        self, payment: Payment, reference: str, callback_url: str | None = None
+    ) -> Answer:
         """SUCCESS or DECLINED about this payment; raises ProviderUnavailable, ProviderNotReached,
         ProviderFailed (ProviderRejected, ProviderBusy), OutcomeUnknown, PaymentAlreadyExists,
         ProviderMismatch or Overloaded."""

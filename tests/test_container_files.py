@@ -30,8 +30,14 @@ CONFIG_REFERENCE = re.compile(r"\$\{([A-Z0-9_]+)(:-[^}]*)?\}")
 URL = re.compile(r"https?://[^\s'\"]+")
 PROXY_ENV_OUTSIDE_THE_CONFIG = {"PAYAGG_CONFIG", "LOG_LEVEL"}
 MOCK_ENV = {
-    "MOCK_PROVIDER", "MOCK_HOST", "MOCK_PORT", "MOCK_FAILURE_RATE", "MOCK_DECLINE_RATE",
-    "MOCK_LATENCY_MS", "MOCK_HANG_RATE", "MOCK_SEED",
+    "MOCK_PROVIDER",
+    "MOCK_HOST",
+    "MOCK_PORT",
+    "MOCK_FAILURE_RATE",
+    "MOCK_DECLINE_RATE",
+    "MOCK_LATENCY_MS",
+    "MOCK_HANG_RATE",
+    "MOCK_SEED",
 }
 SERVICES = ["redis", "proxy", "mtn", "airtel"]
 PAYAGG_SERVICES = ["proxy", "mtn", "airtel"]
@@ -42,6 +48,7 @@ PROXY_DRAIN_S = 20
 
 
 # --- reading the Dockerfile ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Instruction:
@@ -146,6 +153,7 @@ def exposed_ports() -> set[int]:
 
 # --- reading .dockerignore (the patternmatcher rules Docker uses) ------------------------------
 
+
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     regex, i = "", 0
     while i < len(pattern):
@@ -159,7 +167,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
             regex, i = regex + "[^/]", i + 1
         elif pattern[i] == "[" and "]" in pattern[i:]:
             end = pattern.index("]", i)
-            regex, i = regex + "[" + pattern[i + 1:end].replace("!", "^", 1) + "]", end + 1
+            regex, i = regex + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
         else:
             regex, i = regex + re.escape(pattern[i]), i + 1
     return re.compile(regex)
@@ -195,6 +203,7 @@ def copied_sources() -> list[str]:
 
 
 # --- reading compose.yaml and the shipped config ----------------------------------------------
+
 
 @cache
 def compose() -> dict[str, Any]:
@@ -294,11 +303,16 @@ def seconds(duration: str | int) -> float:
 
 # --- the Dockerfile ----------------------------------------------------------------------------
 
+
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
     assert HADOLINT.exists(), f"hadolint is not installed next to {sys.executable} (dev extras)"
     result = subprocess.run(
-        [str(HADOLINT), "--no-color", DOCKERFILE.name], cwd=ROOT,
-        capture_output=True, text=True, timeout=60, check=False,
+        [str(HADOLINT), "--no-color", DOCKERFILE.name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     findings = f"hadolint findings:\n{result.stdout}{result.stderr}"
     assert result.returncode == 0, findings
@@ -320,8 +334,9 @@ def test_a_builder_stage_builds_the_wheels_and_the_final_stage_only_installs_the
 
 
 def test_the_final_stage_is_a_slim_python_image_without_compilers_or_pip_caches() -> None:
-    assert re.fullmatch(r"python:3\.1[12][.\d]*-slim(-bookworm)?(@sha256:[0-9a-f]{64})?",
-                        final_stage().base), final_stage().base
+    assert re.fullmatch(
+        r"python:3\.1[12][.\d]*-slim(-bookworm)?(@sha256:[0-9a-f]{64})?", final_stage().base
+    ), final_stage().base
     for run in final_stage().all("RUN"):
         assert not re.search(r"\b(gcc|g\+\+|build-essential|apt-get install)\b", run), run
         if "pip install" in run:
@@ -364,7 +379,8 @@ def test_the_dockerignore_lets_in_every_file_the_dockerfile_copies(source: str) 
     files = [source]
     if (ROOT / source).is_dir():
         files += [
-            path.relative_to(ROOT).as_posix() for path in (ROOT / source).rglob("*")
+            path.relative_to(ROOT).as_posix()
+            for path in (ROOT / source).rglob("*")
             if path.is_file() and "__pycache__" not in path.parts
         ]
     assert [path for path in files if left_out_of_the_build_context(path)] == []
@@ -373,13 +389,29 @@ def test_the_dockerignore_lets_in_every_file_the_dockerfile_copies(source: str) 
 @pytest.mark.parametrize(
     "path",
     [
-        ".venv/bin/python", ".git/HEAD", ".pytest_cache/v/cache/nodeids",
-        "proxy/__pycache__/app.cpython-311.pyc", ".mypy_cache/3.11/proxy/app.meta.json",
-        "terraform/terraform.tfstate", "terraform/.terraform/providers/aws",
-        "tests/test_end_to_end.py", "payagg.egg-info/PKG-INFO", ".env",
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".pytest_cache/v/cache/nodeids",
+        "proxy/__pycache__/app.cpython-311.pyc",
+        ".mypy_cache/3.11/proxy/app.meta.json",
+        "terraform/terraform.tfstate",
+        "terraform/.terraform/providers/aws",
+        "tests/test_end_to_end.py",
+        "payagg.egg-info/PKG-INFO",
+        ".env",
     ],
-    ids=["venv", "git", "pytest-cache", "bytecode", "mypy-cache", "terraform-state",
-         "terraform-providers", "tests", "egg-info", "dotenv"],
+    ids=[
+        "venv",
+        "git",
+        "pytest-cache",
+        "bytecode",
+        "mypy-cache",
+        "terraform-state",
+        "terraform-providers",
+        "tests",
+        "egg-info",
+        "dotenv",
+    ],
 )
 def test_the_dockerignore_keeps_local_state_out_of_the_build_context(path: str) -> None:
     assert left_out_of_the_build_context(path)
@@ -398,6 +430,7 @@ def test_the_image_healthcheck_asks_healthz_on_the_exposed_port_with_python() ->
 
 
 # --- compose.yaml ------------------------------------------------------------------------------
+
 
 def test_compose_follows_the_compose_specification_without_a_version_key() -> None:
     assert "version" not in compose()

@@ -137,9 +137,7 @@ async def status_of(client: Client, dialect: Dialect, reference: str) -> tuple[i
     return await get_json(client, path, headers=AUTH)
 
 
-async def declines_by_reason(
-    client: Client, dialect: Dialect
-) -> dict[str, tuple[str, int, Json]]:
+async def declines_by_reason(client: Client, dialect: Dialect) -> dict[str, tuple[str, int, Json]]:
     """Pay with fresh references until every decline reason has shown up (decline_rate is 1)."""
     found: dict[str, tuple[str, int, Json]] = {}
     for _ in range(60):
@@ -199,7 +197,11 @@ async def test_a_payment_without_a_bearer_token_is_refused_with_401(
     }
     assert refusal == expected[dialect.api.name]
     assert await stats(client) == {
-        "requests": 1, "charges": 0, "declines": 0, "failures": 0, "duplicates": 0,
+        "requests": 1,
+        "charges": 0,
+        "declines": 0,
+        "failures": 0,
+        "duplicates": 0,
     }
 
 
@@ -269,12 +271,27 @@ MTN_MALFORMED = [
     ("body", "currency", "EUR\n", "currency"),
 ]
 MTN_MALFORMED_IDS = [
-    "no-reference-id", "reference-id-not-a-uuid", "no-target-environment", "body-not-json",
-    "body-not-an-object", "amount-a-number", "amount-zero", "amount-negative",
-    "amount-not-decimal", "amount-missing", "currency-lower-case", "external-id-missing",
-    "payer-missing", "payer-not-an-object", "party-id-type-unknown", "party-id-missing",
-    "party-id-empty", "payee-note-not-a-string", "amount-trailing-newline",
-    "amount-arabic-indic-digits", "currency-trailing-newline",
+    "no-reference-id",
+    "reference-id-not-a-uuid",
+    "no-target-environment",
+    "body-not-json",
+    "body-not-an-object",
+    "amount-a-number",
+    "amount-zero",
+    "amount-negative",
+    "amount-not-decimal",
+    "amount-missing",
+    "currency-lower-case",
+    "external-id-missing",
+    "payer-missing",
+    "payer-not-an-object",
+    "party-id-type-unknown",
+    "party-id-missing",
+    "party-id-empty",
+    "payee-note-not-a-string",
+    "amount-trailing-newline",
+    "amount-arabic-indic-digits",
+    "currency-trailing-newline",
 ]
 
 
@@ -312,11 +329,24 @@ AIRTEL_MALFORMED = [
     ("body", "transaction.currency", "UGX\n", "transaction.currency"),
 ]
 AIRTEL_MALFORMED_IDS = [
-    "no-country-header", "currency-header-malformed", "empty-body", "reference-missing",
-    "subscriber-missing", "msisdn-not-digits", "msisdn-a-boolean", "subscriber-country-a-name",
-    "subscriber-currency-missing", "amount-a-string", "amount-zero", "amount-a-boolean",
-    "transaction-country-missing", "transaction-currency-lower-case", "transaction-id-missing",
-    "transaction-id-blank", "msisdn-arabic-indic-digits", "transaction-currency-trailing-newline",
+    "no-country-header",
+    "currency-header-malformed",
+    "empty-body",
+    "reference-missing",
+    "subscriber-missing",
+    "msisdn-not-digits",
+    "msisdn-a-boolean",
+    "subscriber-country-a-name",
+    "subscriber-currency-missing",
+    "amount-a-string",
+    "amount-zero",
+    "amount-a-boolean",
+    "transaction-country-missing",
+    "transaction-currency-lower-case",
+    "transaction-id-missing",
+    "transaction-id-blank",
+    "msisdn-arabic-indic-digits",
+    "transaction-currency-trailing-newline",
 ]
 
 
@@ -466,7 +496,11 @@ async def test_a_failure_is_a_500_that_charges_nothing_and_is_not_remembered(
     status, body = await pay(client, dialect, reference)
     assert dialect.classify(status, body) == "success"
     assert await stats(client) == {
-        "requests": 2, "charges": 1, "declines": 0, "failures": 1, "duplicates": 0,
+        "requests": 2,
+        "charges": 1,
+        "declines": 0,
+        "failures": 1,
+        "duplicates": 0,
     }
 
 
@@ -508,7 +542,11 @@ async def test_a_hung_payment_is_charged_and_its_retry_gets_the_success_without_
     status, body = await pay(client, dialect, reference)
     assert dialect.classify(status, body) == "success"
     assert await stats(client) == {
-        "requests": 2, "charges": 1, "declines": 0, "failures": 0, "duplicates": 1,
+        "requests": 2,
+        "charges": 1,
+        "declines": 0,
+        "failures": 0,
+        "duplicates": 1,
     }
 
 
@@ -524,7 +562,11 @@ async def test_a_repeated_reference_gets_the_first_answer_and_is_never_charged_t
     assert await pay(client, dialect, reference) == first
     assert await pay(client, dialect, reference) == first
     assert await stats(client) == {
-        "requests": 3, "charges": 1, "declines": 0, "failures": 0, "duplicates": 2,
+        "requests": 3,
+        "charges": 1,
+        "declines": 0,
+        "failures": 0,
+        "duplicates": 2,
     }
 
 
@@ -538,14 +580,17 @@ async def test_a_repeated_declined_reference_is_declined_again_without_counting_
     await put_config(client, {"decline_rate": 0})
     assert await pay(client, dialect, reference) == first
     assert await stats(client) == {
-        "requests": 2, "charges": 0, "declines": 1, "failures": 0, "duplicates": 1,
+        "requests": 2,
+        "charges": 0,
+        "declines": 1,
+        "failures": 0,
+        "duplicates": 1,
     }
 
 
 async def outcomes(client: Client, dialect: Dialect, count: int) -> list[str]:
     return [
-        dialect.classify(*await pay(client, dialect, dialect.new_reference()))
-        for _ in range(count)
+        dialect.classify(*await pay(client, dialect, dialect.new_reference())) for _ in range(count)
     ]
 
 
@@ -573,7 +618,11 @@ async def test_latency_is_added_within_the_configured_range(start_mock: StartMoc
 async def test_stats_report_exactly_the_contract_counters(start_mock: StartMock) -> None:
     client = await start_mock(MTN)
     assert await stats(client) == {
-        "requests": 0, "charges": 0, "declines": 0, "failures": 0, "duplicates": 0,
+        "requests": 0,
+        "charges": 0,
+        "declines": 0,
+        "failures": 0,
+        "duplicates": 0,
     }
 
 
@@ -605,9 +654,17 @@ BAD_CONFIGS = [
     ([0.1], None),
 ]
 BAD_CONFIG_IDS = [
-    "rate-above-one", "rate-negative", "rate-a-string", "rate-a-boolean", "latency-lo-above-hi",
-    "latency-negative", "latency-one-bound", "latency-a-string", "unknown-key",
-    "rates-sum-above-one", "body-not-an-object",
+    "rate-above-one",
+    "rate-negative",
+    "rate-a-string",
+    "rate-a-boolean",
+    "latency-lo-above-hi",
+    "latency-negative",
+    "latency-one-bound",
+    "latency-a-string",
+    "unknown-key",
+    "rates-sum-above-one",
+    "body-not-an-object",
 ]
 
 

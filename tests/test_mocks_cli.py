@@ -51,8 +51,16 @@ def mtn_payment(base_url: str) -> tuple[int, Json]:
 def test_the_parser_offers_exactly_the_contract_options() -> None:
     flags = {flag for action in build_parser()._actions for flag in action.option_strings}
     assert flags == {
-        "-h", "--help", "--provider", "--host", "--port", "--failure-rate", "--decline-rate",
-        "--latency-ms", "--hang-rate", "--seed",
+        "-h",
+        "--help",
+        "--provider",
+        "--host",
+        "--port",
+        "--failure-rate",
+        "--decline-rate",
+        "--latency-ms",
+        "--hang-rate",
+        "--seed",
     }
 
 
@@ -62,21 +70,38 @@ def test_defaults_depend_on_the_provider() -> None:
     assert (mtn.api.name, mtn.host, mtn.port) == ("mtn", "127.0.0.1", 9101)
     assert (airtel.api.name, airtel.port) == ("airtel", 9102)
     assert mtn.faults.as_json() == {
-        "failure_rate": 0.0, "decline_rate": 0.0, "latency_ms": [0.0, 0.0], "hang_rate": 0.0,
+        "failure_rate": 0.0,
+        "decline_rate": 0.0,
+        "latency_ms": [0.0, 0.0],
+        "hang_rate": 0.0,
     }
 
 
 def test_every_option_can_come_from_its_environment_variable() -> None:
-    settings = read_settings([], {
-        "MOCK_PROVIDER": "airtel", "MOCK_HOST": "0.0.0.0", "MOCK_PORT": "9200",
-        "MOCK_FAILURE_RATE": "0.1", "MOCK_DECLINE_RATE": "0.2", "MOCK_LATENCY_MS": "5,10",
-        "MOCK_HANG_RATE": "0.3", "MOCK_SEED": "42",
-    })
+    settings = read_settings(
+        [],
+        {
+            "MOCK_PROVIDER": "airtel",
+            "MOCK_HOST": "0.0.0.0",
+            "MOCK_PORT": "9200",
+            "MOCK_FAILURE_RATE": "0.1",
+            "MOCK_DECLINE_RATE": "0.2",
+            "MOCK_LATENCY_MS": "5,10",
+            "MOCK_HANG_RATE": "0.3",
+            "MOCK_SEED": "42",
+        },
+    )
     assert (settings.api.name, settings.host, settings.port, settings.seed) == (
-        "airtel", "0.0.0.0", 9200, 42,
+        "airtel",
+        "0.0.0.0",
+        9200,
+        42,
     )
     assert settings.faults.as_json() == {
-        "failure_rate": 0.1, "decline_rate": 0.2, "latency_ms": [5.0, 10.0], "hang_rate": 0.3,
+        "failure_rate": 0.1,
+        "decline_rate": 0.2,
+        "latency_ms": [5.0, 10.0],
+        "hang_rate": 0.3,
     }
 
 
@@ -105,9 +130,19 @@ BAD_VALUES = [
     (["--provider", "mtn", "--colour", "red"], {}, "--colour"),
 ]
 BAD_VALUE_IDS = [
-    "unknown-provider", "no-provider", "port-zero", "port-not-a-number", "rate-above-one",
-    "rate-not-a-number", "rate-negative", "latency-one-bound", "latency-lo-above-hi",
-    "seed-not-an-integer", "rates-sum-above-one", "bad-env-latency", "bad-env-provider",
+    "unknown-provider",
+    "no-provider",
+    "port-zero",
+    "port-not-a-number",
+    "rate-above-one",
+    "rate-not-a-number",
+    "rate-negative",
+    "latency-one-bound",
+    "latency-lo-above-hi",
+    "seed-not-an-integer",
+    "rates-sum-above-one",
+    "bad-env-latency",
+    "bad-env-provider",
     "unknown-flag",
 ]
 
@@ -128,7 +163,10 @@ def test_a_bad_value_is_a_one_line_error_naming_the_option_and_exit_2(
 def test_a_bad_value_in_the_real_command_is_one_line_without_a_traceback() -> None:
     result = subprocess.run(
         [str(VENV_BIN / "payagg-mock"), "--provider", "mtn", "--latency-ms", "5-10"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
@@ -143,7 +181,11 @@ def test_a_busy_port_is_a_one_line_error_naming_the_port_and_exit_1() -> None:
         squatter.listen()
         port = squatter.getsockname()[1]
         result = subprocess.run(
-            mock_provider("mtn", port), capture_output=True, text=True, timeout=30, check=False,
+            mock_provider("mtn", port),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
@@ -182,10 +224,14 @@ def test_the_real_mock_reads_its_settings_from_the_environment_and_exits_0_on_si
 def test_a_hung_request_does_not_delay_the_real_mocks_exit_0_on_sigterm() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    body = json.dumps({
-        "amount": "1", "currency": "EUR", "externalId": "x",
-        "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
-    })
+    body = json.dumps(
+        {
+            "amount": "1",
+            "currency": "EUR",
+            "externalId": "x",
+            "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
+        }
+    )
     with (
         running(mock_provider("mtn", port, "--hang-rate", "1"), f"{base}/healthz") as service,
         socket.create_connection(("127.0.0.1", port)) as client,
