@@ -1,15 +1,22 @@
-"""The Airtel Money "USSD push" collection dialect: request parsing and answer formats."""
+"""The Airtel Money "USSD push" collection dialect: token, payment, enquiry, callback."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 from collections.abc import Mapping
 
 from mock_providers import validation
-from mock_providers.api import Answer, ProviderApi, Rejected
-from mock_providers.ledger import Entry, Payment
+from mock_providers.api import Answer, JsonBody, ProviderApi, Rejected
+from mock_providers.ledger import Entry, Payment, State
+from mock_providers.tokens import Access, Credentials, whole
 from mock_providers.validation import BadField
 
 SUCCESS_CODE = "DP00800001001"
+IN_PROGRESS_CODE = "DP00800001006"
+EXPIRED_CODE = "DP00800001024"
 # Airtel's response codes for a refused collection, with the wording of Airtel's code table.
 DECLINES = {
     "DP00800001007": "User wallet does not have enough money to cover the payable amount.",
@@ -17,6 +24,9 @@ DECLINES = {
     "DP00800001002": "Incorrect pin has been entered.",
     "DP00800001008": "The transaction was refused.",
 }
+FAILURE_MESSAGES = {**DECLINES, EXPIRED_CODE: "Transaction Timed Out."}
+# data.transaction.status, and the callback's status_code.
+TRANSACTION_STATUS = {State.PENDING: "TIP", State.SUCCESSFUL: "TS", State.FAILED: "TF"}
 
 
 def error(status: int, result_code: str, message: str) -> Answer:
@@ -33,9 +43,43 @@ def error(status: int, result_code: str, message: str) -> Answer:
     )
 
 
-def authorize(headers: Mapping[str, str]) -> None:
-    if validation.bearer_token(headers) is None:
-        raise Rejected(error(401, "ESB000001", "Authorization: a Bearer access token is required"))
+def oauth_error(status: int, code: str, description: str) -> Rejected:
+    return Rejected(
+        Answer(status, {"error": code, "error_description": description}),
+        unauthorized=status == 401,
+    )
+
+
+def check_credentials(headers: Mapping[str, str], body: bytes, credentials: Credentials) -> None:
+    """The client credentials grant, in a JSON body."""
+    try:
+        document = validation.json_object(body)
+    except BadField as bad:
+        raise oauth_error(400, "invalid_request", str(bad)) from None
+    if document.get("grant_type") != "client_credentials":
+        raise oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
+    client_id, client_secret = document.get("client_id"), document.get("client_secret")
+    if not (
+        isinstance(client_id, str)
+        and isinstance(client_secret, str)
+        and credentials.accept_client(client_id, client_secret)
+    ):
+        raise oauth_error(401, "invalid_client", "Client authentication failed")
+
+
+def token_answer(token: str, ttl_s: float) -> Answer:
+    # Airtel writes expires_in as a string.
+    return Answer(
+        200, {"access_token": token, "expires_in": str(whole(ttl_s)), "token_type": "bearer"}
+    )
+
+
+def authorize(headers: Mapping[str, str], access: Access) -> None:
+    if not access.tokens.valid(validation.bearer_token(headers)):
+        raise Rejected(
+            error(401, "ESB000001", "Authorization: a valid Bearer access token is required"),
+            unauthorized=True,
+        )
 
 
 def read_payment(headers: Mapping[str, str], body: bytes) -> Payment:
@@ -44,7 +88,7 @@ def read_payment(headers: Mapping[str, str], body: bytes) -> Payment:
         validation.header(headers, "X-Currency", validation.CURRENCY)
         document = validation.json_object(body)
         msisdn = validation.lookup(document, "subscriber.msisdn")
-        # Airtel's own examples send the MSISDN (without country code) as a number or a string.
+        # Airtel wants the national number (no country code), as a number or a string.
         if isinstance(msisdn, bool) or not validation.MSISDN.fullmatch(str(msisdn)):
             raise BadField("subscriber.msisdn", f"must be 5-15 digits, got {msisdn!r}")
         validation.text(document, "subscriber.country", validation.COUNTRY)
@@ -60,27 +104,64 @@ def read_payment(headers: Mapping[str, str], body: bytes) -> Payment:
         raise Rejected(error(400, "ESB000008", str(bad))) from None
 
 
-def payment_answer(entry: Entry) -> Answer:
-    """The transaction as both the payment POST and the status GET return it, always HTTP 200."""
-    code = SUCCESS_CODE if entry.decline_reason is None else entry.decline_reason
+def airtel_money_id(entry: Entry) -> str | None:
+    return f"MP{entry.provider_transaction_id}" if entry.charged else None
+
+
+def transaction_message(entry: Entry) -> str:
+    if entry.state is State.PENDING:
+        return "In process"
+    if entry.state is State.SUCCESSFUL:
+        payment = entry.payment
+        return f"Paid {payment.currency} {payment.amount}, Trans ID {airtel_money_id(entry)}."
+    return FAILURE_MESSAGES[entry.reason or ""]
+
+
+def outcome_status(entry: Entry) -> JsonBody:
+    """The `status` block of an enquiry: the payment's response code, success or not."""
+    if entry.state is State.FAILED:
+        code = entry.reason or ""
+        return {
+            "code": "200",
+            "message": FAILURE_MESSAGES[code],
+            "result_code": "ESB000011",
+            "response_code": code,
+            "success": False,
+        }
+    pending = entry.state is State.PENDING
+    return {
+        "code": "200",
+        "message": "Transaction in progress" if pending else "SUCCESS",
+        "result_code": "ESB000010",
+        "response_code": IN_PROGRESS_CODE if pending else SUCCESS_CODE,
+        "success": True,
+    }
+
+
+def enquiry(entry: Entry) -> Answer:
+    """GET /standard/v1/payments/{id}: the transaction's state (no amount or currency: the real
+    enquiry has none)."""
+    transaction = {
+        "airtel_money_id": airtel_money_id(entry),
+        "id": entry.payment.reference,
+        "message": transaction_message(entry),
+        "status": TRANSACTION_STATUS[entry.state],
+    }
+    return Answer(200, {"data": {"transaction": transaction}, "status": outcome_status(entry)})
+
+
+def accepted_answer(entry: Entry) -> Answer:
+    # The push is sent; the payer is entering their PIN.
     return Answer(
         200,
         {
-            "data": {
-                "transaction": {
-                    "id": entry.payment.reference,
-                    "status": "TS" if entry.charged else "TF",
-                    "airtel_money_id": f"MP{entry.provider_transaction_id}"
-                    if entry.charged
-                    else None,
-                }
-            },
+            "data": {"transaction": {"id": entry.payment.reference, "status": "SUCCESS"}},
             "status": {
                 "code": "200",
-                "message": "SUCCESS" if entry.charged else DECLINES[code],
-                "result_code": "ESB000010" if entry.charged else "ESB000011",
-                "response_code": code,
-                "success": entry.charged,
+                "message": "SUCCESS",
+                "result_code": "ESB000010",
+                "response_code": IN_PROGRESS_CODE,
+                "success": True,
             },
         },
     )
@@ -95,18 +176,46 @@ def status_answer(entry: Entry | None, reference: str) -> Answer:
         return error(
             404, "ESB000045", f"No Transaction Found With Provided Transaction Id {reference}"
         )
-    return payment_answer(entry)
+    return enquiry(entry)
+
+
+def callback_body(entry: Entry, secret: str | None) -> bytes:
+    """Airtel's callback; with a secret, `hash` is the base64 HMAC-SHA256 of the compact JSON
+    of `transaction`, exactly as it appears in the body."""
+    transaction = {
+        "id": entry.payment.reference,
+        "message": transaction_message(entry),
+        "status_code": TRANSACTION_STATUS[entry.state],
+        "airtel_money_id": airtel_money_id(entry),
+    }
+    signed = json.dumps(transaction, separators=(",", ":"))
+    if secret is None:
+        return f'{{"transaction":{signed}}}'.encode()
+    digest = hmac.new(secret.encode(), signed.encode(), hashlib.sha256).digest()
+    hash_field = json.dumps(base64.b64encode(digest).decode())
+    return f'{{"transaction":{signed},"hash":{hash_field}}}'.encode()
 
 
 API = ProviderApi(
     name="airtel",
     default_port=9102,
+    token_path="/auth/oauth2/token",
     payment_path="/merchant/v1/payments/",
     status_path="/standard/v1/payments/{reference}",
+    token_ttl_s=180,
+    approval_timeout_s=60,
+    expiry_reason=EXPIRED_CODE,
     decline_reasons=tuple(DECLINES),
+    callback_method="POST",
+    check_credentials=check_credentials,
+    token_answer=token_answer,
     authorize=authorize,
     read_payment=read_payment,
-    payment_answer=payment_answer,
+    accepted_answer=accepted_answer,
+    # Airtel answers a repeated transaction id with the first payment's state.
+    duplicate_answer=enquiry,
+    sync_decline_answer=enquiry,
     failure_answer=failure_answer,
     status_answer=status_answer,
+    callback_body=callback_body,
 )

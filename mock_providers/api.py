@@ -7,37 +7,51 @@ from dataclasses import dataclass
 from typing import Any
 
 from mock_providers.ledger import Entry, Payment
+from mock_providers.tokens import Access, Credentials
 
 JsonBody = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Answer:
-    """An HTTP status and the JSON body that goes with it."""
+    """An HTTP status and the JSON body that goes with it (None: an empty body)."""
 
     status: int
-    body: JsonBody
+    body: JsonBody | None
 
 
 class Rejected(Exception):
-    """A request refused before any fault is drawn (400, 401), with the provider's answer."""
+    """A request refused before any fault is drawn (400, 401, bad credentials), with the
+    provider's answer; `unauthorized` when it counts as such in the stats."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, unauthorized: bool = False) -> None:
         super().__init__(answer.status, answer.body)
         self.answer = answer
+        self.unauthorized = unauthorized
 
 
 @dataclass(frozen=True)
 class ProviderApi:
-    """One provider's dialect; the shared behaviour (faults, dedupe, admin) lives in app.py."""
+    """One provider's dialect; the shared behaviour (faults, ledger, tokens, callbacks, admin)
+    lives in app.py."""
 
     name: str
     default_port: int
+    token_path: str
     payment_path: str
     status_path: str  # an aiohttp route with a `{reference}` part
+    token_ttl_s: float  # the real provider's token lifetime
+    approval_timeout_s: float  # how long a push waits for the payer before it expires
+    expiry_reason: str  # the reason an expired (abandoned) payment fails with
     decline_reasons: tuple[str, ...]
-    authorize: Callable[[Mapping[str, str]], None]  # raises Rejected (401)
+    callback_method: str
+    check_credentials: Callable[[Mapping[str, str], bytes, Credentials], None]  # raises Rejected
+    token_answer: Callable[[str, float], Answer]
+    authorize: Callable[[Mapping[str, str], Access], None]  # raises Rejected (401)
     read_payment: Callable[[Mapping[str, str], bytes], Payment]  # raises Rejected (400)
-    payment_answer: Callable[[Entry], Answer]
+    accepted_answer: Callable[[Entry], Answer]  # a new payment, pending or final
+    duplicate_answer: Callable[[Entry], Answer]
+    sync_decline_answer: Callable[[Entry], Answer]
     failure_answer: Callable[[], Answer]
     status_answer: Callable[[Entry | None, str], Answer]
+    callback_body: Callable[[Entry, str | None], bytes]  # the entry is final; the secret signs

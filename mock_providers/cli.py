@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -15,10 +16,11 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from mock_providers import airtel, mtn
+from mock_providers import airtel, mtn, validation
 from mock_providers.api import ProviderApi
-from mock_providers.app import create_app
+from mock_providers.app import MockOptions, create_app
 from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency, check_rate
+from mock_providers.tokens import Credentials
 
 PROVIDERS = {api.name: api for api in (mtn.API, airtel.API)}
 # How long answers in flight (sleeping out their latency) get to leave at shutdown.
@@ -67,6 +69,37 @@ def latency_range(text: str) -> tuple[float, float]:
         ) from None
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def http_url(text: str) -> str:
+    if not validation.is_http_url(text):
+        raise argparse.ArgumentTypeError(f"must be an http(s) URL, got {text!r}")
+    return text
+
+
+def boolean(text: str) -> bool:
+    """For a switch's environment variable."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+
+
 def seed_number(text: str) -> int:
     try:
         return int(text)
@@ -81,7 +114,7 @@ class Option:
     flag: str
     env: str
     parse: Callable[[str], object]
-    metavar: str
+    metavar: str | None  # None: a switch, without a value (its variable reads true or false)
     help: str
 
     @property
@@ -128,6 +161,83 @@ OPTIONS = (
         "N",
         "seed of every random decision (default: random, printed at start-up)",
     ),
+    Option(
+        "--approval-ms",
+        "MOCK_APPROVAL_MS",
+        latency_range,
+        "LO,HI",
+        "delay before the payer approves, uniform in [LO, HI] ms (default 0,0: at once)",
+    ),
+    Option(
+        "--abandon-rate",
+        "MOCK_ABANDON_RATE",
+        rate,
+        "R",
+        "share of payers who never approve: the payment expires (default 0)",
+    ),
+    Option(
+        "--approval-timeout-s",
+        "MOCK_APPROVAL_TIMEOUT_S",
+        positive_seconds,
+        "S",
+        "seconds before an unapproved payment expires (default: mtn 300, airtel 60)",
+    ),
+    Option(
+        "--sync-declines",
+        "MOCK_SYNC_DECLINES",
+        boolean,
+        None,
+        "answer declines on the payment request itself (MTN: a 500 naming the reason)",
+    ),
+    Option(
+        "--status-failure-rate",
+        "MOCK_STATUS_FAILURE_RATE",
+        rate,
+        "R",
+        "share of status queries answered 500 (default 0)",
+    ),
+    Option(
+        "--token-ttl-s",
+        "MOCK_TOKEN_TTL_S",
+        positive_seconds,
+        "S",
+        "lifetime of an access token (default: the provider's, mtn 3600, airtel 180)",
+    ),
+    Option(
+        "--client-id",
+        "MOCK_CLIENT_ID",
+        non_empty,
+        "ID",
+        "the only client id (MTN: API user) accepted (default: any non-empty one)",
+    ),
+    Option(
+        "--client-secret",
+        "MOCK_CLIENT_SECRET",
+        non_empty,
+        "SECRET",
+        "the only client secret (MTN: API key) accepted (default: any non-empty one)",
+    ),
+    Option(
+        "--subscription-key",
+        "MOCK_SUBSCRIPTION_KEY",
+        non_empty,
+        "KEY",
+        "MTN only: the only Ocp-Apim-Subscription-Key accepted (default: any non-empty one)",
+    ),
+    Option(
+        "--callback-url",
+        "MOCK_CALLBACK_URL",
+        http_url,
+        "URL",
+        "where final payments are sent when the request names no callback URL (Airtel's way)",
+    ),
+    Option(
+        "--callback-secret",
+        "MOCK_CALLBACK_SECRET",
+        non_empty,
+        "SECRET",
+        "Airtel: sign callbacks with a `hash` field (HMAC-SHA256 with this key)",
+    ),
 )
 
 
@@ -138,12 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Each option can come from its environment variable; a flag wins over it.",
     )
     for option in OPTIONS:
-        parser.add_argument(
-            option.flag,
-            type=option.parse,
-            metavar=option.metavar,
-            help=f"{option.help}; env {option.env}",
-        )
+        if option.metavar is None:
+            parser.add_argument(
+                option.flag,
+                action="store_true",
+                default=None,
+                help=f"{option.help}; env {option.env}",
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                type=option.parse,
+                metavar=option.metavar,
+                help=f"{option.help}; env {option.env}",
+            )
     return parser
 
 
@@ -156,6 +274,7 @@ class Settings:
     port: int
     faults: FaultConfig
     seed: int
+    options: MockOptions
 
 
 def read_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
@@ -178,16 +297,32 @@ def read_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
             decline_rate=values["decline_rate"] or 0.0,
             latency_ms=values["latency_ms"] or (0.0, 0.0),
             hang_rate=values["hang_rate"] or 0.0,
+            approval_ms=values["approval_ms"] or (0.0, 0.0),
+            abandon_rate=values["abandon_rate"] or 0.0,
+            status_failure_rate=values["status_failure_rate"] or 0.0,
         )
     except InvalidFaultConfig as bad:
         parser.error(f"--failure-rate + --decline-rate + --hang-rate {bad.problem}")
     seed = values["seed"]
     api = PROVIDERS[provider]
+    if values["subscription_key"] is not None and api is not mtn.API:
+        parser.error("argument --subscription-key: only MTN has subscription keys")
+    options = MockOptions(
+        credentials=Credentials(
+            values["client_id"], values["client_secret"], values["subscription_key"]
+        ),
+        token_ttl_s=values["token_ttl_s"],
+        approval_timeout_s=values["approval_timeout_s"],
+        sync_declines=bool(values["sync_declines"]),
+        callback_url=values["callback_url"],
+        callback_secret=values["callback_secret"],
+    )
     return Settings(
         api=api,
         host=values["host"] or "127.0.0.1",
         port=values["port"] or api.default_port,
         faults=faults,
+        options=options,
         # A drawn seed is printed at start-up, so even an unseeded run can be replayed.
         seed=random.SystemRandom().randrange(2**32) if seed is None else seed,
     )
@@ -195,7 +330,7 @@ def read_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
 
 async def serve(settings: Settings) -> int:
     """Listen until SIGTERM or SIGINT (exit 0); a port that cannot be bound is exit 1."""
-    app = create_app(settings.api, settings.faults, settings.seed)
+    app = create_app(settings.api, settings.faults, settings.seed, settings.options)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )

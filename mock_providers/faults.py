@@ -9,8 +9,13 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+# The three outcomes one roll chooses between, so their rates share [0, 1].
 RATE_FIELDS = ("failure_rate", "decline_rate", "hang_rate")
 RATES_SUM_FIELD = "+".join(RATE_FIELDS)
+# Rates drawn on their own: whether a created payment's payer ever approves, whether a status
+# query fails.
+OWN_RATE_FIELDS = ("abandon_rate", "status_failure_rate")
+RANGE_FIELDS = ("latency_ms", "approval_ms")
 
 
 class Outcome(enum.StrEnum):
@@ -42,7 +47,7 @@ def check_rate(field: str, value: object) -> float:
 
 
 def check_latency(field: str, value: object) -> tuple[float, float]:
-    """A latency range in milliseconds: [lo, hi] with 0 <= lo <= hi."""
+    """A range of milliseconds (latency, approval delay): [lo, hi] with 0 <= lo <= hi."""
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise InvalidFaultConfig(field, f"must be [lo, hi] in milliseconds, got {value!r}")
     lo, hi = value
@@ -66,11 +71,16 @@ class FaultConfig:
     decline_rate: float = 0.0
     latency_ms: tuple[float, float] = (0.0, 0.0)
     hang_rate: float = 0.0
+    # 0,0: the payer approves at once, so a payment is final when its POST is answered.
+    approval_ms: tuple[float, float] = (0.0, 0.0)
+    abandon_rate: float = 0.0
+    status_failure_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in RATE_FIELDS:
+        for name in (*RATE_FIELDS, *OWN_RATE_FIELDS):
             check_rate(name, getattr(self, name))
-        check_latency("latency_ms", self.latency_ms)
+        for name in RANGE_FIELDS:
+            check_latency(name, getattr(self, name))
         total = self.failure_rate + self.decline_rate + self.hang_rate
         if total > 1:
             raise InvalidFaultConfig(RATES_SUM_FIELD, f"must add up to at most 1, got {total:g}")
@@ -85,7 +95,7 @@ class FaultConfig:
                     name, f"unknown setting; known: {', '.join(sorted(known))}"
                 )
             checked[name] = (
-                check_latency(name, value) if name == "latency_ms" else check_rate(name, value)
+                check_latency(name, value) if name in RANGE_FIELDS else check_rate(name, value)
             )
         return dataclasses.replace(self, **checked)  # type: ignore[arg-type]
 
@@ -95,16 +105,22 @@ class FaultConfig:
             "decline_rate": self.decline_rate,
             "latency_ms": list(self.latency_ms),
             "hang_rate": self.hang_rate,
+            "approval_ms": list(self.approval_ms),
+            "abandon_rate": self.abandon_rate,
+            "status_failure_rate": self.status_failure_rate,
         }
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The fate of one payment request; `decline_reason` only matters for a decline."""
+    """The fate of one payment request; `decline_reason` only matters for a decline, the
+    approval fields only for a payment that gets created."""
 
     outcome: Outcome
     latency_s: float
     decline_reason: str
+    approval_s: float
+    abandoned: bool
 
 
 class Faults:
@@ -115,15 +131,25 @@ class Faults:
     ) -> None:
         self.config = config
         self._rng = random.Random(seed)
+        # Status queries draw from their own stream: how often a client polls depends on
+        # timing, and must not shift the payments' decisions.
+        self._status_rng = random.Random(None if seed is None else f"{seed}:status")
         self._decline_reasons = tuple(decline_reasons)
 
     def decide(self) -> Decision:
-        # Always the same three draws in the same order, whatever the outcome, so the n-th
+        # Always the same five draws in the same order, whatever the outcome, so the n-th
         # payment's decision depends only on the seed, n and the config at that moment.
         roll = self._rng.random()
         latency_ms = self._rng.uniform(*self.config.latency_ms)
         reason = self._decline_reasons[self._rng.randrange(len(self._decline_reasons))]
-        return Decision(self._outcome(roll), latency_ms / 1000, reason)
+        approval_ms = self._rng.uniform(*self.config.approval_ms)
+        abandoned = self._rng.random() < self.config.abandon_rate
+        return Decision(
+            self._outcome(roll), latency_ms / 1000, reason, approval_ms / 1000, abandoned
+        )
+
+    def status_fails(self) -> bool:
+        return self._status_rng.random() < self.config.status_failure_rate
 
     def _outcome(self, roll: float) -> Outcome:
         threshold = 0.0

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 POSITIVE_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 CURRENCY = re.compile(r"[A-Z]{3}")
@@ -89,3 +90,12 @@ def positive_number(document: Mapping[str, Any], path: str) -> str:
     ):
         raise BadField(path, f"must be a positive number, got {value!r}")
     return str(value)
+
+
+def is_http_url(text: str) -> bool:
+    """An absolute http(s) URL with a host, the only kind a callback can go to."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

@@ -20,8 +20,14 @@ from proxy.mapping import (
     ProviderMapping,
     RequestSpec,
     ResponseSpec,
+    StatusMapping,
+    StatusSpec,
     compile_mapping,
+    compile_status,
+    http_url,
 )
+from proxy.providers.access_tokens import AuthSpec
+from proxy.providers.callbacks import CallbackSpec, CallbackTarget
 from proxy.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -44,6 +50,38 @@ class ServerSettings(_Section):
     keepalive_timeout_s: float = Field(15, gt=0, le=3600)
     # Open client connections per process; one more is accepted and closed at once.
     max_connections: int = Field(4096, ge=1, le=500_000)
+    # The URL providers reach payagg at, for `{callback_url}`; unset: no callback URL is sent.
+    public_url: str | None = None
+    # Keys the callback URLs' tokens (HMAC-SHA256); needed once public_url is set.
+    callback_secret: str | None = Field(None, repr=False)
+
+    @field_validator("public_url", "callback_secret")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        # `${PAYAGG_PUBLIC_URL:-}` renders "" when the variable is unset.
+        return value or None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        return url.rstrip("/")
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _long_secret(cls, secret: str | None) -> str | None:
+        if secret is not None and len(secret) < 16:
+            raise ValueError(f"must be at least 16 characters, got {len(secret)}")
+        return secret
+
+    def callback_target(self) -> CallbackTarget | None:
+        if self.public_url is None or self.callback_secret is None:
+            return None
+        return CallbackTarget(self.public_url, self.callback_secret)
 
 
 class RedisSettings(_Section):
@@ -146,16 +184,19 @@ class ProviderSettings(_Section):
     default_payer: str | None = Field(None, pattern=r"^[0-9]{8,15}$")
     request: RequestSpec | None = None
     response: ResponseSpec | None = None
-    # How long POST /v1/pay waits for a final state before answering 202 PENDING.
-    sync_wait_s: float = Field(10, ge=0, le=60)
+    # How to obtain an access token, rendered by {token}.
+    auth: AuthSpec | None = None
+    # How to ask for a payment's state; the canonical protocol's `GET {url}/{reference}` when
+    # neither request nor response is given.
+    status: StatusSpec | None = None
+    callback: CallbackSpec | None = None
+    # How long POST /v1/pay waits for a pending payment to become final.
+    sync_wait_s: float = Field(10, ge=0, le=300)
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
-        return url
+        return http_url(url)
 
 
 class ProviderDefaults(_Section):
@@ -197,6 +238,10 @@ class Provider:
     name: str
     settings: ProviderSettings
     mapping: ProviderMapping
+    # None: the provider cannot be asked for a payment's state.
+    status: StatusMapping | None = None
+    # None: no `server.public_url`, so no callback URL is sent.
+    callbacks: CallbackTarget | None = None
 
     @property
     def url(self) -> str:
@@ -272,7 +317,8 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
                 settings[str(name)] = ProviderSettings.model_validate(provider_raw)
             except ValidationError as error:
                 problems.extend(_problems_from_pydantic(error, ("providers", str(name))))
-    providers, provider_problems = _build_providers(settings)
+    server = shape.server if shape is not None else ServerSettings()
+    providers, provider_problems = _build_providers(settings, server)
     problems.extend(provider_problems)
     if shape is not None:
         problems.extend(_lock_ttl_problems(shape.idempotency, settings))
@@ -388,7 +434,7 @@ def _model_at(path: Path) -> type[BaseModel] | None:
 
 
 def _build_providers(
-    all_settings: dict[str, ProviderSettings],
+    all_settings: dict[str, ProviderSettings], server: ServerSettings
 ) -> tuple[tuple[Provider, ...], list[Problem]]:
     problems: list[Problem] = []
     providers = []
@@ -418,10 +464,60 @@ def _build_providers(
             settings.breaker.failure_statuses,
         )
         problems.extend(mapping_problems)
+        canonical = settings.request is None and settings.response is None
+        status, status_problems = compile_status(
+            settings.status, settings.url if canonical else None, path
+        )
+        problems.extend(status_problems)
+        problems.extend(_protocol_problems(settings, mapping, status, server, path))
         problems.extend(_breaker_problems(settings.breaker, (*path, "breaker")))
         problems.extend(_tls_problems(settings, (*path, "tls")))
-        providers.append(Provider(name, settings, mapping))
+        providers.append(Provider(name, settings, mapping, status, server.callback_target()))
     return tuple(providers), problems
+
+
+def _protocol_problems(
+    settings: ProviderSettings,
+    mapping: ProviderMapping,
+    status: StatusMapping | None,
+    server: ServerSettings,
+    path: Path,
+) -> list[Problem]:
+    """How tokens, pending answers, status queries and callbacks fit together."""
+    problems = []
+    uses = mapping.names_used | (status.names_used if status is not None else frozenset())
+    if "token" in uses and settings.auth is None:
+        problems.append(Problem(path, "a template uses {token} but `auth:` says how to get none"))
+    if settings.auth is not None and "token" not in uses:
+        problems.append(Problem((*path, "auth"), "no request or status template sends the {token}"))
+    if status is None and (settings.response is not None and settings.response.pending):
+        problems.append(
+            Problem(
+                (*path, "response", "pending"),
+                "a pending payment needs a `status:` query to learn its outcome",
+            )
+        )
+    if settings.callback is not None:
+        problems.extend(settings.callback.problems((*path, "callback")))
+        if status is None:
+            problems.append(
+                Problem(
+                    (*path, "callback"),
+                    "a callback is only a hint to query the status: it needs `status:`",
+                )
+            )
+    if (
+        "callback_url" in mapping.names_used
+        and server.public_url is not None
+        and server.callback_secret is None
+    ):
+        problems.append(
+            Problem(
+                ("server", "callback_secret"),
+                "is required once server.public_url is set and a provider sends {callback_url}",
+            )
+        )
+    return problems
 
 
 def _breaker_problems(breaker: BreakerSettings, path: Path) -> list[Problem]:

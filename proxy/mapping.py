@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.yaml_source import Path, Problem
 
@@ -33,6 +34,11 @@ class PaymentFields:
     reference: str
     idempotency_key: str
     provider: str
+    # Known only when the request goes out: the provider's access token (never logged), payagg's
+    # callback URL for this payment ("" when none), and the provider's own id (status requests).
+    token: str = ""
+    callback_url: str = ""
+    provider_reference: str = ""
 
 
 def _amount_number(fields: PaymentFields) -> JsonValue:
@@ -57,12 +63,18 @@ _GETTERS: dict[tuple[str, str], Callable[[PaymentFields], JsonValue]] = {
     ("reference", ""): lambda f: f.reference,
     ("idempotency_key", ""): lambda f: f.idempotency_key,
     ("provider", ""): lambda f: f.provider,
+    ("token", ""): lambda f: f.token,
+    ("callback_url", ""): lambda f: f.callback_url,
+    ("provider_reference", ""): lambda f: f.provider_reference,
     ("amount", ""): _amount_number,
     ("amount", "number"): _amount_number,
     ("amount", "decimal2"): _amount_decimal2,
     ("amount", "minor_units"): _amount_minor,
 }
 PLACEHOLDERS = sorted({name for name, _ in _GETTERS})
+# A payment request knows no provider id yet; a status request knows no payment, only its ids.
+PAYMENT_PLACEHOLDERS = frozenset(PLACEHOLDERS) - {"provider_reference"}
+STATUS_PLACEHOLDERS = frozenset({"reference", "provider_reference", "token", "provider"})
 _PLACEHOLDER_OF = {getter: name for (name, _), getter in _GETTERS.items()}
 # The request field each placeholder reads, named in the 400 when its value cannot be sent in a
 # header; {reference} and {provider} are payagg's own (a UUID, a configured name).
@@ -142,9 +154,10 @@ class Array(Part):
 class TemplateCompiler:
     """Compiles template values, collecting every problem with its key path."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: frozenset[str] = PAYMENT_PLACEHOLDERS) -> None:
         self.problems: list[Problem] = []
         self.names_used: set[str] = set()
+        self._allowed = allowed
 
     def compile(self, value: JsonValue, path: Path) -> Part:
         if isinstance(value, dict):
@@ -191,7 +204,7 @@ class TemplateCompiler:
         getter = _GETTERS.get((name, fmt))
         if getter is None:
             if name not in PLACEHOLDERS:
-                known = ", ".join(PLACEHOLDERS)
+                known = ", ".join(sorted(self._allowed))
                 self.problems.append(
                     Problem(path, f"unknown placeholder {{{name}}}; known: {known}")
                 )
@@ -202,8 +215,22 @@ class TemplateCompiler:
                     Problem(path, f"unknown format {fmt!r} for {{{name}}}; formats: {allowed}")
                 )
             return None
+        if name not in self._allowed:
+            known = ", ".join(sorted(self._allowed))
+            self.problems.append(
+                Problem(path, f"{{{name}}} cannot be used here; known here: {known}")
+            )
+            return None
         self.names_used.add(name)
         return getter
+
+
+def http_url(url: str) -> str:
+    """`url` when it is an http:// or https:// URL with a host; else a ValueError saying so."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+    return url
 
 
 class _Spec(BaseModel):
@@ -226,18 +253,48 @@ class AnswerRule(_Spec):
     equals: str | int | bool | list[str | int | bool] | None = None
 
 
-class ResponseSpec(_Spec):
-    """How to read the provider's answer (YAML `response:`); first matching rule wins."""
+class AnswerPathsSpec(_Spec):
+    """Where an answer says which payment it is about (shared by `response:` and `status:`)."""
 
-    success: list[AnswerRule]
-    declined: list[AnswerRule] = Field(default_factory=list)
-    # The provider already holds a payment under this reference (MTN: 409 RESOURCE_ALREADY_EXIST).
-    already_exists: list[AnswerRule] = Field(default_factory=list)
     provider_reference: str | None = None
     reason: str | list[str] = Field(default_factory=list)
     # Where the answer says which amount and currency it is about; compared with the request.
     amount: str | None = None
     currency: str | None = None
+
+
+class ResponseSpec(AnswerPathsSpec):
+    """How to read the provider's answer (YAML `response:`); first matching rule wins."""
+
+    success: list[AnswerRule] = Field(default_factory=list)
+    declined: list[AnswerRule] = Field(default_factory=list)
+    # The provider has the payment and it is not final (MTN's empty 202, Airtel's DP00800001006).
+    pending: list[AnswerRule] = Field(default_factory=list)
+    # The provider already holds a payment under this reference (MTN: 409 RESOURCE_ALREADY_EXIST).
+    already_exists: list[AnswerRule] = Field(default_factory=list)
+
+
+class StatusSpec(AnswerPathsSpec):
+    """How to ask the provider for a payment's state (YAML `status:`); first matching rule wins.
+
+    An answer that matches no rule leaves the payment pending: it never fails one.
+    """
+
+    method: Literal["GET", "POST"] = "GET"
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    success: list[AnswerRule]
+    declined: list[AnswerRule] = Field(default_factory=list)
+    pending: list[AnswerRule] = Field(default_factory=list)
+    not_found: list[AnswerRule] = Field(default_factory=list)
+    # A "not found" this soon after the payment request proves nothing: the provider may not
+    # have recorded it yet.
+    not_found_grace_s: float = Field(0, ge=0, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return http_url(url)
 
 
 # payagg's own protocol, used by any provider that declares no request/response mapping.
@@ -255,23 +312,44 @@ CANONICAL_RESPONSE = ResponseSpec(
     success=[AnswerRule(status="2xx", field="status", equals="SUCCESS")],
     declined=[AnswerRule(status="2xx", field="status", equals="DECLINED")],
     already_exists=[AnswerRule(status=409)],
+    pending=[AnswerRule(status="2xx", field="status", equals="PENDING")],
     provider_reference="provider_reference",
     reason="reason",
     amount="amount",
     currency="currency",
 )
+# Its status endpoint: `GET {url}/{reference}`, the same body as a payment's answer, or 404.
+CANONICAL_STATUS_RULES = {
+    "success": CANONICAL_RESPONSE.success,
+    "declined": CANONICAL_RESPONSE.declined,
+    "pending": CANONICAL_RESPONSE.pending,
+    "not_found": [AnswerRule(status=404)],
+    "provider_reference": "provider_reference",
+    "reason": "reason",
+    "amount": "amount",
+    "currency": "currency",
+}
 # Answers that mean the provider cannot serve us right now (rate limited, or it gave up waiting
 # for our request). By default they count as breaker failures (`breaker.failure_statuses`); in
 # any case they never show a half-open breaker that the provider serves again.
 BUSY_STATUSES = (408, 429)
 
-Outcome = Literal["success", "declined", "already_exists", "failure", "busy", "rejected"]
+Outcome = Literal[
+    "success",
+    "declined",
+    "pending",
+    "not_found",
+    "already_exists",
+    "failure",
+    "busy",
+    "rejected",
+]
 _NO_VALUE = object()
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A provider's answer as the gateway understands it."""
+    """A provider's answer as the gateway understands it (to a payment or a status query)."""
 
     outcome: Outcome
     provider_reference: str | None = None
@@ -294,7 +372,16 @@ class Answer:
         return self.currency is not None and self.currency != currency
 
 
+# A status query's answer: the same shape, outcome one of success, declined, pending, not_found.
+StatusAnswer = Answer
+FINAL_OUTCOMES = frozenset({"success", "declined"})
+
 _DECIMAL_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def as_number(value: JsonValue) -> Decimal | None:
+    """A JSON number, or a string holding one (Airtel's `expires_in` is "180"); else None."""
+    return _as_decimal(value)
 
 
 def _as_decimal(value: JsonValue) -> Decimal | None:
@@ -338,6 +425,12 @@ def _lookup(document: JsonValue, path: tuple[str | int, ...]) -> JsonValue:
         else:
             return _NO_VALUE
     return document
+
+
+def lookup_path(document: JsonValue, dotted: str) -> JsonValue:
+    """The value at a dotted path (`data.transaction.status`), None when absent."""
+    value = _lookup(document, _field_path(dotted))
+    return None if value is _NO_VALUE else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +479,65 @@ def _compile_rule(rule: AnswerRule, path: Path, problems: list[Problem]) -> Comp
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerReader:
+    """Where an answer says which payment it is about: the provider's id, reason, amount."""
+
+    provider_reference: tuple[str | int, ...] | None
+    reason: tuple[tuple[str | int, ...], ...]
+    amount: tuple[str | int, ...] | None
+    currency: tuple[str | int, ...] | None
+
+    def read(self, outcome: Outcome, document: JsonValue, detail: str = "") -> Answer:
+        """An answer about a payment, with the amount and currency it names (if any)."""
+        reference = _lookup(document, self.provider_reference or ())
+        found = reference not in (_NO_VALUE, None) and self.provider_reference
+        return Answer(
+            outcome,
+            provider_reference=str(reference) if found and outcome == "success" else None,
+            reason=self._reason(document) if outcome == "declined" else None,
+            detail=detail,
+            amount=self._echoed(self.amount, document),
+            currency=self._echoed(self.currency, document),
+        )
+
+    @staticmethod
+    def _echoed(path: tuple[str | int, ...] | None, document: JsonValue) -> JsonValue:
+        if path is None:
+            return None
+        value = _lookup(document, path)
+        return None if value is _NO_VALUE else value
+
+    def _reason(self, document: JsonValue) -> str:
+        for path in self.reason:
+            value = _lookup(document, path)
+            if value not in (_NO_VALUE, None, ""):
+                return _normalise(value)
+        return "DECLINED"
+
+
+def _parse(raw: bytes) -> JsonValue:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return _NO_VALUE
+
+
+def _unmatched(status: int, document: JsonValue, failure_statuses: frozenset[int]) -> Answer:
+    """An answer no rule describes: what it says about the provider, for the breaker."""
+    if status in failure_statuses:
+        return Answer(
+            "failure", detail=f"provider answered HTTP {status} (breaker.failure_statuses)"
+        )
+    if status in BUSY_STATUSES:
+        return Answer("busy", detail=f"provider cannot serve us now (HTTP {status})")
+    if 400 <= status < 500:
+        return Answer("rejected", detail=f"provider refused the request with HTTP {status}")
+    if document is _NO_VALUE:
+        return Answer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
+    return Answer("failure", detail=f"provider answered HTTP {status}")
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderMapping:
     """A provider's compiled request template and answer rules."""
 
@@ -395,17 +547,16 @@ class ProviderMapping:
     success: tuple[CompiledRule, ...]
     declined: tuple[CompiledRule, ...]
     already_exists: tuple[CompiledRule, ...]
-    provider_reference: tuple[str | int, ...] | None
-    reason: tuple[tuple[str | int, ...], ...]
-    amount: tuple[str | int, ...] | None
-    currency: tuple[str | int, ...] | None
+    reader: AnswerReader
     failure_statuses: frozenset[int]
     requires_payer: bool
     # (header, request field, getter) for each placeholder a header renders from the request.
     header_inputs: tuple[tuple[str, str, Callable[[PaymentFields], JsonValue]], ...] = ()
+    pending: tuple[CompiledRule, ...] = ()
+    names_used: frozenset[str] = frozenset()
 
     def render_headers(self, fields: PaymentFields) -> dict[str, str]:
-        return {name: str(part.render(fields)) for name, part in self.headers}
+        return _render_headers(self.headers, fields)
 
     def header_problems(self, fields: PaymentFields) -> dict[str, str]:
         """Each request field whose value would put CR, LF or NUL into a header, with why.
@@ -423,63 +574,58 @@ class ProviderMapping:
 
     def classify(self, status: int, raw: bytes) -> Answer:
         """The one place that says what an answer means, the breaker's view included."""
-        try:
-            document: JsonValue = json.loads(raw) if raw else None
-        except ValueError:
-            document = _NO_VALUE
-        for rule in self.success:
-            if rule.matches(status, document):
-                reference = _lookup(document, self.provider_reference or ())
-                found = reference not in (_NO_VALUE, None) and self.provider_reference
-                return self._about_payment(
-                    "success",
-                    document,
-                    provider_reference=str(reference) if found else None,
-                )
-        for rule in self.declined:
-            if rule.matches(status, document):
-                return self._about_payment("declined", document, reason=self._reason(document))
-        for rule in self.already_exists:
-            if rule.matches(status, document):
-                return self._about_payment(
-                    "already_exists",
-                    document,
-                    detail=f"provider already holds this reference (HTTP {status})",
-                )
-        if status in self.failure_statuses:
-            return Answer(
-                "failure", detail=f"provider answered HTTP {status} (breaker.failure_statuses)"
+        document = _parse(raw)
+        for outcome, rules in (
+            ("success", self.success),
+            ("declined", self.declined),
+            ("pending", self.pending),
+        ):
+            if any(rule.matches(status, document) for rule in rules):
+                return self.reader.read(outcome, document)  # type: ignore[arg-type]
+        if any(rule.matches(status, document) for rule in self.already_exists):
+            return self.reader.read(
+                "already_exists",
+                document,
+                detail=f"provider already holds this reference (HTTP {status})",
             )
-        if status in BUSY_STATUSES:
-            return Answer("busy", detail=f"provider cannot serve us now (HTTP {status})")
-        if 400 <= status < 500:
-            return Answer("rejected", detail=f"provider refused the request with HTTP {status}")
-        if document is _NO_VALUE:
-            return Answer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
-        return Answer("failure", detail=f"provider answered HTTP {status}")
+        return _unmatched(status, document, self.failure_statuses)
 
-    def _about_payment(self, outcome: Outcome, document: JsonValue, **fields: Any) -> Answer:
-        """An answer about a payment, with the amount and currency it names (if any)."""
-        return Answer(
-            outcome,
-            amount=self._echoed(self.amount, document),
-            currency=self._echoed(self.currency, document),
-            **fields,
-        )
 
-    @staticmethod
-    def _echoed(path: tuple[str | int, ...] | None, document: JsonValue) -> JsonValue:
-        if path is None:
-            return None
-        value = _lookup(document, path)
-        return None if value is _NO_VALUE else value
+@dataclass(frozen=True, slots=True)
+class StatusMapping:
+    """How to ask a provider for a payment's state, and how to read its answer."""
 
-    def _reason(self, document: JsonValue) -> str:
-        for path in self.reason:
-            value = _lookup(document, path)
-            if value not in (_NO_VALUE, None, ""):
-                return _normalise(value)
-        return "DECLINED"
+    method: str
+    url: Part
+    headers: tuple[tuple[str, Part], ...]
+    rules: tuple[tuple[Outcome, tuple[CompiledRule, ...]], ...]
+    reader: AnswerReader
+    failure_statuses: frozenset[int]
+    not_found_grace_s: float
+    names_used: frozenset[str] = frozenset()
+
+    def render_url(self, fields: PaymentFields) -> str:
+        return str(self.url.render(fields))
+
+    def render_headers(self, fields: PaymentFields) -> dict[str, str]:
+        return _render_headers(self.headers, fields)
+
+    def classify(self, status: int, raw: bytes) -> StatusAnswer:
+        """success, declined, pending or not_found; or what a failed query says (failure,
+        busy, rejected). A readable 2xx that no rule describes is pending, never final."""
+        document = _parse(raw)
+        for outcome, rules in self.rules:
+            if any(rule.matches(status, document) for rule in rules):
+                return self.reader.read(outcome, document)
+        if 200 <= status < 300 and document is not _NO_VALUE:
+            return Answer("pending", detail=f"HTTP {status} matched no status rule")
+        return _unmatched(status, document, self.failure_statuses)
+
+
+def _render_headers(headers: tuple[tuple[str, Part], ...], fields: PaymentFields) -> dict[str, str]:
+    # A header whose value renders empty (a {callback_url} with no public URL) is not sent.
+    rendered = ((name, str(part.render(fields))) for name, part in headers)
+    return {name: value for name, value in rendered if value}
 
 
 def _compile_rules(
@@ -501,6 +647,19 @@ def _echo_path(
             )
         )
     return _field_path(dotted)
+
+
+def _reader(
+    answers: ResponseSpec | StatusSpec, path: Path, problems: list[Problem]
+) -> AnswerReader:
+    return AnswerReader(
+        provider_reference=_echo_path(
+            answers.provider_reference, (*path, "provider_reference"), problems
+        ),
+        reason=tuple(_field_path(p) for p in _as_list(answers.reason)),
+        amount=_echo_path(answers.amount, (*path, "amount"), problems),
+        currency=_echo_path(answers.currency, (*path, "currency"), problems),
+    )
 
 
 def compile_mapping(
@@ -530,8 +689,12 @@ def compile_mapping(
     answers = response or CANONICAL_RESPONSE
     response_path = (*path, "response")
     success = _compile_rules(answers.success, (*response_path, "success"), problems)
-    if not success:
-        problems.append(Problem((*response_path, "success"), "needs at least one rule"))
+    pending = _compile_rules(answers.pending, (*response_path, "pending"), problems)
+    if not success and not pending:
+        # A provider whose payments always start pending (MTN) answers success only later.
+        problems.append(
+            Problem((*response_path, "success"), "needs at least one rule (or `pending` ones)")
+        )
     declined = _compile_rules(answers.declined, (*response_path, "declined"), problems)
     already_exists = _compile_rules(
         answers.already_exists, (*response_path, "already_exists"), problems
@@ -543,12 +706,7 @@ def compile_mapping(
         success=success,
         declined=declined,
         already_exists=already_exists,
-        provider_reference=_field_path(answers.provider_reference)
-        if answers.provider_reference
-        else None,
-        reason=tuple(_field_path(p) for p in _as_list(answers.reason)),
-        amount=_echo_path(answers.amount, (*response_path, "amount"), problems),
-        currency=_echo_path(answers.currency, (*response_path, "currency"), problems),
+        reader=_reader(answers, response_path, problems),
         failure_statuses=frozenset(failure_statuses),
         # The canonical protocol sends `payer: null` when absent; a custom template that
         # names {payer} means the provider needs one.
@@ -556,11 +714,62 @@ def compile_mapping(
         and "payer" in compiler.names_used
         and not has_default_payer,
         header_inputs=_header_inputs(headers),
+        pending=pending,
+        names_used=frozenset(compiler.names_used),
     )
     return mapping, problems
 
 
-def _static_header_problems(spec: RequestSpec, path: Path) -> list[Problem]:
+def compile_status(
+    status: StatusSpec | None, canonical_url: str | None, path: Path
+) -> tuple[StatusMapping | None, list[Problem]]:
+    """Compile a provider's status query: its `status:`, else the canonical protocol's
+    `GET {url}/{reference}` when `canonical_url` is given, else None (no status endpoint)."""
+    if status is None:
+        if canonical_url is None:
+            return None, []
+        status = StatusSpec(
+            url=canonical_url.rstrip("/") + "/{reference}", **CANONICAL_STATUS_RULES
+        )
+    compiler = TemplateCompiler(STATUS_PLACEHOLDERS)
+    status_path = (*path, "status")
+    url = compiler.compile(status.url, (*status_path, "url"))
+    headers = tuple(
+        (name, compiler.compile(value, (*status_path, "headers", name)))
+        for name, value in status.headers.items()
+    )
+    problems = [*compiler.problems, *_static_header_problems(status, (*status_path, "headers"))]
+    names_payment = compiler.names_used & {"reference", "provider_reference"}
+    if not names_payment and not compiler.problems:
+        problems.append(
+            Problem(
+                (*status_path, "url"),
+                "names neither {reference} nor {provider_reference}: it could not say which "
+                "payment",
+            )
+        )
+    rules: list[tuple[Outcome, tuple[CompiledRule, ...]]] = []
+    outcomes: tuple[Outcome, ...] = ("success", "declined", "pending", "not_found")
+    for outcome in outcomes:
+        spec_rules = getattr(status, outcome)
+        rules.append((outcome, _compile_rules(spec_rules, (*status_path, outcome), problems)))
+    if not status.success:
+        problems.append(Problem((*status_path, "success"), "needs at least one rule"))
+    mapping = StatusMapping(
+        method=status.method,
+        url=url,
+        headers=headers,
+        rules=tuple(rules),
+        reader=_reader(status, status_path, problems),
+        # A status query never votes in the breaker: a 408 or 429 only says "slow down".
+        failure_statuses=frozenset(),
+        not_found_grace_s=status.not_found_grace_s,
+        names_used=frozenset(compiler.names_used),
+    )
+    return mapping, problems
+
+
+def _static_header_problems(spec: RequestSpec | StatusSpec, path: Path) -> list[Problem]:
     """Header names payagg cannot send, and CR, LF or NUL in a value as written (after ${VAR})."""
     problems = []
     for name, value in spec.headers.items():

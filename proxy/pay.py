@@ -14,6 +14,7 @@ from proxy.errors import (
     NotFound,
     OutcomeUnknown,
     Overloaded,
+    PaymentAlreadyExists,
     PayloadTooLarge,
     PaymentError,
     ProviderFailed,
@@ -128,6 +129,7 @@ class PaymentService:
                 provider_reference=pref,
                 due_ms=max(until_ms, now_ms()),
                 leased=True,
+                provider_has_it=unknown is None or isinstance(unknown, PaymentAlreadyExists),
             )
         )
         record = await self._wait(provider, claim, until_ms)

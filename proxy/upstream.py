@@ -16,11 +16,15 @@ import select
 import ssl
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from dataclasses import replace
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from enum import Enum
+from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -37,15 +41,25 @@ from proxy.errors import (
     OutcomeUnknown,
     Overloaded,
     PaymentAlreadyExists,
+    PaymentError,
     ProviderBusy,
     ProviderFailed,
     ProviderMismatch,
     ProviderNotReached,
     ProviderRejected,
+    ProviderUnavailable,
 )
-from proxy.mapping import Answer, PaymentFields
+from proxy.mapping import Answer, PaymentFields, StatusAnswer
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
+from proxy.providers.access_tokens import (
+    AccessTokens,
+    AuthSpec,
+    IssuedToken,
+    TokenRefused,
+    TokenRequest,
+    read_token,
+)
 
 log = logging.getLogger("payagg.upstream")
 # A provider's answer is a small JSON document; anything larger is not one we can use.
@@ -57,6 +71,9 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 # What an egress proxy answers when it could not get an answer from the provider; it may have
 # forwarded the request first.
 _PROXY_GAVE_UP = frozenset({502, 504})
+
+
+Exchange = tuple[int, CIMultiDictProxy[str], bytes]
 
 
 class Phase(Enum):
@@ -136,7 +153,8 @@ class _PhaseConnector(aiohttp.TCPConnector):
 
 
 class ProviderClient:
-    """A configured provider as the request path sees it: `pay()` or a PaymentError."""
+    """A configured provider as the request path sees it: `pay()`, `query_status()`, the
+    callback check; each call ends in an answer or a PaymentError."""
 
     def __init__(
         self, provider: Provider, metrics: GatewayMetrics, breaker: ProviderBreaker
@@ -146,6 +164,13 @@ class ProviderClient:
         self.breaker = breaker
         settings = provider.settings
         self._mapping = provider.mapping
+        self._status = provider.status
+        self.has_status = provider.status is not None
+        self.not_found_grace_s = provider.status.not_found_grace_s if provider.status else 0.0
+        self.sync_wait_s = settings.sync_wait_s
+        self.timeout_s = settings.timeout_s
+        self._callbacks = provider.callbacks
+        self._callback = settings.callback
         self._url = URL(provider.url)
         self._timeout_s = settings.timeout_s
         self._pool_wait_s = min(settings.pool_wait_s, settings.timeout_s)
@@ -154,40 +179,24 @@ class ProviderClient:
         self._duration = metrics.upstream_duration.labels(provider.name)
         self._mismatches = metrics.provider_mismatches.labels(provider.name)
         # Built once: an unusable file was already a config error.
-        self._tls: ssl.SSLContext | bool = (
-            settings.tls.context() if settings.tls is not None else _default_tls(self._url)
+        self._tls: ssl.SSLContext | None = (
+            settings.tls.context() if settings.tls is not None else None
         )
-        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and the proxy's .netrc credentials), read once at
-        # start-up rather than on every call as aiohttp's trust_env does (a thread hop each time).
-        self._proxy: URL | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
-        with contextlib.suppress(LookupError):
-            self._proxy, self._proxy_auth = get_env_proxy_for_url(self._url)
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and the proxy's .netrc credentials), read once per
+        # host rather than on every call as aiohttp's trust_env does (a thread hop each time).
+        self._proxies: dict[str, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        self._proxy, _ = self._proxy_for(self._url)
         self._client_timeout = aiohttp.ClientTimeout(
             total=None, connect=min(settings.connect_timeout_s, settings.timeout_s)
         )
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The lifecycle's view of the provider; the provider protocols (#14) fill these in.
-        self.has_status = False
-        self.not_found_grace_s = 0.0
-        self.sync_wait_s = settings.sync_wait_s
-        self.timeout_s = settings.timeout_s
-
-    def callback_url(self, reference: str) -> str | None:
-        """payagg's callback URL for this payment; None: this provider sends no callbacks."""
-        return None
-
-    async def query_status(self, reference: str) -> Answer:
-        """The payment's state at the provider; this provider has no status query."""
-        raise LookupError(f"{self.name} has no status query")
-
-    def authenticate_callback(self, method: str, headers: Mapping[str, str], raw: bytes) -> bool:
-        """Whether a callback passes the provider's own check; this provider sends none."""
-        return False
-
-    def callback_state(self, raw: bytes) -> str | None:
-        return None
+        auth = settings.auth
+        self._tokens = (
+            AccessTokens(partial(self._fetch_token, auth, auth.request()), auth.refresh_before_s)
+            if auth is not None
+            else None
+        )
 
     def check(self, payment: Payment) -> None:
         """Reject, before any side effect, a payment this provider's mapping cannot express."""
@@ -199,17 +208,93 @@ class ProviderClient:
             if unsafe:
                 raise InvalidRequest(unsafe)
 
+    def callback_url(self, reference: str) -> str | None:
+        """payagg's callback URL for this payment; None without `server.public_url`."""
+        if self._callbacks is None:
+            return None
+        return self._callbacks.url_for(self.name, reference)
+
     async def pay(
         self, payment: Payment, reference: str, callback_url: str | None = None
     ) -> Answer:
-        """SUCCESS or DECLINED about this payment; raises ProviderUnavailable, ProviderNotReached,
-        ProviderFailed (ProviderRejected, ProviderBusy), OutcomeUnknown, PaymentAlreadyExists,
-        ProviderMismatch or Overloaded."""
-        fields = self._fields(payment, reference)
+        """SUCCESS, DECLINED or PENDING about this payment; raises ProviderUnavailable,
+        ProviderNotReached, ProviderFailed (ProviderRejected, ProviderBusy), OutcomeUnknown,
+        PaymentAlreadyExists, ProviderMismatch or Overloaded."""
+        fields = self._fields(payment, reference, callback_url)
+        body = self._mapping.render_body(fields)
         with self.breaker.call() as verdict:
-            return await self._exchange(fields, verdict)
+            status, headers, raw = await self._authorised(
+                lambda token: self._request(
+                    self._mapping.method,
+                    self._url,
+                    self.render_headers(replace(fields, token=token)),
+                    body,
+                )
+            )
+            return self._believe(
+                self._mapping.classify(status, raw), fields, status, headers, verdict
+            )
 
-    def _fields(self, payment: Payment, reference: str) -> PaymentFields:
+    async def query_status(
+        self, reference: str, provider_reference: str | None = None
+    ) -> StatusAnswer:
+        """The payment's state at the provider: success, declined, pending or not_found.
+
+        Raises ProviderUnavailable (breaker open), or for a failed query ProviderNotReached,
+        OutcomeUnknown, ProviderFailed, ProviderBusy or Overloaded: ask again later. A query
+        never changes money.
+        """
+        spec = self._status
+        if spec is None:
+            raise LookupError(f"{self.name} has no status query")
+        fields = PaymentFields(
+            transaction_id="",
+            amount=Decimal(0),
+            currency="",
+            payer=None,
+            reference=quote(reference, safe=""),
+            idempotency_key="",
+            provider=self.name,
+            provider_reference=quote(provider_reference or "", safe=""),
+        )
+        # The breaker counts payments, one vote each: a status query obeys it but never votes,
+        # so polling neither dilutes a failing provider's window nor takes a half-open trial.
+        if self.breaker.rejects_now():
+            raise ProviderUnavailable(self.name, self.breaker.retry_after_s())
+        status, headers, raw = await self._authorised(
+            lambda token: self._request(
+                spec.method,
+                URL(spec.render_url(replace(fields, token=token)), encoded=True),
+                {"Accept": "application/json", **spec.render_headers(replace(fields, token=token))},
+                b"",
+            )
+        )
+        answer = spec.classify(status, raw)
+        self._refuse(answer, status, headers, None)
+        if answer.detail:
+            log.warning(
+                "%s status answer for %s %s: left pending",
+                self.name,
+                reference,
+                answer.detail,
+                extra={"fields": {"provider": self.name, "provider_reference": reference}},
+            )
+        return answer
+
+    def authenticate_callback(self, method: str, headers: Mapping[str, str], raw: bytes) -> bool:
+        """Whether a callback passes the provider's own check (YAML `callback:`); the URL's
+        token is checked by whoever routes it. No `callback:`: this provider sends none."""
+        if self._callback is None or method.upper() not in ("PUT", "POST"):
+            return False
+        return self._callback.authenticate(headers, raw)
+
+    def callback_state(self, raw: bytes) -> str | None:
+        """The state a callback reports (for logs: the status query is the state of record)."""
+        return self._callback.state_of(raw) if self._callback is not None else None
+
+    def _fields(
+        self, payment: Payment, reference: str, callback_url: str | None = None
+    ) -> PaymentFields:
         return PaymentFields(
             transaction_id=payment.transaction_id,
             amount=payment.amount,
@@ -219,6 +304,7 @@ class ProviderClient:
             # The payment's identity, stable across retries whatever header they carry.
             idempotency_key=payment.transaction_id,
             provider=self.name,
+            callback_url=callback_url or "",
         )
 
     def render_headers(self, fields: PaymentFields) -> dict[str, str]:
@@ -228,9 +314,42 @@ class ProviderClient:
             **self._mapping.render_headers(fields),
         }
 
-    async def _exchange(self, fields: PaymentFields, verdict: CallVerdict) -> Answer:
-        body = self._mapping.render_body(fields)
-        headers = self.render_headers(fields)
+    async def _authorised(self, send: Callable[[str], Awaitable[Exchange]]) -> Exchange:
+        """`send(token)`, with the provider's access token ("" without `auth:`); on a 401 the
+        token is refreshed once and the request sent once more."""
+        if self._tokens is None:
+            return await send("")
+        token = await self._tokens.current()
+        exchange = await send(token)
+        if exchange[0] != 401:
+            return exchange
+        # A 401 means the provider refused the request itself, before creating anything: the
+        # same request with a fresh token cannot be a second payment.
+        exchange = await send(await self._tokens.after_refusal(token))
+        if exchange[0] == 401:
+            raise ProviderFailed(self.name, f"{self.name} refused a fresh access token (HTTP 401)")
+        return exchange
+
+    async def _fetch_token(self, auth: AuthSpec, request: TokenRequest) -> IssuedToken:
+        """A new access token; any failure is ProviderNotReached (no payment left payagg),
+        or Overloaded when payagg itself ran short."""
+        try:
+            status, _, raw = await self._request(
+                request.method, URL(request.url), request.headers, request.body
+            )
+            return read_token(auth, status, raw)
+        except Overloaded:
+            raise
+        except TokenRefused as refused:
+            problem = str(refused)
+        except PaymentError as error:
+            problem = error.message
+        raise ProviderNotReached(self.name, f"no access token from {self.name}: {problem}")
+
+    async def _request(
+        self, method: str, url: URL, headers: dict[str, str], body: bytes
+    ) -> Exchange:
+        """One HTTP exchange with the provider; where a failure stopped decides its error."""
         call = _Call()
         token = _CURRENT_CALL.set(call)
         started = time.perf_counter()
@@ -238,7 +357,7 @@ class ProviderClient:
             with CancelAfter(self._bound_loop(), self._timeout_s):
                 await self._take_slot(call)
                 try:
-                    status, answer_headers, raw = await self._send(headers, body)
+                    return await self._send(method, url, headers, body)
                 finally:
                     self._slots.release()
         except TimeoutError:
@@ -248,9 +367,6 @@ class ProviderClient:
         finally:
             _CURRENT_CALL.reset(token)
             self._duration.observe(time.perf_counter() - started)
-        return self._believe(
-            self._mapping.classify(status, raw), fields, status, answer_headers, verdict
-        )
 
     def _believe(
         self,
@@ -260,9 +376,25 @@ class ProviderClient:
         headers: CIMultiDictProxy[str],
         verdict: CallVerdict,
     ) -> Answer:
-        """SUCCESS or DECLINED about this very payment; every other answer raises here."""
+        """SUCCESS, DECLINED or PENDING about this very payment; every other answer raises."""
+        self._refuse(answer, status, headers, verdict)
+        if answer.contradicts(fields.amount, fields.currency):
+            self.report_mismatch(answer, fields.transaction_id, fields.reference, fields)
+            raise ProviderMismatch()
+        if answer.outcome == "already_exists":
+            raise PaymentAlreadyExists(self.name)
+        return answer
+
+    def _refuse(
+        self,
+        answer: Answer,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        verdict: CallVerdict | None,
+    ) -> None:
+        """Raises for an answer that is not about a payment: a failure, busy or a refusal."""
         if answer.outcome == "failure":
-            if status in _RETRY_AFTER_STATUSES:
+            if verdict is not None and status in _RETRY_AFTER_STATUSES:
                 verdict.retry_after_s = retry_after_s(headers.get("Retry-After"))
             if self._proxy is not None and status in _PROXY_GAVE_UP:
                 raise OutcomeUnknown(
@@ -275,12 +407,6 @@ class ProviderClient:
             raise ProviderBusy(self.name, answer.detail)
         if answer.outcome == "rejected":
             raise ProviderRejected(self.name, answer.detail)
-        if answer.contradicts(fields.amount, fields.currency):
-            self._report_mismatch(answer, fields)
-            raise ProviderMismatch()
-        if answer.outcome == "already_exists":
-            raise PaymentAlreadyExists(self.name)
-        return answer
 
     async def _take_slot(self, call: _Call) -> None:
         if self._slots.locked():
@@ -296,19 +422,18 @@ class ProviderClient:
             await self._slots.acquire()  # returns at once: a slot is free
         call.phase = Phase.CONNECT
 
-    async def _send(
-        self, headers: dict[str, str], body: bytes
-    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+    async def _send(self, method: str, url: URL, headers: dict[str, str], body: bytes) -> Exchange:
+        proxy, proxy_auth = self._proxy_for(url)
         response = await self._client().request(
-            self._mapping.method,
-            self._url,
-            data=body,
+            method,
+            url,
+            data=body or None,
             headers=headers,
             # A redirected payment would be sent again (307/308) or turned into a GET.
             allow_redirects=False,
-            ssl=self._tls,
-            proxy=self._proxy,
-            proxy_auth=self._proxy_auth,
+            ssl=self._tls_for(url),
+            proxy=proxy,
+            proxy_auth=proxy_auth,
         )
         try:
             return response.status, response.headers, await _read_answer(response)
@@ -351,13 +476,34 @@ class ProviderClient:
             )
         return self._session
 
-    def _report_mismatch(self, verdict: Answer, fields: PaymentFields) -> None:
+    def _tls_for(self, url: URL) -> ssl.SSLContext | bool:
+        if url.scheme != "https":
+            return False
+        if self._tls is None:
+            # Built on first use rather than aiohttp's module-level one, so SSL_CERT_FILE set
+            # before start-up (tests, containers) is honoured.
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+    def _proxy_for(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+        host = f"{url.scheme}://{url.host}"
+        if host not in self._proxies:
+            found: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)
+            with contextlib.suppress(LookupError):
+                found = get_env_proxy_for_url(url)
+            self._proxies[host] = found
+        return self._proxies[host]
+
+    def report_mismatch(
+        self, verdict: Answer, transaction_id: str, reference: str, fields: PaymentFields | Payment
+    ) -> None:
+        """An answer about another payment than the request's: counted and logged, no payer data."""
         self._mismatches.inc()
         log.warning(
             "%s answered about another payment under reference %s: %s %s, the request %s %s;"
             " answered 422, nothing stored",
             self.name,
-            fields.reference,
+            reference,
             verdict.amount,
             verdict.currency,
             fields.amount,
@@ -365,8 +511,8 @@ class ProviderClient:
             extra={
                 "fields": {
                     "provider": self.name,
-                    "transaction_id": fields.transaction_id,
-                    "provider_reference": fields.reference,
+                    "transaction_id": transaction_id,
+                    "provider_reference": reference,
                     "answer_amount": verdict.amount,
                     "answer_currency": verdict.currency,
                     "request_amount": str(fields.amount),
@@ -414,12 +560,6 @@ def retry_after_s(value: str | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, when.timestamp() - time.time())
-
-
-def _default_tls(url: URL) -> ssl.SSLContext | bool:
-    # Built here rather than aiohttp's module-level one, so SSL_CERT_FILE set before start-up
-    # (tests, containers) is honoured.
-    return ssl.create_default_context() if url.scheme == "https" else False
 
 
 def _out_of_resources(error: BaseException | None) -> bool:

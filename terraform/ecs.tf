@@ -72,6 +72,12 @@ locals {
       { name = "MOCK_HANG_RATE", value = tostring(var.mock_hang_rate) },
       { name = "MOCK_LATENCY_MS", value = join(",", var.mock_latency_ms) },
       { name = "MOCK_SEED", value = var.mock_seed == null ? "" : tostring(var.mock_seed) },
+      { name = "MOCK_APPROVAL_MS", value = join(",", var.mock_approval_ms) },
+      { name = "MOCK_ABANDON_RATE", value = tostring(var.mock_abandon_rate) },
+      { name = "MOCK_APPROVAL_TIMEOUT_S", value = var.mock_approval_timeout_s == null ? "" : tostring(var.mock_approval_timeout_s) },
+      { name = "MOCK_STATUS_FAILURE_RATE", value = tostring(var.mock_status_failure_rate) },
+      { name = "MOCK_SYNC_DECLINES", value = tostring(var.mock_sync_declines) },
+      { name = "MOCK_TOKEN_TTL_S", value = var.mock_token_ttl_s == null ? "" : tostring(var.mock_token_ttl_s) },
     ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9101/healthz', timeout=2)"]
@@ -106,6 +112,12 @@ locals {
       { name = "MOCK_HANG_RATE", value = tostring(var.mock_hang_rate) },
       { name = "MOCK_LATENCY_MS", value = join(",", var.mock_latency_ms) },
       { name = "MOCK_SEED", value = var.mock_seed == null ? "" : tostring(var.mock_seed) },
+      { name = "MOCK_APPROVAL_MS", value = join(",", var.mock_approval_ms) },
+      { name = "MOCK_ABANDON_RATE", value = tostring(var.mock_abandon_rate) },
+      { name = "MOCK_APPROVAL_TIMEOUT_S", value = var.mock_approval_timeout_s == null ? "" : tostring(var.mock_approval_timeout_s) },
+      { name = "MOCK_STATUS_FAILURE_RATE", value = tostring(var.mock_status_failure_rate) },
+      { name = "MOCK_SYNC_DECLINES", value = tostring(var.mock_sync_declines) },
+      { name = "MOCK_TOKEN_TTL_S", value = var.mock_token_ttl_s == null ? "" : tostring(var.mock_token_ttl_s) },
     ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9102/healthz', timeout=2)"]

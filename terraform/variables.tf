@@ -478,3 +478,64 @@ variable "mock_seed" {
   type        = number
   default     = null
 }
+
+variable "mock_approval_ms" {
+  description = "MOCK_APPROVAL_MS of both mocks: [low, high] ms before the simulated payer approves ([0, 0]: at once)."
+  type        = list(number)
+  default     = [0, 0]
+
+  validation {
+    condition     = length(var.mock_approval_ms) == 2 && var.mock_approval_ms[0] >= 0 && var.mock_approval_ms[0] <= var.mock_approval_ms[1]
+    error_message = "mock_approval_ms must be [low, high] with 0 <= low <= high."
+  }
+}
+
+variable "mock_abandon_rate" {
+  description = "MOCK_ABANDON_RATE of both mocks: share of payers who never approve (the payment expires)."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.mock_abandon_rate >= 0 && var.mock_abandon_rate <= 1
+    error_message = "mock_abandon_rate must be between 0 and 1."
+  }
+}
+
+variable "mock_approval_timeout_s" {
+  description = "MOCK_APPROVAL_TIMEOUT_S of both mocks: seconds before an unapproved payment expires; null keeps each provider's own."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.mock_approval_timeout_s == null || try(var.mock_approval_timeout_s > 0, false)
+    error_message = "mock_approval_timeout_s must be null or > 0."
+  }
+}
+
+variable "mock_status_failure_rate" {
+  description = "MOCK_STATUS_FAILURE_RATE of both mocks: share of status queries answered 500."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.mock_status_failure_rate >= 0 && var.mock_status_failure_rate <= 1
+    error_message = "mock_status_failure_rate must be between 0 and 1."
+  }
+}
+
+variable "mock_sync_declines" {
+  description = "MOCK_SYNC_DECLINES of both mocks: answer declines on the payment request itself (MTN: a 500 naming the reason)."
+  type        = bool
+  default     = false
+}
+
+variable "mock_token_ttl_s" {
+  description = "MOCK_TOKEN_TTL_S of both mocks: access token lifetime in seconds; null keeps each provider's real one."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.mock_token_ttl_s == null || try(var.mock_token_ttl_s > 0, false)
+    error_message = "mock_token_ttl_s must be null or > 0."
+  }
+}

@@ -1,5 +1,8 @@
 """A provider speaking payagg's canonical protocol, for tests: seeded failures, hangs, counters.
 
+`POST /pay` takes a payment; `GET /pay/{reference}` answers its state (404 when unknown). With
+`pending_polls` N, a payment is answered PENDING and its status stays PENDING for N queries.
+
 Run as a process (`python -m tests.canonical_upstream --port P --failure-rate 0.8 --seed 1`) or
 in-process via `build_upstream()`. `GET /__stats` reports what it saw; `PUT /__control` changes
 its behaviour while it runs.
@@ -21,11 +24,14 @@ class UpstreamState:
     decline: bool = False
     already_exists: bool = False  # answer 409, as a provider that already holds the reference
     delay_s: float = 0.0
+    pending_polls: int = 0  # > 0: payments start PENDING, final after this many status queries
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     requests: int = 0
     references: list[str] = field(default_factory=list)
     answered: dict[str, bytes] = field(default_factory=dict)
     bodies: list[dict[str, object]] = field(default_factory=list)
+    status_queries: int = 0
+    polls_left: dict[str, int] = field(default_factory=dict)
 
 
 STATE = web.AppKey("state", UpstreamState)
@@ -52,12 +58,33 @@ async def _pay(request: web.Request) -> web.Response:
         answer = web.json_response({"status": "SUCCESS", "provider_reference": f"up-{reference}"})
     assert isinstance(answer.body, bytes)
     state.answered[reference] = answer.body
+    if state.pending_polls:
+        state.polls_left[reference] = state.pending_polls
+        return web.json_response({"status": "PENDING"})
     return answer
+
+
+async def _status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.status_queries += 1
+    reference = request.match_info["reference"]
+    if reference not in state.answered:
+        return web.json_response({"error": "unknown reference"}, status=404)
+    if state.polls_left.get(reference, 0) > 0:
+        state.polls_left[reference] -= 1
+        return web.json_response({"status": "PENDING"})
+    return web.Response(body=state.answered[reference], content_type="application/json")
 
 
 async def _stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"requests": state.requests, "references": state.references})
+    return web.json_response(
+        {
+            "requests": state.requests,
+            "references": state.references,
+            "status_queries": state.status_queries,
+        }
+    )
 
 
 async def _control(request: web.Request) -> web.Response:
@@ -66,6 +93,7 @@ async def _control(request: web.Request) -> web.Response:
     state.failure_rate = float(changes.get("failure_rate", state.failure_rate))
     state.decline = bool(changes.get("decline", state.decline))
     state.delay_s = float(changes.get("delay_s", state.delay_s))
+    state.pending_polls = int(changes.get("pending_polls", state.pending_polls))
     return web.json_response({"ok": True})
 
 
@@ -77,6 +105,7 @@ def build_upstream(state: UpstreamState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.router.add_post("/pay", _pay)
+    app.router.add_get("/pay/{reference}", _status)
     app.router.add_get("/__stats", _stats)
     app.router.add_put("/__control", _control)
     app.router.add_get("/healthz", _healthz)

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from mock_providers import cli as mock_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -29,26 +31,15 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 CONFIG_REFERENCE = re.compile(r"\$\{([A-Z0-9_]+)(:-[^}]*)?\}")
 URL = re.compile(r"https?://[^\s'\"]+")
 PROXY_ENV_OUTSIDE_THE_CONFIG = {"PAYAGG_CONFIG", "LOG_LEVEL"}
-MOCK_ENV = {
-    "MOCK_PROVIDER",
-    "MOCK_HOST",
-    "MOCK_PORT",
-    "MOCK_FAILURE_RATE",
-    "MOCK_DECLINE_RATE",
-    "MOCK_LATENCY_MS",
-    "MOCK_HANG_RATE",
-    "MOCK_SEED",
-}
+MOCK_ENV = {option.env for option in mock_cli.OPTIONS}
 SERVICES = ["redis", "proxy", "mtn", "airtel"]
 PAYAGG_SERVICES = ["proxy", "mtn", "airtel"]
 MOCKS = ["mtn", "airtel"]
-OBSERVABILITY = ["prometheus", "grafana"]
 PROVIDER_URL_VARIABLE = {"mtn": "MTN_URL", "airtel": "AIRTEL_URL"}
 PROXY_DRAIN_S = 20
 
 
 # --- reading the Dockerfile ------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Instruction:
@@ -153,7 +144,6 @@ def exposed_ports() -> set[int]:
 
 # --- reading .dockerignore (the patternmatcher rules Docker uses) ------------------------------
 
-
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     regex, i = "", 0
     while i < len(pattern):
@@ -167,7 +157,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
             regex, i = regex + "[^/]", i + 1
         elif pattern[i] == "[" and "]" in pattern[i:]:
             end = pattern.index("]", i)
-            regex, i = regex + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
+            regex, i = regex + "[" + pattern[i + 1:end].replace("!", "^", 1) + "]", end + 1
         else:
             regex, i = regex + re.escape(pattern[i]), i + 1
     return re.compile(regex)
@@ -203,7 +193,6 @@ def copied_sources() -> list[str]:
 
 
 # --- reading compose.yaml and the shipped config ----------------------------------------------
-
 
 @cache
 def compose() -> dict[str, Any]:
@@ -303,16 +292,11 @@ def seconds(duration: str | int) -> float:
 
 # --- the Dockerfile ----------------------------------------------------------------------------
 
-
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
     assert HADOLINT.exists(), f"hadolint is not installed next to {sys.executable} (dev extras)"
     result = subprocess.run(
-        [str(HADOLINT), "--no-color", DOCKERFILE.name],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [str(HADOLINT), "--no-color", DOCKERFILE.name], cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     findings = f"hadolint findings:\n{result.stdout}{result.stderr}"
     assert result.returncode == 0, findings
@@ -334,9 +318,8 @@ def test_a_builder_stage_builds_the_wheels_and_the_final_stage_only_installs_the
 
 
 def test_the_final_stage_is_a_slim_python_image_without_compilers_or_pip_caches() -> None:
-    assert re.fullmatch(
-        r"python:3\.1[12][.\d]*-slim(-bookworm)?(@sha256:[0-9a-f]{64})?", final_stage().base
-    ), final_stage().base
+    assert re.fullmatch(r"python:3\.1[12][.\d]*-slim(-bookworm)?(@sha256:[0-9a-f]{64})?",
+                        final_stage().base), final_stage().base
     for run in final_stage().all("RUN"):
         assert not re.search(r"\b(gcc|g\+\+|build-essential|apt-get install)\b", run), run
         if "pip install" in run:
@@ -379,8 +362,7 @@ def test_the_dockerignore_lets_in_every_file_the_dockerfile_copies(source: str) 
     files = [source]
     if (ROOT / source).is_dir():
         files += [
-            path.relative_to(ROOT).as_posix()
-            for path in (ROOT / source).rglob("*")
+            path.relative_to(ROOT).as_posix() for path in (ROOT / source).rglob("*")
             if path.is_file() and "__pycache__" not in path.parts
         ]
     assert [path for path in files if left_out_of_the_build_context(path)] == []
@@ -389,29 +371,13 @@ def test_the_dockerignore_lets_in_every_file_the_dockerfile_copies(source: str) 
 @pytest.mark.parametrize(
     "path",
     [
-        ".venv/bin/python",
-        ".git/HEAD",
-        ".pytest_cache/v/cache/nodeids",
-        "proxy/__pycache__/app.cpython-311.pyc",
-        ".mypy_cache/3.11/proxy/app.meta.json",
-        "terraform/terraform.tfstate",
-        "terraform/.terraform/providers/aws",
-        "tests/test_end_to_end.py",
-        "payagg.egg-info/PKG-INFO",
-        ".env",
+        ".venv/bin/python", ".git/HEAD", ".pytest_cache/v/cache/nodeids",
+        "proxy/__pycache__/app.cpython-311.pyc", ".mypy_cache/3.11/proxy/app.meta.json",
+        "terraform/terraform.tfstate", "terraform/.terraform/providers/aws",
+        "tests/test_end_to_end.py", "payagg.egg-info/PKG-INFO", ".env",
     ],
-    ids=[
-        "venv",
-        "git",
-        "pytest-cache",
-        "bytecode",
-        "mypy-cache",
-        "terraform-state",
-        "terraform-providers",
-        "tests",
-        "egg-info",
-        "dotenv",
-    ],
+    ids=["venv", "git", "pytest-cache", "bytecode", "mypy-cache", "terraform-state",
+         "terraform-providers", "tests", "egg-info", "dotenv"],
 )
 def test_the_dockerignore_keeps_local_state_out_of_the_build_context(path: str) -> None:
     assert left_out_of_the_build_context(path)
@@ -431,66 +397,12 @@ def test_the_image_healthcheck_asks_healthz_on_the_exposed_port_with_python() ->
 
 # --- compose.yaml ------------------------------------------------------------------------------
 
-
 def test_compose_follows_the_compose_specification_without_a_version_key() -> None:
     assert "version" not in compose()
 
 
 def test_compose_runs_redis_the_proxy_and_both_mocks() -> None:
-    default = [name for name, spec in compose()["services"].items() if "profiles" not in spec]
-    assert sorted(default) == sorted(SERVICES)
-
-
-def test_compose_validates_against_the_compose_specification_schema() -> None:
-    # check-jsonschema vendors the Compose specification's JSON schema (compose-spec.json).
-    checked = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "check-jsonschema"),
-            "--builtin-schema",
-            "vendor.compose-spec",
-            str(COMPOSE_FILE),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-@pytest.mark.parametrize("name", OBSERVABILITY, ids=OBSERVABILITY)
-def test_prometheus_and_grafana_run_only_in_the_observability_profile(name: str) -> None:
-    assert service(name).get("profiles") == ["observability"]
-    assert service(name).get("read_only") is True
-    assert str(service(name).get("user", "0")).split(":")[0] not in {"", "0", "root"}
-    for port in service(name).get("ports", []):
-        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
-
-
-@pytest.mark.parametrize("name", OBSERVABILITY, ids=OBSERVABILITY)
-def test_every_file_the_observability_services_mount_exists(name: str) -> None:
-    for volume in service(name).get("volumes", []):
-        source = str(volume).split(":")[0]
-        if source.startswith("./"):
-            assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
-
-
-def test_prometheus_scrapes_the_proxy_where_it_serves_metrics_and_loads_the_alerts() -> None:
-    scrape = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
-    (job,) = scrape["scrape_configs"]
-    (targets,) = [group["targets"] for group in job["static_configs"]]
-    published = str(service("proxy")["ports"][0]).split(":")[-1]
-    assert targets == [f"proxy:{published}"]
-    mounted = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("prometheus")["volumes"]}
-    assert [mounted[path] for path in scrape["rule_files"]] == ["./ops/prometheus/alerts.yml"]
-
-
-def test_grafana_provisions_the_dashboard_from_the_folder_compose_mounts() -> None:
-    providers = yaml.safe_load(
-        (ROOT / "ops" / "grafana" / "provisioning" / "dashboards" / "payagg.yaml").read_text()
-    )["providers"]
-    mounted = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("grafana")["volumes"]}
-    assert [mounted[provider["options"]["path"]] for provider in providers] == [
-        "./ops/grafana/dashboards"
-    ]
+    assert sorted(compose()["services"]) == sorted(SERVICES)
 
 
 def pulled_images() -> list[str]:
@@ -506,7 +418,7 @@ def test_no_image_is_pulled_by_a_floating_tag(image: str) -> None:
     reference, _, digest = image.partition("@")
     name_and_tag = reference.rpartition("/")[2]
     tag = name_and_tag.partition(":")[2]
-    assert re.match(r"v?\d+\.\d+\.\d+", tag) or digest, (
+    assert re.match(r"\d+\.\d+\.\d+", tag) or digest, (
         f"{image}: pin an exact version (or a digest), never latest or a major-only tag"
     )
 
@@ -640,3 +552,16 @@ def test_the_shipped_config_serves_on_every_interface_at_the_published_port() ->
     server = shipped_config_with_defaults()["server"]
     published = int(service("proxy")["ports"][0].split(":")[-1])
     assert (str(server["host"]), int(server["port"])) == ("0.0.0.0", published), server
+
+
+MOCK_LIFECYCLE_ENV = {
+    "MOCK_APPROVAL_MS", "MOCK_ABANDON_RATE", "MOCK_APPROVAL_TIMEOUT_S", "MOCK_STATUS_FAILURE_RATE",
+    "MOCK_SYNC_DECLINES", "MOCK_TOKEN_TTL_S", "MOCK_CLIENT_ID", "MOCK_CLIENT_SECRET",
+}
+
+
+@pytest.mark.parametrize("name", MOCKS, ids=MOCKS)
+def test_compose_passes_the_payment_lifecycle_and_credential_settings_to_each_mock(
+    name: str,
+) -> None:
+    assert set(environment(name)) >= MOCK_LIFECYCLE_ENV

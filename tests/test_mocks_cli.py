@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -14,28 +15,49 @@ from typing import Any
 
 import pytest
 
+from mock_providers.app import MockOptions
 from mock_providers.cli import SHUTDOWN_TIMEOUT_S, build_parser, read_settings
+from mock_providers.tokens import Credentials
 from tests.processes import VENV_BIN, free_port, mock_provider, running, wait_until
 
 Json = dict[str, Any]
 
 
-def http(
+def http_raw(
     method: str, url: str, body: object = None, headers: dict[str, str] | None = None
-) -> tuple[int, Json]:
+) -> tuple[int, bytes]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
+            return answer.status, answer.read()
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, error.read()
 
 
-def mtn_payment(base_url: str) -> tuple[int, Json]:
+def http(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, Json]:
+    status, raw = http_raw(method, url, body, headers)
+    return status, json.loads(raw)
+
+
+SUBSCRIPTION = {"Ocp-Apim-Subscription-Key": "sub"}
+
+
+def mtn_token(base_url: str, user: str = "user", key: str = "key") -> str:
+    basic = base64.b64encode(f"{user}:{key}".encode()).decode()
+    headers = {**SUBSCRIPTION, "Authorization": f"Basic {basic}"}
+    status, body = http("POST", f"{base_url}/collection/token/", headers=headers)
+    assert status == 200, body
+    return str(body["access_token"])
+
+
+def mtn_payment(base_url: str, reference: str | None = None) -> tuple[int, bytes]:
     headers = {
-        "Authorization": "Bearer t",
-        "X-Reference-Id": str(uuid.uuid4()),
+        **SUBSCRIPTION,
+        "Authorization": f"Bearer {mtn_token(base_url)}",
+        "X-Reference-Id": reference or str(uuid.uuid4()),
         "X-Target-Environment": "sandbox",
         "Content-Type": "application/json",
     }
@@ -45,22 +67,22 @@ def mtn_payment(base_url: str) -> tuple[int, Json]:
         "externalId": "order-1",
         "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
     }
-    return http("POST", f"{base_url}/collection/v1_0/requesttopay", body, headers)
+    return http_raw("POST", f"{base_url}/collection/v1_0/requesttopay", body, headers)
+
+
+def mtn_status(base_url: str, reference: str) -> tuple[int, Json]:
+    headers = {**SUBSCRIPTION, "Authorization": f"Bearer {mtn_token(base_url)}"}
+    return http("GET", f"{base_url}/collection/v1_0/requesttopay/{reference}", headers=headers)
 
 
 def test_the_parser_offers_exactly_the_contract_options() -> None:
     flags = {flag for action in build_parser()._actions for flag in action.option_strings}
     assert flags == {
-        "-h",
-        "--help",
-        "--provider",
-        "--host",
-        "--port",
-        "--failure-rate",
-        "--decline-rate",
-        "--latency-ms",
-        "--hang-rate",
-        "--seed",
+        "-h", "--help", "--provider", "--host", "--port", "--failure-rate", "--decline-rate",
+        "--latency-ms", "--hang-rate", "--seed", "--approval-ms", "--abandon-rate",
+        "--approval-timeout-s", "--sync-declines", "--status-failure-rate", "--token-ttl-s",
+        "--client-id", "--client-secret", "--subscription-key", "--callback-url",
+        "--callback-secret",
     }
 
 
@@ -70,39 +92,45 @@ def test_defaults_depend_on_the_provider() -> None:
     assert (mtn.api.name, mtn.host, mtn.port) == ("mtn", "127.0.0.1", 9101)
     assert (airtel.api.name, airtel.port) == ("airtel", 9102)
     assert mtn.faults.as_json() == {
-        "failure_rate": 0.0,
-        "decline_rate": 0.0,
-        "latency_ms": [0.0, 0.0],
-        "hang_rate": 0.0,
+        "failure_rate": 0.0, "decline_rate": 0.0, "latency_ms": [0.0, 0.0], "hang_rate": 0.0,
+        "approval_ms": [0.0, 0.0], "abandon_rate": 0.0, "status_failure_rate": 0.0,
     }
+    # Approval is instant by default, so the local stack answers as the original service did.
+    assert mtn.options == MockOptions()
 
 
 def test_every_option_can_come_from_its_environment_variable() -> None:
-    settings = read_settings(
-        [],
-        {
-            "MOCK_PROVIDER": "airtel",
-            "MOCK_HOST": "0.0.0.0",
-            "MOCK_PORT": "9200",
-            "MOCK_FAILURE_RATE": "0.1",
-            "MOCK_DECLINE_RATE": "0.2",
-            "MOCK_LATENCY_MS": "5,10",
-            "MOCK_HANG_RATE": "0.3",
-            "MOCK_SEED": "42",
-        },
-    )
+    settings = read_settings([], {
+        "MOCK_PROVIDER": "airtel", "MOCK_HOST": "0.0.0.0", "MOCK_PORT": "9200",
+        "MOCK_FAILURE_RATE": "0.1", "MOCK_DECLINE_RATE": "0.2", "MOCK_LATENCY_MS": "5,10",
+        "MOCK_HANG_RATE": "0.3", "MOCK_SEED": "42", "MOCK_APPROVAL_MS": "100,200",
+        "MOCK_ABANDON_RATE": "0.05", "MOCK_APPROVAL_TIMEOUT_S": "90", "MOCK_SYNC_DECLINES": "true",
+        "MOCK_STATUS_FAILURE_RATE": "0.01", "MOCK_TOKEN_TTL_S": "30", "MOCK_CLIENT_ID": "id",
+        "MOCK_CLIENT_SECRET": "secret", "MOCK_CALLBACK_URL": "http://127.0.0.1:8080/cb",
+        "MOCK_CALLBACK_SECRET": "hmac-key",
+    })
     assert (settings.api.name, settings.host, settings.port, settings.seed) == (
-        "airtel",
-        "0.0.0.0",
-        9200,
-        42,
+        "airtel", "0.0.0.0", 9200, 42,
     )
     assert settings.faults.as_json() == {
-        "failure_rate": 0.1,
-        "decline_rate": 0.2,
-        "latency_ms": [5.0, 10.0],
-        "hang_rate": 0.3,
+        "failure_rate": 0.1, "decline_rate": 0.2, "latency_ms": [5.0, 10.0], "hang_rate": 0.3,
+        "approval_ms": [100.0, 200.0], "abandon_rate": 0.05, "status_failure_rate": 0.01,
     }
+    assert settings.options == MockOptions(
+        credentials=Credentials("id", "secret"),
+        token_ttl_s=30,
+        approval_timeout_s=90,
+        sync_declines=True,
+        callback_url="http://127.0.0.1:8080/cb",
+        callback_secret="hmac-key",
+    )
+
+
+def test_the_subscription_key_comes_from_its_flag_for_mtn() -> None:
+    argv = ["--provider", "mtn", "--subscription-key", "k", "--sync-declines"]
+    settings = read_settings(argv, {})
+    assert settings.options.credentials == Credentials(None, None, "k")
+    assert settings.options.sync_declines is True
 
 
 def test_a_flag_wins_over_its_environment_variable() -> None:
@@ -128,22 +156,22 @@ BAD_VALUES = [
     (["--provider", "mtn"], {"MOCK_LATENCY_MS": "fast"}, "MOCK_LATENCY_MS"),
     ([], {"MOCK_PROVIDER": "mpesa"}, "MOCK_PROVIDER"),
     (["--provider", "mtn", "--colour", "red"], {}, "--colour"),
+    (["--provider", "mtn", "--approval-ms", "9,1"], {}, "--approval-ms"),
+    (["--provider", "mtn", "--abandon-rate", "2"], {}, "--abandon-rate"),
+    (["--provider", "mtn", "--token-ttl-s", "0"], {}, "--token-ttl-s"),
+    (["--provider", "mtn", "--approval-timeout-s", "soon"], {}, "--approval-timeout-s"),
+    (["--provider", "mtn", "--callback-url", "ftp://x"], {}, "--callback-url"),
+    (["--provider", "airtel", "--subscription-key", "k"], {}, "--subscription-key"),
+    (["--provider", "mtn"], {"MOCK_SYNC_DECLINES": "maybe"}, "MOCK_SYNC_DECLINES"),
+    (["--provider", "mtn", "--client-id", " "], {}, "--client-id"),
 ]
 BAD_VALUE_IDS = [
-    "unknown-provider",
-    "no-provider",
-    "port-zero",
-    "port-not-a-number",
-    "rate-above-one",
-    "rate-not-a-number",
-    "rate-negative",
-    "latency-one-bound",
-    "latency-lo-above-hi",
-    "seed-not-an-integer",
-    "rates-sum-above-one",
-    "bad-env-latency",
-    "bad-env-provider",
-    "unknown-flag",
+    "unknown-provider", "no-provider", "port-zero", "port-not-a-number", "rate-above-one",
+    "rate-not-a-number", "rate-negative", "latency-one-bound", "latency-lo-above-hi",
+    "seed-not-an-integer", "rates-sum-above-one", "bad-env-latency", "bad-env-provider",
+    "unknown-flag", "approval-lo-above-hi", "abandon-above-one", "token-ttl-zero",
+    "approval-timeout-not-a-number", "callback-url-not-http", "subscription-key-for-airtel",
+    "bad-env-switch", "client-id-blank",
 ]
 
 
@@ -163,10 +191,7 @@ def test_a_bad_value_is_a_one_line_error_naming_the_option_and_exit_2(
 def test_a_bad_value_in_the_real_command_is_one_line_without_a_traceback() -> None:
     result = subprocess.run(
         [str(VENV_BIN / "payagg-mock"), "--provider", "mtn", "--latency-ms", "5-10"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
@@ -181,11 +206,7 @@ def test_a_busy_port_is_a_one_line_error_naming_the_port_and_exit_1() -> None:
         squatter.listen()
         port = squatter.getsockname()[1]
         result = subprocess.run(
-            mock_provider("mtn", port),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+            mock_provider("mtn", port), capture_output=True, text=True, timeout=30, check=False,
         )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
@@ -196,15 +217,20 @@ def test_a_busy_port_is_a_one_line_error_naming_the_port_and_exit_1() -> None:
 def test_the_real_mock_serves_payments_and_exits_0_on_sigterm() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with running(mock_provider("mtn", port, "--seed", "7"), f"{base}/healthz") as service:
-        status, body = mtn_payment(base)
-        assert (status, body["status"]) == (202, "SUCCESSFUL")
+    argv = mock_provider("mtn", port, "--seed", "7", "--approval-ms", "5,20")
+    with running(argv, f"{base}/healthz") as service:
+        reference = str(uuid.uuid4())
+        assert mtn_payment(base, reference) == (202, b"")
+        wait_until(
+            lambda: mtn_status(base, reference)[1]["status"] == "SUCCESSFUL",
+            what="the payer's approval",
+        )
         assert http("GET", f"{base}/__mock/stats")[1]["charges"] == 1
         assert service.stop() == 0
     lines = [json.loads(line) for line in service.log_path.read_text().splitlines()]
     assert lines[0]["event"] == "listening"
     assert lines[0]["seed"] == 7
-    payments = [line for line in lines if line.get("method") == "POST"]
+    payments = [line for line in lines if line.get("path") == "/collection/v1_0/requesttopay"]
     assert len(payments) == 1
     assert {"provider": "mtn", "outcome": "success", "status": 202}.items() <= payments[0].items()
 
@@ -215,7 +241,7 @@ def test_the_real_mock_reads_its_settings_from_the_environment_and_exits_0_on_si
     env = {"MOCK_PROVIDER": "mtn", "MOCK_PORT": str(port), "MOCK_FAILURE_RATE": "1"}
     with running([str(VENV_BIN / "payagg-mock")], f"{base}/healthz", env=env) as service:
         status, body = mtn_payment(base)
-        assert (status, body["code"]) == (500, "INTERNAL_PROCESSING_ERROR")
+        assert (status, json.loads(body)["code"]) == (500, "INTERNAL_PROCESSING_ERROR")
         assert http("PUT", f"{base}/__mock/config", {})[1]["failure_rate"] == 1.0
         service.signal(signal.SIGINT)
         assert service.process.wait(timeout=10) == 0
@@ -224,21 +250,18 @@ def test_the_real_mock_reads_its_settings_from_the_environment_and_exits_0_on_si
 def test_a_hung_request_does_not_delay_the_real_mocks_exit_0_on_sigterm() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    body = json.dumps(
-        {
-            "amount": "1",
-            "currency": "EUR",
-            "externalId": "x",
-            "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
-        }
-    )
+    body = json.dumps({
+        "amount": "1", "currency": "EUR", "externalId": "x",
+        "payer": {"partyIdType": "MSISDN", "partyId": "46733123450"},
+    })
     with (
         running(mock_provider("mtn", port, "--hang-rate", "1"), f"{base}/healthz") as service,
         socket.create_connection(("127.0.0.1", port)) as client,
     ):
         client.sendall(
             f"POST /collection/v1_0/requesttopay HTTP/1.1\r\nHost: mock\r\n"
-            f"Authorization: Bearer t\r\nX-Reference-Id: {uuid.uuid4()}\r\n"
+            f"Authorization: Bearer {mtn_token(base)}\r\nX-Reference-Id: {uuid.uuid4()}\r\n"
+            f"Ocp-Apim-Subscription-Key: sub\r\n"
             f"X-Target-Environment: sandbox\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
         )
@@ -249,3 +272,20 @@ def test_a_hung_request_does_not_delay_the_real_mocks_exit_0_on_sigterm() -> Non
         started = time.monotonic()
         assert service.stop() == 0
         assert time.monotonic() - started < SHUTDOWN_TIMEOUT_S  # the hang did not hold the exit
+
+
+def test_the_real_mock_accepts_only_the_credentials_it_was_given() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"MOCK_CLIENT_ID": "api-user", "MOCK_CLIENT_SECRET": "api-key"}
+    argv = mock_provider("mtn", port, "--subscription-key", "sub")
+    with running(argv, f"{base}/healthz", env=env):
+        basic = base64.b64encode(b"api-user:wrong").decode()
+        headers = {**SUBSCRIPTION, "Authorization": f"Basic {basic}"}
+        assert http("POST", f"{base}/collection/token/", headers=headers) == (
+            500,
+            {"error": "login_failed"},
+        )
+        assert mtn_token(base, "api-user", "api-key")
+        stats = http("GET", f"{base}/__mock/stats")[1]
+        assert (stats["tokens_issued"], stats["unauthorized"]) == (1, 1)

@@ -87,6 +87,9 @@ class Report:
     due_ms: int | None = None  # for a state not final: when next due
     leased: bool = False
     polls: int | None = None  # status queries so far (the reconciler's backoff)
+    # The provider said it holds the payment (pending, already exists): a later "not found" is
+    # its inconsistency, never proof that it was not created.
+    provider_has_it: bool = False
 
 
 def payment_body(
@@ -229,6 +232,8 @@ class Lifecycle:
             facts["provider_reference"] = report.provider_reference
         if report.polls is not None:
             facts["polls"] = report.polls
+        if report.provider_has_it:
+            facts["provider_has_it"] = True
         if target == "PROCESSING":
             facts["token"] = report.owner
             facts["sent_ms"] = clock

@@ -96,7 +96,12 @@ async def settle_from_status(
         report = Report(state, reason=answer.reason, provider_reference=answer.provider_reference)
         return outcome, await lifecycle.apply(record, report)
     sent_ms = int(facts.get("sent_ms", facts["created_ms"]))
-    if outcome == "not_found" and now_ms() - sent_ms >= provider.not_found_grace_s * 1000:
+    proven = not facts.get("provider_has_it")
+    if (
+        outcome == "not_found"
+        and proven
+        and now_ms() - sent_ms >= provider.not_found_grace_s * 1000
+    ):
         return outcome, await lifecycle.apply(record, Report("NOT_CREATED", reason="not_found"))
     return outcome, None
 

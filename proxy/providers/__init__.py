@@ -1,0 +1,1 @@
+"""What a provider is: access tokens, callback authentication (more moves here later)."""
