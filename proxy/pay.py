@@ -150,14 +150,22 @@ class PaymentService:
             return None
         record = claim.record
         delay_s = _FIRST_POLL_S
+        first = True
         with self.wakeups.watch(record.sha) as woken:
             while True:
                 if provider.has_status:
-                    _, after = await settle_from_status(self._store.lifecycle, provider, record)
+                    # The first question is about this handler's own call, even if that call
+                    # just opened the breaker; later ones obey it.
+                    result, after = await settle_from_status(
+                        self._store.lifecycle, provider, record, past_breaker=first
+                    )
                     if after is not None:
                         record = claim.record = after
                     if record.name not in NOT_FINAL:
                         return record
+                    if result == "breaker_open":
+                        return None  # nobody may ask now: the reconciler will, later
+                first = False
                 remaining_s = (until_ms - now_ms()) / 1000
                 if remaining_s <= 0:
                     return None

@@ -236,7 +236,7 @@ class ProviderClient:
             )
 
     async def query_status(
-        self, reference: str, provider_reference: str | None = None
+        self, reference: str, provider_reference: str | None = None, past_breaker: bool = False
     ) -> StatusAnswer:
         """The payment's state at the provider: success, declined, pending or not_found.
 
@@ -259,7 +259,9 @@ class ProviderClient:
         )
         # The breaker counts payments, one vote each: a status query obeys it but never votes,
         # so polling neither dilutes a failing provider's window nor takes a half-open trial.
-        if self.breaker.rejects_now():
+        # `past_breaker`: the one question right after a payment's own call failed, so that the
+        # call that opened the breaker still learns whether its payment was created.
+        if self.breaker.rejects_now() and not past_breaker:
             raise ProviderUnavailable(self.name, self.breaker.retry_after_s())
         status, headers, raw = await self._authorised(
             lambda token: self._request(

@@ -42,7 +42,9 @@ class StatusSource(Protocol):
 
     breaker: ProviderBreaker
 
-    async def query_status(self, reference: str) -> Answer: ...
+    async def query_status(
+        self, reference: str, provider_reference: str | None = None, past_breaker: bool = False
+    ) -> Answer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +59,16 @@ class Polled:
 
 
 async def settle_from_status(
-    lifecycle: Lifecycle, provider: StatusSource, record: Record
+    lifecycle: Lifecycle, provider: StatusSource, record: Record, past_breaker: bool = False
 ) -> tuple[str, Record | None]:
     """Ask the provider once and apply what its answer proves: (the poll's result, the record
     afterwards or None when nothing was learnt). A failed query changes nothing."""
     facts = record.facts
     polls = lifecycle.metrics.reconcile_polls
     try:
-        answer = await provider.query_status(str(facts["reference"]))
+        answer = await provider.query_status(
+            str(facts["reference"]), facts.get("provider_reference"), past_breaker
+        )
     except ProviderUnavailable:
         polls.labels(provider.name, "breaker_open").inc()
         return "breaker_open", None
