@@ -32,7 +32,6 @@ from proxy.errors import KeyReused, PaymentError, RequestInProgress, StoreUnavai
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
 from proxy.payments.lifecycle import (
-    NOT_FINAL,
     Lifecycle,
     Record,
     Report,
@@ -381,9 +380,20 @@ class Claim:
         answer = (error.status, json.dumps(error.body(), separators=(",", ":")).encode())
         await self.settle(Report("NOT_CREATED", reason=error.code, owner=self.token, answer=answer))
 
-    @property
-    def pending(self) -> bool:
-        return self.record.name in NOT_FINAL
+    async def forget(self) -> None:
+        """Undo the claim (nothing of this request reached any payment: the provider holds
+        another one under this reference); never raises."""
+        record = self.record
+        try:
+            with self.store.errors:
+                await self.store.lifecycle.records.forget(
+                    record.shard,
+                    record.sha,
+                    record.value,
+                    count_field(record.name, record.provider),
+                )
+        except StoreUnavailable:
+            self.store.count_unknown_outcome("release")
 
 
 def _hashed(text: str) -> bytes:

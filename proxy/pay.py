@@ -37,7 +37,7 @@ from proxy.payments.lifecycle import (
     payment_body,
     status_url,
 )
-from proxy.payments.reconciler import settle_from_status
+from proxy.payments.reconciler import AnotherPayment, settle_from_status
 from proxy.payments.wakeups import Wakeups
 from proxy.records import StoredResult
 from proxy.upstream import ProviderClient
@@ -108,9 +108,9 @@ class PaymentService:
             await claim.not_created(error)
             raise
         except ProviderMismatch:
-            # The provider holds a payment under this reference about another amount: nobody
-            # may guess which is true.
-            await claim.settle(Report("UNRESOLVED", reason="provider_mismatch"))
+            # The provider holds another payment under this reference (a record payagg lost):
+            # this request made none, and the one it holds is the real client's to retry.
+            await claim.forget()
             raise
         except (OutcomeUnknown, ProviderFailed) as error:
             answer, unknown = None, error
@@ -132,7 +132,16 @@ class PaymentService:
                 provider_has_it=unknown is None or isinstance(unknown, PaymentAlreadyExists),
             )
         )
-        record = await self._wait(provider, claim, until_ms)
+        try:
+            record = await self._wait(
+                provider, claim, until_ms, isinstance(unknown, PaymentAlreadyExists)
+            )
+        except AnotherPayment as another:
+            # The provider refused this request as a duplicate of a payment under its reference
+            # about another amount (a record payagg lost): this request made none.
+            provider.report_mismatch(another.answer, payment.transaction_id, reference, payment)
+            await claim.forget()
+            raise ProviderMismatch() from None
         if record is not None and record.name == "NOT_CREATED":
             raise ProviderFailed(
                 provider.name,
@@ -143,9 +152,12 @@ class PaymentService:
             return _answer(record.state.result.status, record.state.result.body)
         return _pending(claim.record)
 
-    async def _wait(self, provider: ProviderClient, claim: Claim, until_ms: int) -> Record | None:
+    async def _wait(
+        self, provider: ProviderClient, claim: Claim, until_ms: int, refuse_mismatch: bool
+    ) -> Record | None:
         """The record once final, asking the provider's status with a short backoff and woken
-        at once by a callback for this payment; None when still not final at `until_ms`."""
+        at once by a callback for this payment; None when still not final at `until_ms`.
+        `refuse_mismatch`: an answer about another amount raises AnotherPayment."""
         if until_ms <= now_ms():
             return None
         record = claim.record
@@ -157,7 +169,11 @@ class PaymentService:
                     # The first question is about this handler's own call, even if that call
                     # just opened the breaker; later ones obey it.
                     result, after = await settle_from_status(
-                        self._store.lifecycle, provider, record, past_breaker=first
+                        self._store.lifecycle,
+                        provider,
+                        record,
+                        past_breaker=first,
+                        refuse_mismatch=refuse_mismatch,
                     )
                     if after is not None:
                         record = claim.record = after

@@ -274,11 +274,16 @@ async def test_a_canonical_409_is_settled_by_its_status_endpoint_when_the_provid
     assert state.status_queries == 1
 
 
-async def test_a_canonical_409_unknown_to_the_status_endpoint_stays_an_unknown_outcome(
+async def test_a_canonical_409_unknown_to_the_status_endpoint_stays_pending_never_not_created(
     gateway, upstream
 ):
+    """The provider says it holds the reference: its status endpoint not knowing it is the
+    provider's inconsistency, never proof the payment was not created."""
     state: UpstreamState = upstream[0]
     state.already_exists = True
     reply = await gateway.post("/v1/pay", json=payment("TXN-409-LOST"))
-    assert reply.status == 504, await reply.text()
-    assert (await reply.json())["error"] == "provider_timeout"
+    assert reply.status == 202, await reply.text()
+    assert (await reply.json())["status"] == "PENDING"
+    assert reply.headers["Location"] == "/v1/payments/TXN-409-LOST"
+    looked_up = await (await gateway.get("/v1/payments/TXN-409-LOST")).json()
+    assert (looked_up["state"], looked_up["reason"]) == ("PENDING", "outcome_unknown")

@@ -58,11 +58,27 @@ class Polled:
     after: str
 
 
+class AnotherPayment(Exception):
+    """The provider's final answer is about another amount or currency than the record's."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__("the provider's answer is about another payment")
+        self.answer = answer
+
+
 async def settle_from_status(
-    lifecycle: Lifecycle, provider: StatusSource, record: Record, past_breaker: bool = False
+    lifecycle: Lifecycle,
+    provider: StatusSource,
+    record: Record,
+    past_breaker: bool = False,
+    refuse_mismatch: bool = False,
 ) -> tuple[str, Record | None]:
     """Ask the provider once and apply what its answer proves: (the poll's result, the record
-    afterwards or None when nothing was learnt). A failed query changes nothing."""
+    afterwards or None when nothing was learnt). A failed query changes nothing.
+
+    A final answer about another amount or currency makes the payment UNRESOLVED, or, with
+    `refuse_mismatch`, raises AnotherPayment for the caller to decide.
+    """
     facts = record.facts
     polls = lifecycle.metrics.reconcile_polls
     try:
@@ -82,6 +98,8 @@ async def settle_from_status(
     polls.labels(provider.name, outcome).inc()
     if outcome in ("success", "declined"):
         if answer.contradicts(Decimal(str(facts["amount"])), str(facts["currency"])):
+            if refuse_mismatch:
+                raise AnotherPayment(answer)
             lifecycle.metrics.provider_mismatches.labels(provider.name).inc()
             log.error(
                 "%s reports payment %s with another amount or currency (%s %s, recorded %s %s):"

@@ -78,6 +78,15 @@ end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 return 2
 """)
+# A claim undone: the record, only while it holds exactly ARGV[1], its schedule and its count.
+_FORGET = Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('HINCRBY', KEYS[4], ARGV[3], -1)
+return 1
+""")
 # Off the schedule: a record that is final, or gone.
 _DROP = Script("""
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -187,6 +196,10 @@ class PaymentRecords:
         """0: no such payment; 1: its holder will look again; 2: due now."""
         keys = [shard.due, shard.leases, shard.poked, shard.payment(sha)]
         return int(await self._redis.run_script(_POKE, keys, [sha, now_ms]))
+
+    async def forget(self, shard: Shard, sha: str, expected: bytes, count_field: str) -> bool:
+        keys = [shard.payment(sha), shard.due, shard.leases, shard.counts]
+        return bool(await self._redis.run_script(_FORGET, keys, [expected, sha, count_field]))
 
     async def drop(self, shard: Shard, sha: str) -> None:
         await self._redis.run_script(_DROP, [shard.due, shard.leases, shard.poked], [sha])
