@@ -30,7 +30,7 @@ from proxy import records
 from proxy.config import IdempotencySettings, RedisSettings
 from proxy.errors import KeyReused, PaymentError, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
+from proxy.payment import Payment, reference_for
 from proxy.payments.lifecycle import (
     Lifecycle,
     Record,
@@ -118,7 +118,7 @@ class IdempotencyStore:
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             await self._bind(payment.idempotency_key, payment.transaction_id)
-        old = await self._old_answer(payment, fingerprint)
+        old = await self._old_answer(payment, provider, fingerprint)
         if old is not None:
             return old
         lifecycle = self.lifecycle
@@ -195,7 +195,7 @@ class IdempotencyStore:
             if record.name == "NOT_CREATED" and record.state.fingerprint == fingerprint:
                 return None  # nothing to replay: a retry starts again
             return judge(record.state, fingerprint)
-        return await self._old_answer(payment, fingerprint, guard=False)
+        return await self._old_answer(payment, provider, fingerprint, guard=False)
 
     async def find(self, transaction_id: str) -> Record | None:
         with self.errors:
@@ -211,7 +211,7 @@ class IdempotencyStore:
         return state
 
     async def _old_answer(
-        self, payment: Payment, fingerprint: str, guard: bool = True
+        self, payment: Payment, provider: str, fingerprint: str, guard: bool = True
     ) -> StoredResult | None:
         """A record of the versions before for this payment: its replay (a final one), 409 (in
         flight) or 422 (another request's); None when there is none.
@@ -237,13 +237,50 @@ class IdempotencyStore:
         if legacy is None or not legacy.legacy:
             return None  # guarded now, or a record (or guard) of this version
         if legacy.fingerprint == fingerprint:
-            return judge(legacy, fingerprint)
+            answer = judge(legacy, fingerprint)
+            if guard:
+                await self._adopt(payment, provider, fingerprint, header, answer)
+            return answer
         if legacy.result is not None and legacy.transaction_id == header:
             return None  # payment `header`'s own record, made without a header: no binding
         await self._unbind(header, payment.transaction_id)
         if legacy.result is None:
             raise RequestInProgress()
         raise _key_bound_elsewhere()
+
+    async def _adopt(
+        self, payment: Payment, provider: str, fingerprint: str, header: str, answer: StoredResult
+    ) -> None:
+        """Copy a final answer of the old form, made with this header, into this payment's
+        record, with the reference it was charged under (the old version derived it from the
+        header): a retry without the header then finds it too, and is never charged again."""
+        lifecycle = self.lifecycle
+        sha, shard = lifecycle.locate(payment.transaction_id)
+        clock = now_ms()
+        facts = {
+            "token": None,
+            "transaction_id": payment.transaction_id,
+            "reference": reference_for(provider, header),
+            "idempotency_key": header,
+            "state": "PROCESSING",
+            "provider": provider,
+            "amount": str(payment.amount),
+            "currency": payment.currency,
+            "reason": None,
+            "created_ms": clock,
+            "updated_ms": clock,
+            "sent_ms": clock,
+        }
+        value = records.lifecycle(facts, fingerprint)
+        with self.errors:
+            claimed = await lifecycle.records.claim(
+                shard, sha, value, clock, count_field("PROCESSING", provider), True
+            )
+            if claimed.kind != "claimed":
+                return
+            state = "SUCCESS" if answer.status == 200 else "DECLINED"
+            adopted = Record(sha, shard, value, records.decode(value))
+            await lifecycle.apply(adopted, Report(state, answer=(answer.status, answer.body)))
 
     async def _bind(self, idempotency_key: str, transaction_id: str) -> None:
         ttl_s = self._ttl.result_ttl_s + self._ttl.lock_ttl_s  # never shorter than the record's

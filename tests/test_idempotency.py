@@ -40,6 +40,7 @@ from proxy.idempotency import Claim, IdempotencyStore
 from proxy.metrics import GatewayMetrics
 from proxy.payment import parse_payment, reference_for
 from proxy.records import StoredResult
+from proxy.store.keys import payment_sha, shard_for
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,
@@ -151,8 +152,14 @@ def provider_reference(identity: str) -> str:
     return reference_for("CANON", identity)
 
 
+def record_key(transaction_id: str, prefix: bytes = PREFIX) -> bytes:
+    """Where this version keeps a payment's record: its shard's hash-tagged key."""
+    sha = payment_sha(transaction_id)
+    return shard_for(prefix.decode(), sha).payment(sha)
+
+
 def record(redis_server: RedisServer, transaction_id: str) -> records.KeyState:
-    value = redis_server.client().get(redis_key(transaction_id))
+    value = redis_server.client().get(record_key(transaction_id))
     assert value is not None, f"no record for {transaction_id}"
     return records.decode(value)
 
@@ -523,25 +530,20 @@ async def test_an_old_process_finds_a_guard_under_the_old_key_of_a_new_payments_
     assert 0 < redis_server.client().ttl(redis_key("order-guarded")) <= 600
 
 
-async def test_an_old_process_reads_every_new_record_as_in_flight_with_its_fingerprint(
+async def test_a_new_record_lives_at_its_shard_key_and_the_transaction_ids_old_key_stays_free(
     gateway: Client, upstream: Upstream, redis_server: RedisServer
 ) -> None:
-    """During a rolling deploy an old process answers 409 for such a record (422 for another
-    request) and never claims it: its claim is a `SET NX`, which finds the key taken."""
-    state, _ = upstream
-    state.delay_s = 0.4
+    """The lifecycle's record is at a hash-tagged shard key; a process of the version before
+    retrying the payment during a rolling deploy finds nothing under its key and sends the
+    same reference (a UUIDv5 of the TransactionID in both versions): the provider's
+    deduplication on it is what keeps that retry from charging twice."""
     body = payment("TXN-roll", Payer="256700000001")
-    in_flight = asyncio.create_task(pay(gateway, body, key='a|b "c" |'))
-    await upstream_has_seen(state, 1)
-    locked = redis_server.client().get(redis_key("TXN-roll"))
-    assert (await in_flight).status == 200
-    final = redis_server.client().get(redis_key("TXN-roll"))
+    assert (await pay(gateway, body, key='a|b "c" |')).status == 200
 
-    assert locked is not None
-    assert final is not None
-    assert locked != final
-    for value in (locked, final):
-        assert previous_versions_reading(value) == (fingerprint(body), False)
+    assert redis_server.client().get(redis_key("TXN-roll")) is None
+    stored = record(redis_server, "TXN-roll")
+    assert (stored.state, stored.fingerprint) == ("SUCCESS", fingerprint(body))
+    assert stored.reference == provider_reference("TXN-roll")
 
 
 # 3. Concurrency -------------------------------------------------------------------------------
@@ -596,22 +598,25 @@ async def test_a_lock_left_by_a_crashed_proxy_blocks_the_key_until_it_expires(
     assert state.requests == 1
 
 
-async def test_every_key_the_proxy_writes_has_an_expiry(
+async def test_a_record_never_expires_before_it_is_final_then_lives_result_ttl_s_then_a_tombstone(
     upstream: Upstream, redis_url: str, redis_server: RedisServer
 ) -> None:
     state, url = upstream
     state.delay_s = 0.3
     redis = redis_server.client()
-    key = redis_key("TXN-ttl")
+    key = record_key("TXN-ttl")
+    sha = payment_sha("TXN-ttl")
+    tombstone = shard_for(PREFIX.decode(), sha).tombstone(sha)
     async with running_gateway(config(url, redis_url, lock_ttl_s=10, result_ttl_s=600)) as client:
         in_flight = asyncio.create_task(pay(client, payment("TXN-ttl")))
         await upstream_has_seen(state, 1)
-        lock_ttl = redis.ttl(key)
+        pending_ttl = redis.ttl(key)
         assert (await in_flight).status == 200
         result_ttl = redis.ttl(key)
 
-    assert 0 < lock_ttl <= 10
+    assert pending_ttl == -1, "a payment not final never expires silently"
     assert 10 < result_ttl <= 600
+    assert 600 < redis.ttl(tombstone) <= 600 + 90 * 86400
 
 
 # 5. Release on provider failure -----------------------------------------------------------------
@@ -658,45 +663,54 @@ async def _provider_recovers(state: UpstreamState, client: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fail", "status", "error", "upstream_calls"),
+    ("fail", "status", "state_after", "upstream_calls", "retry_status"),
     [
-        (_provider_fails, 502, "provider_error", 2),
-        (_provider_hangs, 504, "provider_timeout", 2),
-        (_provider_already_has_it, 504, "provider_timeout", 2),
-        (_breaker_opens_after_the_claim, 503, "provider_unavailable", 1),
+        (_provider_fails, 502, "NOT_CREATED", 2, 200),
+        (_provider_hangs, 502, "NOT_CREATED", 2, 200),
+        (_provider_already_has_it, 202, "PENDING", 1, 202),
+        (_breaker_opens_after_the_claim, 503, "NOT_CREATED", 1, 200),
     ],
     ids=[
-        "502-provider-error",
-        "504-provider-timeout",
-        "504-provider-already-has-the-reference",
+        "502-5xx-then-not-found",
+        "502-hang-then-not-found",
+        "202-provider-already-has-the-reference",
         "503-breaker-open-after-claim",
     ],
 )
-async def test_a_failed_payment_releases_its_key_and_the_retry_reuses_the_provider_reference(
+async def test_a_failed_payment_is_never_released_and_a_retry_reuses_the_stored_reference(
     upstream: Upstream,
     redis_url: str,
     redis_server: RedisServer,
     fail: Callable[[UpstreamState, Client], Awaitable[None]],
     status: int,
-    error: str,
+    state_after: str,
     upstream_calls: int,
+    retry_status: int,
 ) -> None:
+    """Not created (nothing sent, refused, or unknown to the status endpoint after the grace
+    period, 0 here): kept as NOT_CREATED and started again by a retry, under the same
+    reference. The provider said it has it: PENDING, replayed, never sent again."""
     state, url = upstream
     reference = provider_reference("TXN-retry")
     async with running_gateway(config(url, redis_url, timeout_s=0.3, open_s=0.3)) as client:
         await fail(state, client)
         failed = await pay(client, payment("TXN-retry"))
-        assert failed.status == status
-        assert failed.json()["error"] == error
-        assert not redis_server.client().exists(redis_key("TXN-retry")), "key not released"
+        assert failed.status == status, failed.body
+        assert record(redis_server, "TXN-retry").state == state_after, "never released"
+        looked_up = (await get(client, "/v1/payments/TXN-retry")).json()
+        assert looked_up["state"] == state_after
 
         await _provider_recovers(state, client)
         retry = await pay(client, payment("TXN-retry"))
 
-    assert retry.status == 200
-    assert not is_replay(retry)
-    assert retry.json()["provider_reference"] == f"up-{reference}"
-    # A 503 is refused before the provider is called; 502 and 504 reached it with the same UUID.
+    assert retry.status == retry_status
+    if retry_status == 200:
+        assert not is_replay(retry)
+        assert retry.json()["provider_reference"] == f"up-{reference}"
+        assert record(redis_server, "TXN-retry").state == "SUCCESS"
+    else:
+        assert is_replay(retry)
+    # A 503 is refused before the provider is called; the others reached it with the same UUID.
     assert state.references == [reference] * upstream_calls
     assert uuid.UUID(reference).version == 5
 
@@ -715,7 +729,7 @@ async def test_an_answer_about_another_amount_is_422_stores_nothing_and_releases
         refused = await pay(client, payment("TXN-lost"))
         assert refused.status == 422
         assert refused.json()["error"] == "idempotency_key_reused"
-        assert not redis_server.client().exists(redis_key("TXN-lost")), "nothing stored"
+        assert not redis_server.client().exists(record_key("TXN-lost")), "nothing stored"
         assert client.gateway.breakers["CANON"].window_counts().failures == 0
 
         del state.answered[reference]  # (a provider that would take it as a new payment)
