@@ -18,6 +18,7 @@ processes never disagree about a payment (BENCHMARKS.md, "The per-process replay
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -74,6 +75,8 @@ _IDENTITY_SINCE = b"identity-by-transaction-id-since"
 # result_ttl_s itself.
 _LEGACY_WINDOWS = 2
 _new_lock_token = unique_tokens()
+# Bounds the memory of unanswered claims when Redis stays away; the reconciler settles the rest.
+_MAX_UNANSWERED = 10_000
 
 
 class IdempotencyStore:
@@ -91,6 +94,9 @@ class IdempotencyStore:
             PaymentRecords(self._redis), settings.key_prefix, ttl, metrics, self.errors
         )
         self._legacy_until: float | None = None
+        # Claims whose reply never came, by payment (see `claim`).
+        self._unanswered: dict[str, Record] = {}
+        self._releasing: asyncio.Future[None] | None = None
         if ttl.replay_cache_size is not None:
             log.warning(
                 "idempotency.replay_cache_size is deprecated and ignored: every replay is read "
@@ -115,6 +121,8 @@ class IdempotencyStore:
         """Own the payment for `hold_s` (then the reconciler may take it over), or get its
         replay; raises RequestInProgress, KeyReused, StoreUnavailable. `callback_token`: the
         token of the payment's callback URL, by which a callback finds it."""
+        if self._unanswered:
+            await self._release_unanswered()
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             await self._bind(payment.idempotency_key, payment.transaction_id)
@@ -153,9 +161,16 @@ class IdempotencyStore:
                     b"EX",
                     ref_ttl_s,
                 )
-            found = await lifecycle.records.claim(
-                shard, sha, value, due_ms, count_field("PROCESSING", provider)
-            )
+            try:
+                found = await lifecycle.records.claim(
+                    shard, sha, value, due_ms, count_field("PROCESSING", provider)
+                )
+            except (RedisUnavailable, OSError):
+                # Redis may still run it when it wakes up (stalled, not dead), leaving a record
+                # nobody sends: undone, if exactly this value is still there, before the next
+                # claim; else the reconciler settles it once its hold ends.
+                self._remember_unanswered(Record(sha, shard, value, records.decode(value)))
+                raise
             if found.kind == "tombstone" and found.value is not None:
                 answer = _tombstone_answer(found.value, fingerprint)
                 if answer is not None:
@@ -312,6 +327,33 @@ class IdempotencyStore:
             window_s = _LEGACY_WINDOWS * self._ttl.result_ttl_s
             self._legacy_until = float(since or time.time()) + window_s
         return header if time.time() < self._legacy_until else None
+
+    def _remember_unanswered(self, record: Record) -> None:
+        if len(self._unanswered) >= _MAX_UNANSWERED:
+            self._unanswered.pop(next(iter(self._unanswered)))
+        self._unanswered[record.sha] = record
+
+    async def _release_unanswered(self) -> None:
+        # Claims arriving together after an outage share one release instead of each sending
+        # them all again.
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.ensure_future(self._release_all())
+            # Retrieved here too, so a release every waiter gave up on is not reported unhandled.
+            self._releasing.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.shield(self._releasing)
+
+    async def _release_all(self) -> None:
+        # All at once, pipelined on the one connection: after a long outage thousands may be
+        # waiting, and the claim that found them must not pay a round trip for each.
+        pending = list(self._unanswered.values())
+        forget = self.lifecycle.records.forget
+        with self.errors:
+            await asyncio.gather(
+                *(forget(r.shard, r.sha, r.value, count_field(r.name, r.provider)) for r in pending)
+            )
+        for released in pending:
+            if self._unanswered.get(released.sha) is released:
+                del self._unanswered[released.sha]
 
     def count_unknown_outcome(self, action: str) -> None:
         self._metrics.unknown_store_outcomes.labels(action).inc()
