@@ -792,7 +792,8 @@ async def test_a_settled_payment_never_changes_and_a_contradiction_is_counted(
     conflicts = store.lifecycle.metrics.reconcile_conflicts.labels("CANON")._value.get()
     assert conflicts == 1
     (logged,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert "SUCCESS" in logged and "DECLINED" in logged
+    assert "SUCCESS" in logged
+    assert "DECLINED" in logged
 
 
 # 7. Redis outages ------------------------------------------------------------------------------
