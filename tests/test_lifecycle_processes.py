@@ -22,6 +22,7 @@ import pytest
 import redis as redis_sync
 
 from proxy.store.keys import payment_sha, shard_for
+from tests.conftest import RedisServer
 from tests.processes import ServiceProcess, free_port, mock_provider, payagg_serve, running
 from tests.test_providers_end_to_end import Reply, call
 
@@ -250,3 +251,50 @@ def test_a_callback_from_the_provider_is_authenticated_and_only_makes_the_paymen
     after = stack.stats()
     assert after["callbacks_failed"] == before["callbacks_failed"], "payagg refused MTN's callback"
     assert_money_invariant(stack, proxy, [transaction_id], before)
+
+
+def test_redis_killed_and_restarted_on_its_append_only_file_mid_reconciliation_loses_nothing(
+    stack, tmp_path
+):
+    durable = RedisServer(tmp_path / "aof", "--appendonly", "yes", "--appendfsync", "always")
+    (tmp_path / "aof").mkdir()
+    durable.start()
+    try:
+        proxy = stack.proxy(REDIS_URL=durable.url)
+        paid = [fresh(f"AOF-{n}") for n in range(4)]
+        before = stack.stats()
+        with concurrent.futures.ThreadPoolExecutor(len(paid)) as pool:
+            replies = list(pool.map(proxy.pay, paid))
+        assert [reply.status for reply in replies] == [202] * len(paid)
+
+        durable.signal(signal.SIGKILL)
+        durable.stop()
+        durable.start()  # on the same directory: the append-only file is replayed
+
+        for transaction_id in paid:
+            assert eventually_final(proxy, transaction_id)["state"] == "SUCCESS"
+        assert_money_invariant(stack, proxy, paid, before)
+    finally:
+        durable.stop()
+
+
+def test_access_tokens_expiring_during_reconciliation_are_fetched_again_and_nothing_is_lost(
+    stack,
+):
+    port = free_port()
+    mock = f"http://127.0.0.1:{port}"
+    argv = mock_provider(
+        "mtn", port, "--seed", "6", "--approval-ms", "3000,3000", "--token-ttl-s", "1"
+    )
+    stack.processes.enter_context(running(argv, f"{mock}/healthz"))
+    proxy = stack.proxy(MTN_URL=mock)
+    paid = [fresh(f"TOKEN-{n}") for n in range(3)]
+    before = call(f"{mock}/__mock/stats").body
+    for transaction_id in paid:
+        assert proxy.pay(transaction_id).status == 202
+    for transaction_id in paid:
+        assert eventually_final(proxy, transaction_id)["state"] == "SUCCESS"
+    after = call(f"{mock}/__mock/stats").body
+    assert after["charges"] - before["charges"] == len(paid)
+    assert after["requests"] - before["requests"] == len(paid)
+    assert after["tokens_issued"] - before["tokens_issued"] >= 2, "the token expired meanwhile"
