@@ -101,7 +101,8 @@ async def measure(port: int, payments: int) -> None:
     print(f"pending payments: {payments}")
     print(f"store memory per pending payment: {(full - empty) / payments:.0f} bytes")
     print(
-        f"lease, per payment: {small_lease_us:.1f} us at n={tenth}, {large_lease_us:.1f} us at n={payments}"
+        f"lease, per payment: {small_lease_us:.1f} us at n={tenth}, "
+        f"{large_lease_us:.1f} us at n={payments}"
     )
 
     provider = PendingForever()
@@ -121,7 +122,8 @@ async def measure(port: int, payments: int) -> None:
         polled += len(handled)
     elapsed = time.perf_counter() - started
     print(
-        f"reconciler, one worker: {polled} polls in {elapsed:.2f} s = {polled / elapsed:.0f} polls/s"
+        f"reconciler, one worker: {polled} polls in {elapsed:.2f} s "
+        f"= {polled / elapsed:.0f} polls/s"
     )
     await store.close()
 
