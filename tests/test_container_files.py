@@ -35,6 +35,7 @@ MOCK_ENV = {option.env for option in mock_cli.OPTIONS}
 SERVICES = ["redis", "proxy", "mtn", "airtel"]
 PAYAGG_SERVICES = ["proxy", "mtn", "airtel"]
 MOCKS = ["mtn", "airtel"]
+OBSERVABILITY = ["prometheus", "grafana"]
 PROVIDER_URL_VARIABLE = {"mtn": "MTN_URL", "airtel": "AIRTEL_URL"}
 PROXY_DRAIN_S = 20
 
@@ -402,7 +403,60 @@ def test_compose_follows_the_compose_specification_without_a_version_key() -> No
 
 
 def test_compose_runs_redis_the_proxy_and_both_mocks() -> None:
-    assert sorted(compose()["services"]) == sorted(SERVICES)
+    default = [name for name, spec in compose()["services"].items() if "profiles" not in spec]
+    assert sorted(default) == sorted(SERVICES)
+
+
+def test_compose_validates_against_the_compose_specification_schema() -> None:
+    # check-jsonschema vendors the Compose specification's JSON schema (compose-spec.json).
+    checked = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("name", OBSERVABILITY, ids=OBSERVABILITY)
+def test_prometheus_and_grafana_run_only_in_the_observability_profile(name: str) -> None:
+    assert service(name).get("profiles") == ["observability"]
+    assert service(name).get("read_only") is True
+    assert str(service(name).get("user", "0")).split(":")[0] not in {"", "0", "root"}
+    for port in service(name).get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+@pytest.mark.parametrize("name", OBSERVABILITY, ids=OBSERVABILITY)
+def test_every_file_the_observability_services_mount_exists(name: str) -> None:
+    for volume in service(name).get("volumes", []):
+        source = str(volume).split(":")[0]
+        if source.startswith("./"):
+            assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_prometheus_scrapes_the_proxy_where_it_serves_metrics_and_loads_the_alerts() -> None:
+    scrape = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    (targets,) = [group["targets"] for group in job["static_configs"]]
+    published = str(service("proxy")["ports"][0]).split(":")[-1]
+    assert targets == [f"proxy:{published}"]
+    mounted = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("prometheus")["volumes"]}
+    assert [mounted[path] for path in scrape["rule_files"]] == ["./ops/prometheus/alerts.yml"]
+
+
+def test_grafana_provisions_the_dashboard_from_the_folder_compose_mounts() -> None:
+    providers = yaml.safe_load(
+        (ROOT / "ops" / "grafana" / "provisioning" / "dashboards" / "payagg.yaml").read_text()
+    )["providers"]
+    mounted = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("grafana")["volumes"]}
+    assert [mounted[provider["options"]["path"]] for provider in providers] == [
+        "./ops/grafana/dashboards"
+    ]
 
 
 def pulled_images() -> list[str]:
@@ -418,7 +472,7 @@ def test_no_image_is_pulled_by_a_floating_tag(image: str) -> None:
     reference, _, digest = image.partition("@")
     name_and_tag = reference.rpartition("/")[2]
     tag = name_and_tag.partition(":")[2]
-    assert re.match(r"\d+\.\d+\.\d+", tag) or digest, (
+    assert re.match(r"v?\d+\.\d+\.\d+", tag) or digest, (
         f"{image}: pin an exact version (or a digest), never latest or a major-only tag"
     )
 
@@ -557,7 +611,7 @@ def test_the_shipped_config_serves_on_every_interface_at_the_published_port() ->
 MOCK_LIFECYCLE_ENV = {
     "MOCK_APPROVAL_MS", "MOCK_ABANDON_RATE", "MOCK_APPROVAL_TIMEOUT_S", "MOCK_STATUS_FAILURE_RATE",
     "MOCK_SYNC_DECLINES", "MOCK_TOKEN_TTL_S", "MOCK_CLIENT_ID", "MOCK_CLIENT_SECRET",
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MOCKS, ids=MOCKS)
