@@ -38,9 +38,10 @@ from collections.abc import Awaitable, Callable
 from run import free_port, redis_server_binary  # bench/run.py, next to this script
 
 from proxy import records
+from proxy.config import RedisSettings
 from proxy.idempotency import _CLAIM, judge  # the claim script itself, not a copy
 from proxy.records import KeyState, StoredResult
-from proxy.redis_wire import RedisClient, Script
+from proxy.store_client import Script, StoreClient
 
 CALLERS = 32
 _WRITE_BACK = Script("""
@@ -70,7 +71,7 @@ def wait_for_port(port: int, timeout_s: float = 10) -> None:
 Replay = Callable[[], Awaitable[StoredResult]]
 
 
-def scenarios(redis: RedisClient, key: bytes, value: bytes) -> dict[str, Replay]:
+def scenarios(redis: StoreClient, key: bytes, value: bytes) -> dict[str, Replay]:
     cache: dict[bytes, KeyState] = {key: records.decode(value)}
     parse = records.decode.__wrapped__  # without the memo
 
@@ -124,7 +125,7 @@ async def one_round(replay: Replay, replays: int) -> tuple[float, float]:
 
 
 async def measure(port: int, rounds: int, replays: int) -> None:
-    redis = RedisClient(f"redis://127.0.0.1:{port}/0", timeout_s=5)
+    redis = StoreClient(RedisSettings(url=f"redis://127.0.0.1:{port}/0", timeout_s=5))
     key = b"bench:" + b"0" * 64
     value = records.final("TXN-bench", "ref", None, FINGERPRINT, StoredResult(200, BODY))
     await redis.execute(b"SET", key, value, b"EX", 600)

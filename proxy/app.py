@@ -237,10 +237,10 @@ class Gateway:
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         try:
             await self.store.ping()
-        except StoreUnavailable:
-            return web.json_response(
-                {"status": "not_ready", "reason": "redis does not answer PING"}, status=503
-            )
+        except StoreUnavailable as error:
+            # Ready means a payment could be taken now: Redis must accept a write, not only PING.
+            reason = f"redis cannot take a write: {error.__cause__ or error}"
+            return web.json_response({"status": "not_ready", "reason": reason}, status=503)
         return web.json_response({"status": "ready"})
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:

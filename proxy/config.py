@@ -10,10 +10,17 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.mapping import (
     BUSY_STATUSES,
@@ -28,6 +35,7 @@ from proxy.mapping import (
 )
 from proxy.providers.access_tokens import AuthSpec
 from proxy.providers.callbacks import CallbackSpec, CallbackTarget
+from proxy.redis_address import RedisAddress, check_pem_file, parse_redis_url
 from proxy.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -86,16 +94,49 @@ class ServerSettings(_Section):
 
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
+    # cluster: Redis Cluster (ElastiCache cluster mode, MemoryDB); the URL names any one node.
+    mode: Literal["standalone", "cluster"] = "standalone"
     key_prefix: str = "payagg:"
     # Every Redis call is bounded by this, so a hung Redis cannot hang a payment.
     timeout_s: float = Field(0.5, gt=0, le=10)
+    # PEM files for rediss://: the authority the server's certificate must chain to (else the
+    # system's), and a client certificate with its key when the server asks for one.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # A charged payment's answer is written again for this long while Redis cannot take it.
+    durable_retry_s: float = Field(10, ge=0, le=300)
+    # Replicas that must hold a charged payment's answer before the client sees it (WAIT).
+    wait_replicas: int = Field(0, ge=0, le=5)
 
     @field_validator("url")
     @classmethod
-    def _redis_scheme(cls, url: str) -> str:
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
+    def _redis_url(cls, url: str) -> str:
+        parse_redis_url(url)
         return url
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _pem_file(cls, path: str | None) -> str | None:
+        if path is not None:
+            check_pem_file(path)
+        return path
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RedisSettings:
+        address = self.address
+        tls_files = [self.tls_ca_file, self.tls_cert_file, self.tls_key_file]
+        if not address.tls and any(tls_files):
+            raise ValueError("tls_ca_file, tls_cert_file and tls_key_file need a rediss:// url")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.mode == "cluster" and address.db != 0:
+            raise ValueError(f"Redis Cluster has only database 0, the url selects {address.db}")
+        return self
+
+    @property
+    def address(self) -> RedisAddress:
+        return parse_redis_url(self.url)
 
 
 class IdempotencySettings(_Section):

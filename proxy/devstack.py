@@ -17,9 +17,9 @@ from pathlib import Path
 import aiohttp
 
 from proxy.children import stop_with_parent
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, RedisSettings, load_config
 from proxy.demo import DEFAULT_PROXY_URL
-from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable
+from proxy.store_client import RedisReplyError, RedisUnavailable, StoreClient
 
 HOST = "127.0.0.1"
 # How long a child gets to become healthy, and to exit after SIGTERM before it is killed.
@@ -209,11 +209,13 @@ async def http_ok(url: str) -> bool:
 
 
 async def redis_answers(port: int) -> bool:
-    client = RedisClient(f"redis://{HOST}:{port}/0", timeout_s=1)
+    client = StoreClient(RedisSettings(url=f"redis://{HOST}:{port}/0", timeout_s=1))
     try:
-        return bool(await client.execute(b"PING"))
-    except (RedisUnavailable, RedisReplyError, OSError):
+        await client.check_writable()
+    except (RedisUnavailable, RedisReplyError):
         return False
+    else:
+        return True
     finally:
         await client.close()
 

@@ -41,9 +41,9 @@ from proxy.payments.lifecycle import (
     payment_body,
 )
 from proxy.records import KeyState, StoredResult
-from proxy.redis_wire import RedisClient, RedisReplyError, RedisUnavailable, Script
 from proxy.store.keys import reference_key
 from proxy.store.payments import PaymentRecords
+from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
 from proxy.tokens import unique_tokens
 
 log = logging.getLogger("payagg.idempotency")
@@ -88,7 +88,7 @@ class IdempotencyStore:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
         self._metrics = metrics
-        self._redis = RedisClient(settings.url, settings.timeout_s)
+        self._redis = StoreClient(settings)
         self.errors = _StoreErrors(metrics)
         self.lifecycle = Lifecycle(
             PaymentRecords(self._redis), settings.key_prefix, ttl, metrics, self.errors
@@ -359,8 +359,10 @@ class IdempotencyStore:
         self._metrics.unknown_store_outcomes.labels(action).inc()
 
     async def ping(self) -> bool:
+        """True when a write would succeed now; raises StoreUnavailable (its cause says why)."""
         with self.errors:
-            return bool(await self._redis.execute(b"PING"))
+            await self._redis.check_writable()
+        return True
 
     async def close(self) -> None:
         await self._redis.close()

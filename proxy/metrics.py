@@ -97,6 +97,12 @@ class GatewayMetrics:
             ["provider"],
             registry=self.registry,
         )
+        self.unrecognised_status = Counter(
+            "payagg_status_unrecognised",
+            "Status answers that matched no rule: the payment was left pending, never failed.",
+            ["provider"],
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "payagg_idempotency_store_errors_total",
             "Redis calls that failed or timed out.",
@@ -125,6 +131,7 @@ class GatewayMetrics:
             if provider != UNKNOWN_PROVIDER:
                 self.upstream_duration.labels(provider)
                 self.provider_mismatches.labels(provider)
+                self.unrecognised_status.labels(provider)
                 self.show_state(provider, BreakerState.CLOSED)
 
         self._add_operations_metrics(providers)

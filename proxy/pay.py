@@ -139,7 +139,7 @@ class PaymentService:
         except AnotherPayment as another:
             # The provider refused this request as a duplicate of a payment under its reference
             # about another amount (a record payagg lost): this request made none.
-            provider.report_mismatch(another.answer, payment.transaction_id, reference, payment)
+            provider.report_mismatch(another.answer, payment, reference)
             await claim.forget()
             raise ProviderMismatch() from None
         if record is not None and record.name == "NOT_CREATED":

@@ -178,6 +178,7 @@ class ProviderClient:
         self._default_payer = settings.default_payer
         self._duration = metrics.upstream_duration.labels(provider.name)
         self._mismatches = metrics.provider_mismatches.labels(provider.name)
+        self._unrecognised = metrics.unrecognised_status.labels(provider.name)
         # Built once: an unusable file was already a config error.
         self._tls: ssl.SSLContext | None = (
             settings.tls.context() if settings.tls is not None else None
@@ -263,17 +264,18 @@ class ProviderClient:
         # call that opened the breaker still learns whether its payment was created.
         if self.breaker.rejects_now() and not past_breaker:
             raise ProviderUnavailable(self.name, self.breaker.retry_after_s())
-        status, headers, raw = await self._authorised(
-            lambda token: self._request(
-                spec.method,
-                URL(spec.render_url(replace(fields, token=token)), encoded=True),
-                {"Accept": "application/json", **spec.render_headers(replace(fields, token=token))},
-                b"",
-            )
-        )
+
+        async def ask(token: str) -> Exchange:
+            with_token = replace(fields, token=token)
+            url = URL(spec.render_url(with_token), encoded=True)
+            headers = {"Accept": "application/json", **spec.render_headers(with_token)}
+            return await self._request(spec.method, url, headers, b"")
+
+        status, headers, raw = await self._authorised(ask)
         answer = spec.classify(status, raw)
         self._refuse(answer, status, headers, None)
         if answer.detail:
+            self._unrecognised.inc()
             log.warning(
                 "%s status answer for %s %s: left pending",
                 self.name,
@@ -381,7 +383,7 @@ class ProviderClient:
         """SUCCESS, DECLINED or PENDING about this very payment; every other answer raises."""
         self._refuse(answer, status, headers, verdict)
         if answer.contradicts(fields.amount, fields.currency):
-            self.report_mismatch(answer, fields.transaction_id, fields.reference, fields)
+            self.report_mismatch(answer, fields, fields.reference)
             raise ProviderMismatch()
         if answer.outcome == "already_exists":
             raise PaymentAlreadyExists(self.name)
@@ -497,7 +499,7 @@ class ProviderClient:
         return self._proxies[host]
 
     def report_mismatch(
-        self, verdict: Answer, transaction_id: str, reference: str, fields: PaymentFields | Payment
+        self, verdict: Answer, request: PaymentFields | Payment, reference: str
     ) -> None:
         """An answer about another payment than the request's: counted and logged, no payer data."""
         self._mismatches.inc()
@@ -508,17 +510,17 @@ class ProviderClient:
             reference,
             verdict.amount,
             verdict.currency,
-            fields.amount,
-            fields.currency,
+            request.amount,
+            request.currency,
             extra={
                 "fields": {
                     "provider": self.name,
-                    "transaction_id": transaction_id,
+                    "transaction_id": request.transaction_id,
                     "provider_reference": reference,
                     "answer_amount": verdict.amount,
                     "answer_currency": verdict.currency,
-                    "request_amount": str(fields.amount),
-                    "request_currency": fields.currency,
+                    "request_amount": str(request.amount),
+                    "request_currency": request.currency,
                 }
             },
         )

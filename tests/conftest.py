@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis as redis_sync
@@ -18,6 +20,9 @@ from proxy.app import Gateway
 from proxy.config import GatewayConfig, parse_config
 from tests.canonical_upstream import UpstreamState, build_upstream
 from tests.processes import ServiceProcess, free_port, wait_until
+
+if TYPE_CHECKING:
+    from tests.redis_cluster import RedisCluster
 
 
 def redis_server_binary() -> str:
@@ -54,7 +59,8 @@ class RedisServer:
     def client(self, db: int = 0) -> redis_sync.Redis:
         return redis_sync.Redis(port=self.port, db=db, password=self.password, socket_timeout=2)
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start; `wait=False` returns at once (a server still LOADING its data answers no PING)."""
         self.process = ServiceProcess(
             [
                 redis_server_binary(),
@@ -71,11 +77,24 @@ class RedisServer:
                 *self.extra,
             ]
         )
-        wait_until(self._answers, what=f"redis-server on port {self.port}")
+        if wait:
+            wait_until(self._answers, what=f"redis-server on port {self.port}")
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.signal(signum)
+
+    def busy_for(self, seconds: int) -> threading.Thread:
+        """A started thread whose Lua script keeps the server BUSY for `seconds` (answering
+        BUSY to everyone else once `--lua-time-limit` has passed)."""
+        script = (
+            "local started = redis.call('TIME')[1] "
+            "while redis.call('TIME')[1] - started < tonumber(ARGV[1]) do end return 1"
+        )
+        client = redis_sync.Redis(port=self.port, password=self.password, socket_timeout=30)
+        busy = threading.Thread(target=client.eval, args=(script, 0, seconds))
+        busy.start()
+        return busy
 
     def stop(self) -> None:
         if self.process is not None:
@@ -95,6 +114,43 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """3 masters with a replica each; a test that kills a node restarts it before it ends."""
+    from tests.redis_cluster import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+StartRedis = Callable[..., RedisServer]
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
+    """Servers of one test, each in its own directory: `start_redis("--requirepass", "x",
+    password="x")`. Stopped afterwards, thawed first if the test froze one."""
+    started: list[RedisServer] = []
+
+    def start(*extra: str, password: str | None = None) -> RedisServer:
+        directory = tmp_path / f"redis-{len(started)}"
+        directory.mkdir()
+        server = RedisServer(directory, *extra, password=password)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        if server.process is not None:
+            server.signal(signal.SIGCONT)  # a frozen server cannot handle SIGTERM
+        server.stop()
 
 
 @pytest.fixture

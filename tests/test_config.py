@@ -133,7 +133,7 @@ def test_defaults_are_merged_into_each_provider_and_a_provider_may_override_them
             VALID.replace("redis", "redis").replace(
                 "server: {port: 8080}", 'redis: {url: "http://x"}'
             ),
-            "gw.yaml:1: redis.url: must start with redis://, rediss:// or unix://",
+            "gw.yaml:1: redis.url: must start with redis:// or rediss:// (TLS)",
         ),
         (
             VALID.replace("open_s: 30}", "open_s: 30, failure_statuses: [429, 503]}"),

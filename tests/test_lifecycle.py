@@ -16,13 +16,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli
-from proxy.config import GatewayConfig
+from proxy.config import GatewayConfig, RedisSettings
 from proxy.payment import reference_for
 from proxy.payments.lifecycle import now_ms
 from proxy.providers.callbacks import callback_token
-from proxy.redis_wire import RedisClient
 from proxy.store.keys import all_shards, payment_sha, shard_for
 from proxy.store.payments import PaymentRecords
+from proxy.store_client import StoreClient
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, RedisServer, make_config, payment, running_gateway
 
@@ -224,7 +224,7 @@ async def test_two_leases_taken_at_once_never_share_a_payment(upstream: Upstream
     async with running_gateway(config(url, redis_url)) as client:
         await asyncio.gather(*(pay(client, f"TXN-LEASE-{n}") for n in range(40)))
     # The gateway and its reconciler are gone: two lessors race over every shard.
-    records = PaymentRecords(RedisClient(redis_url, 1))
+    records = PaymentRecords(StoreClient(RedisSettings(url=redis_url, timeout_s=1)))
     clock = now_ms() + 60_000  # everything is due by then
     taken: list[list[str]] = []
     for shard in all_shards("payagg:"):

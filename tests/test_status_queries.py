@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
 from proxy.upstream import ProviderClient
 from tests.canonical_upstream import UpstreamState
-from tests.conftest import make_config, payment
+from tests.conftest import gateway_yaml, make_config, payment, running_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "gateway.yaml"
@@ -172,7 +173,9 @@ async def status_provider() -> AsyncIterator[StatusProvider]:
     await server.close()
 
 
-def status_client(provider: StatusProvider, extra: str = "") -> ProviderClient:
+def status_client(
+    provider: StatusProvider, extra: str = "", metrics: GatewayMetrics | None = None
+) -> ProviderClient:
     text = f"""\
 providers:
   ST:
@@ -196,7 +199,7 @@ providers:
 """
     config = make_config(text).providers[0]
     breaker = ProviderBreaker("ST", config.settings.breaker)
-    return ProviderClient(config, GatewayMetrics(["ST"]), breaker)
+    return ProviderClient(config, metrics or GatewayMetrics(["ST"]), breaker)
 
 
 async def test_a_status_query_asks_the_rendered_url_with_the_reference_escaped(status_provider):
@@ -208,6 +211,19 @@ async def test_a_status_query_asks_the_rendered_url_with_the_reference_escaped(s
         await client.close()
     assert answer.outcome == "success"
     assert status_provider.paths == ["/payments/ref%2F1%20x"]
+
+
+async def test_a_status_answer_no_rule_describes_is_pending_and_counted(status_provider, caplog):
+    status_provider.answers = [(200, {"state": "ON_HOLD"})]
+    metrics = GatewayMetrics(["ST"])
+    client = status_client(status_provider, metrics=metrics)
+    try:
+        answer = await client.query_status("ref-1")
+    finally:
+        await client.close()
+    assert answer.outcome == "pending"
+    assert 'payagg_status_unrecognised_total{provider="ST"} 1.0' in metrics.render().decode()
+    assert any("left pending" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize(
@@ -287,3 +303,29 @@ async def test_a_canonical_409_unknown_to_the_status_endpoint_stays_pending_neve
     assert reply.headers["Location"] == "/v1/payments/TXN-409-LOST"
     looked_up = await (await gateway.get("/v1/payments/TXN-409-LOST")).json()
     assert (looked_up["state"], looked_up["reason"]) == ("PENDING", "outcome_unknown")
+
+
+async def test_a_payment_still_pending_after_sync_wait_s_is_202_then_settled_without_a_resend(
+    upstream, redis_url
+):
+    state: UpstreamState = upstream[0]
+    yaml = gateway_yaml(upstream[1], redis_url).replace(
+        f'CANON: {{url: "{upstream[1]}"}}', f'CANON: {{url: "{upstream[1]}", sync_wait_s: 0.3}}'
+    )
+    state.pending_polls = 10_000  # the payer does not approve in time
+    async with running_gateway(make_config(yaml)) as gateway:
+        first = await gateway.post("/v1/pay", json=payment("TXN-SLOW"))
+        assert first.status == 202, await first.text()
+        assert (await first.json())["status"] == "PENDING"
+        (reference,) = state.polls_left
+        state.polls_left[reference] = 0  # the payer approves; the reconciler asks
+        for _ in range(400):
+            found = await (await gateway.get("/v1/payments/TXN-SLOW")).json()
+            if found["state"] == "SUCCESS":
+                break
+            await asyncio.sleep(0.05)
+        retry = await gateway.post("/v1/pay", json=payment("TXN-SLOW"))
+        assert retry.status == 200, await retry.text()
+        assert retry.headers["Idempotent-Replayed"] == "true"
+    assert state.references == [reference], "sent once, settled by its status"
+    assert len(state.answered) == 1, "one payment at the provider"

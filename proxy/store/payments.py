@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.redis_wire import RedisClient, Script
 from proxy.store.keys import Shard
+from proxy.store_client import Script, StoreClient
 
 # The record, its schedule and its lease, the gauge counter: one step.
 _CLAIM = Script("""
@@ -123,7 +123,7 @@ class Swap:
 class PaymentRecords:
     """The records and schedules of the lifecycle, over one Redis connection."""
 
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: StoreClient) -> None:
         self._redis = redis
 
     async def read(self, shard: Shard, sha: str) -> bytes | None:
@@ -181,7 +181,10 @@ class PaymentRecords:
             swap.tombstone_ttl_ms,
             "1" if swap.leased else "0",
         ]
-        reply = await self._redis.run_script(_SWAP, keys, args)
+        # A final state records what the provider did with the money: retried through a failover
+        # (the compare-and-swap is safe to run twice: a second run finds its own value).
+        durable = swap.due_ms is None
+        reply = await self._redis.run_script(_SWAP, keys, args, durable=durable)
         if reply[0] == 0:
             return True, None
         return False, (bytes(reply[1]) if reply[0] == 1 else None)
@@ -190,7 +193,7 @@ class PaymentRecords:
         due = await self._redis.run_script(
             _LEASE, [shard.due, shard.leases], [now_ms, until_ms, limit]
         )
-        return [member.decode() for member in due]
+        return [_text(member) for member in due]
 
     async def poke(self, shard: Shard, sha: str, now_ms: int) -> int:
         """0: no such payment; 1: its holder will look again; 2: due now."""
@@ -213,5 +216,9 @@ class PaymentRecords:
         found = await self._redis.execute(b"GET", key)
         if found is None:
             return None
-        sha, number, reference = found.decode().split(" ", 2)
+        sha, number, reference = _text(found).split(" ", 2)
         return sha, int(number), reference
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,83 @@
+"""`redis.mode: cluster` against a real 3-master Redis Cluster (the `redis_cluster` fixture):
+payments spread over the masters, a slot migration mid-burst is followed (ASK, then MOVED), and
+a killed master's replica takes over with no TransactionID charged twice."""
+
+from __future__ import annotations
+
+import signal
+
+from redis.crc import key_slot
+
+from proxy.config import GatewayConfig
+from proxy.idempotency import IdempotencyStore
+from proxy.metrics import GatewayMetrics
+from tests.conftest import running_gateway as gateway_on
+from tests.payment_burst import Upstream, burst_against, config, in_thread, pay, until_readiness
+from tests.redis_cluster import RedisCluster
+
+CLUSTER = ", mode: cluster"
+
+
+def store_of(gateway_config: GatewayConfig) -> IdempotencyStore:
+    """A store that is never connected: for the Redis key it gives a TransactionID."""
+    return IdempotencyStore(gateway_config.redis, gateway_config.idempotency, GatewayMetrics([]))
+
+
+async def test_payments_in_cluster_mode_spread_over_every_master(
+    redis_cluster: RedisCluster, upstream: Upstream
+) -> None:
+    url = redis_cluster.url_via(redis_cluster.masters()[0])
+    async with gateway_on(config(upstream[1], url, CLUSTER)) as client:
+        assert await until_readiness(client, 200) == ""
+        answers = [await pay(client, f"spread-{number}") for number in range(30)]
+    assert [status for status, _ in answers] == [200] * 30
+    holding = [node for node in redis_cluster.masters() if node.client().keys("payagg:*[0-9a-f]")]
+    assert len(holding) == 3
+
+
+async def test_a_slot_migration_mid_burst_is_followed(
+    redis_cluster: RedisCluster, upstream: Upstream
+) -> None:
+    source, target = redis_cluster.masters()[:2]
+    url = redis_cluster.url_via(source)
+    store = store_of(config(upstream[1], url, CLUSTER))
+    moving = sorted(redis_cluster.slots_of(source))[:32]
+    candidates = (f"migrate-{number}" for number in range(200_000))
+    transaction_ids = [
+        transaction_id
+        for transaction_id in candidates
+        if key_slot(store.redis_key(transaction_id)) in moving
+    ][:80]
+    async with burst_against(upstream, url, "migrate", CLUSTER, transaction_ids=transaction_ids):
+        await in_thread(redis_cluster.migrate, moving, target)
+    stored = [store.redis_key(transaction_id) for transaction_id in transaction_ids]
+    # Every answer ended on the slots' new owner (EXISTS one key at a time: one slot each).
+    assert [target.client().exists(key) for key in stored] == [1] * len(stored)
+
+
+async def test_a_killed_master_is_replaced_by_its_replica_and_nothing_is_charged_twice(
+    redis_cluster: RedisCluster, upstream: Upstream
+) -> None:
+    victim, survivor = redis_cluster.masters()[:2]
+    heir = redis_cluster.replica_of(victim)
+    # WAIT for one replica before answering 200: the replica that takes over holds every answer
+    # a client saw, though the failover is not planned.
+    durable = CLUSTER + ", wait_replicas: 1"
+    try:
+        async with burst_against(
+            upstream,
+            redis_cluster.url_via(survivor),
+            "kill-master",
+            durable,
+            locks_may_be_lost=True,
+        ) as (client, _):
+            victim.signal(signal.SIGKILL)
+            await in_thread(victim.stop)
+            # Not ready while a third of the slots has no master (cluster_state:fail).
+            await until_readiness(client, 503)
+            await in_thread(redis_cluster.wait_until_promoted, heir)
+    finally:
+        if victim.process is None:
+            await in_thread(victim.start)
+        await in_thread(redis_cluster.wait_until_healthy)
+    assert redis_cluster.role(victim) == "slave"  # it came back as the new master's replica
