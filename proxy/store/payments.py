@@ -208,8 +208,10 @@ class PaymentRecords:
         await self._redis.run_script(_DROP, [shard.due, shard.leases, shard.poked], [sha])
 
     async def counts(self, shard: Shard) -> dict[str, int]:
-        flat = await self._redis.execute(b"HGETALL", shard.counts)
-        return {flat[index].decode(): int(flat[index + 1]) for index in range(0, len(flat), 2)}
+        found = await self._redis.execute(b"HGETALL", shard.counts)
+        # RESP3 answers a map, RESP2 a flat list of fields and values.
+        pairs = found.items() if isinstance(found, dict) else zip(found[::2], found[1::2])
+        return {_text(field): int(count) for field, count in pairs}
 
     async def find_callback(self, key: bytes) -> tuple[str, int, str] | None:
         """(sha, shard number, reference) of the payment a callback token names, if any."""
