@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli
-from proxy.config import GatewayConfig, RedisSettings
+from proxy.config import ConfigError, GatewayConfig, RedisSettings
 from proxy.payment import reference_for
 from proxy.payments.lifecycle import now_ms
 from proxy.providers.callbacks import callback_token
@@ -302,3 +302,22 @@ async def test_a_callback_for_an_unknown_payment_or_with_a_bad_token_is_401_and_
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("reconcile: {max_interval_s: 0}", "reconcile.max_interval_s"),
+        ("reconcile: {give_up_after_s: -1}", "reconcile.give_up_after_s"),
+        ("reconcile: {every_s: 1}", "reconcile.every_s"),
+        ("idempotency: {tombstone_ttl_s: 0}", "idempotency.tombstone_ttl_s"),
+    ],
+    ids=["max-interval", "give-up", "unknown-key", "tombstone"],
+)
+def test_a_bad_lifecycle_setting_is_refused_at_start_up_with_its_file_and_line(line, problem):
+    text = f'{line}\nproviders:\n  CANON: {{url: "http://127.0.0.1:1/pay"}}\n'
+    with pytest.raises(ConfigError) as refused:
+        make_config(text)
+    assert any(p.startswith(f"test.yaml:1: {problem}") for p in refused.value.problems), (
+        refused.value.problems
+    )

@@ -30,6 +30,7 @@ _FIRST_INTERVAL_S = 1.0
 _LEASE_MARGIN_S = 5.0
 _BATCH = 100
 _IDLE_S = 0.5
+_MAX_PAUSE_S = 5.0
 
 
 class StatusSource(Protocol):
@@ -145,17 +146,21 @@ class Reconciler:
         self._shards = all_shards(lifecycle.prefix)
 
     async def run(self) -> None:
-        """Pass after pass until cancelled; a store outage only pauses it."""
+        """Pass after pass until cancelled; a store outage only pauses it, longer each time."""
+        pause_s = _IDLE_S
         while True:
+            # First a pause: a process starting up answers its readiness probe before its
+            # reconciler's first questions to Redis.
+            await asyncio.sleep(pause_s)
             try:
                 handled = await self.pass_once()
             except StoreUnavailable:
-                handled = []
+                pause_s = min(pause_s * 2, _MAX_PAUSE_S)
+                continue
             except Exception:
                 log.exception("reconciliation pass failed; the next one retries")
                 handled = []
-            if not handled:
-                await asyncio.sleep(_IDLE_S)
+            pause_s = 0 if handled else _IDLE_S
 
     async def pass_once(self) -> list[Polled]:
         """Lease every payment due now, handle each, say what happened."""
