@@ -210,7 +210,9 @@ class PaymentRecords:
     async def counts(self, shard: Shard) -> dict[str, int]:
         found = await self._redis.execute(b"HGETALL", shard.counts)
         # RESP3 answers a map, RESP2 a flat list of fields and values.
-        pairs = found.items() if isinstance(found, dict) else zip(found[::2], found[1::2])
+        pairs = (
+            found.items() if isinstance(found, dict) else zip(found[::2], found[1::2], strict=True)
+        )
         return {_text(field): int(count) for field, count in pairs}
 
     async def find_callback(self, key: bytes) -> tuple[str, int, str] | None:
