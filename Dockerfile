@@ -15,6 +15,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY mock_providers ./mock_providers
+# proxy/default_config/gateway.yaml links to it: the wheel carries the file itself.
+COPY config/gateway.yaml ./config/gateway.yaml
 # Every dependency ships binary wheels for CPython 3.11 on amd64/arm64, so no compiler is needed here.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

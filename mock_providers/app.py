@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from aiohttp import web
@@ -211,12 +212,12 @@ async def payment_status(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def stats(request: web.Request) -> web.Response:
     settle(request.app)
-    return web.json_response(request.app[LEDGER].stats.as_json())
+    return json_response(request.app[LEDGER].stats.as_json())
 
 
 async def configure(request: web.Request) -> web.Response:
@@ -224,10 +225,10 @@ async def configure(request: web.Request) -> web.Response:
     try:
         faults.config = faults.config.updated(await read_changes(request))
     except InvalidFaultConfig as bad:
-        return web.json_response(
+        return json_response(
             {"error": "invalid_config", "field": bad.field, "message": bad.problem}, status=400
         )
-    return web.json_response(faults.config.as_json())
+    return json_response(faults.config.as_json())
 
 
 async def read_changes(request: web.Request) -> dict[str, object]:
@@ -243,7 +244,7 @@ async def read_changes(request: web.Request) -> dict[str, object]:
 def respond(answer: Answer) -> web.Response:
     if answer.body is None:
         return web.Response(status=answer.status)
-    return web.json_response(answer.body, status=answer.status)
+    return json_response(answer.body, status=answer.status)
 
 
 @web.middleware
@@ -259,7 +260,8 @@ async def log_request(request: web.Request, handler: Handler) -> web.StreamRespo
         status = http_error.status
         raise
     finally:
-        line = {
+        line: dict[str, object] = {
+            "msg": "request",
             "provider": request.app[API].name,
             "method": request.method,
             "path": request.path,
@@ -268,5 +270,21 @@ async def log_request(request: web.Request, handler: Handler) -> web.StreamRespo
             "status": status,
             "latency_ms": round((time.monotonic() - started) * 1000, 1),
         }
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
+        write_log_line(line)
+
+
+def json_response(body: object, status: int = 200) -> web.Response:
+    """A compact JSON body, as the proxy answers."""
+    return web.json_response(body, status=status, dumps=_compact)
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def write_log_line(fields: dict[str, object]) -> None:
+    """One compact JSON line on stdout with `ts` and `level` first, as the proxy writes them."""
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    sys.stdout.write(_compact({"ts": now, "level": "info", **fields}))
+    sys.stdout.write("\n")
+    sys.stdout.flush()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import random
@@ -12,13 +11,14 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import NoReturn
 
 from aiohttp import web
 
 from mock_providers import airtel, mtn, validation
 from mock_providers.api import ProviderApi
-from mock_providers.app import MockOptions, create_app
+from mock_providers.app import MockOptions, create_app, write_log_line
 from mock_providers.faults import FaultConfig, InvalidFaultConfig, check_latency, check_rate
 from mock_providers.tokens import Credentials
 
@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a mock MTN MoMo or Airtel Money service with faults you can dial in. "
         "Each option can come from its environment variable; a flag wins over it.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     for option in OPTIONS:
         if option.metavar is None:
             parser.add_argument(
@@ -263,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{option.help}; env {option.env}",
             )
     return parser
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("payagg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -364,14 +372,15 @@ def bind_problem(error: OSError) -> str:
 
 
 def announce(settings: Settings) -> None:
-    line = {
+    line: dict[str, object] = {
+        "msg": "listening",
         "event": "listening",
         "provider": settings.api.name,
         "url": f"http://{settings.host}:{settings.port}",
         "seed": settings.seed,
         "faults": settings.faults.as_json(),
     }
-    print(json.dumps(line), flush=True)
+    write_log_line(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -155,7 +155,7 @@ def status_answer(entry: Entry | None, reference: str) -> Answer:
 
 def callback_body(entry: Entry, secret: str | None) -> bytes:
     # MTN does not sign its callbacks; the secret has nothing to sign here.
-    return json.dumps(resource(entry)).encode()
+    return json.dumps(resource(entry), separators=(",", ":")).encode()
 
 
 API = ProviderApi(

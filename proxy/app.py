@@ -38,7 +38,10 @@ from proxy.openapi import build_document
 from proxy.pay import OUTCOME, PROVIDER, PaymentService
 from proxy.payments.callbacks_in import CALLBACK_PREFIX, CALLBACK_ROUTE, CallbackService
 from proxy.payments.reconciler import Reconciler
+from proxy.payments.webhooks import WebhookDelivery
 from proxy.store.keys import all_shards
+from proxy.store.outbox import Outbox
+from proxy.store_client import StoreClient
 from proxy.tokens import unique_tokens
 from proxy.upstream import ProviderClient
 
@@ -74,7 +77,12 @@ class Gateway:
             )
             for provider in config.providers
         }
-        self.store = IdempotencyStore(config.redis, config.idempotency, self.metrics)
+        self.store = IdempotencyStore(
+            config.redis,
+            config.idempotency,
+            self.metrics,
+            enqueue_webhooks=bool(config.webhooks.url),
+        )
         # Each provider has its own HTTP session (created on its first call, inside the loop):
         # its keep-alive pool, TLS settings and egress proxy.
         self._clients = {
@@ -82,6 +90,12 @@ class Gateway:
             for provider in config.providers
         }
         self.payments = PaymentService(self._clients, self.store)
+        # Its own Redis connection: deliveries never queue behind payments' commands.
+        self.webhooks = WebhookDelivery(
+            config.webhooks,
+            Outbox(StoreClient(config.redis), config.redis.key_prefix),
+            self.metrics,
+        )
         self.callbacks = CallbackService(self._clients, self.store.lifecycle, self.payments.wakeups)
         self.reconciler = Reconciler(self.store.lifecycle, self._clients, config.reconcile)
         self._reconciling: asyncio.Task[None] | None = None
@@ -105,9 +119,10 @@ class Gateway:
         return [*self._routes, LOOKUP_ROUTE, CALLBACK_ROUTE]
 
     def start(self) -> None:
-        """Start this process's reconciler (inside the running loop)."""
+        """Start this process's reconciler and webhook delivery (inside the running loop)."""
         if self._reconciling is None:
             self._reconciling = asyncio.get_running_loop().create_task(self.reconciler.run())
+        self.webhooks.start()
 
     def server(self) -> web.Server:
         return GatewayServer(
@@ -124,13 +139,16 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciling
             self._reconciling = None
+        await asyncio.gather(self._settle_payments(timeout_s), self.webhooks.close(timeout_s))
+        for client in self._clients.values():
+            await client.close()
+        await self.store.close()
+
+    async def _settle_payments(self, timeout_s: float) -> None:
         settling = self.payments.settling
         if settling:
             log.info("waiting for %d payment(s) in flight before exit", len(settling))
             await asyncio.wait(settling, timeout=timeout_s)
-        for client in self._clients.values():
-            await client.close()
-        await self.store.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route, then answer errors as JSON and log and count every request."""
@@ -246,6 +264,7 @@ class Gateway:
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         for breaker in self.breakers.values():
             _ = breaker.state  # applies a due open -> half_open move before the gauges are read
+        await self.webhooks.refresh_backlog()
         with contextlib.suppress(StoreUnavailable):
             await self._show_store_gauges()
         return web.Response(

@@ -14,28 +14,32 @@ from pathlib import Path
 import uvloop
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
-from proxy.demo import DEFAULT_PROXY_URL, run_demo
+from proxy.demo import DEFAULT_PROXY_URL, proxy_url, run_demo
 from proxy.devstack import DevOptions, run_dev
 from proxy.errors import StoreUnavailable
-from proxy.logs import configure_logging
+from proxy.logs import configure_logging, log_level_problem
+from proxy.metrics import package_version
 from proxy.serving import reconcile_once, serve
 from proxy.workers import is_worker, run_workers
 
 log = logging.getLogger("payagg")
+PACKAGED_CONFIG = Path(__file__).parent / "default_config" / "gateway.yaml"
+CONFIG_HELP = (
+    f"YAML file (default: $PAYAGG_CONFIG, else ./{DEFAULT_CONFIG_PATH}, else the packaged one)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="payagg", description="A resilient payment gateway aggregator."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument(
-        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
-    )
+    serve.add_argument("--config", help=CONFIG_HELP)
     serve.add_argument("--host", help="address to listen on (default: server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default: server.port)")
     serve.add_argument(
         "--workers",
         type=_positive,
@@ -67,16 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--seed", type=int, metavar="N", help="both mocks' --seed, for a reproducible run"
     )
-    dev.add_argument(
-        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
-    )
+    dev.add_argument("--config", help=CONFIG_HELP)
     dev.set_defaults(run=_dev)
 
     demo = commands.add_parser(
         "demo", help="send n payments in a row and summarise the answers (the breaker demo)"
     )
     demo.add_argument(
-        "--url", default=DEFAULT_PROXY_URL, help=f"the proxy (default {DEFAULT_PROXY_URL})"
+        "--url",
+        type=_proxy_url,
+        default=DEFAULT_PROXY_URL,
+        help=f"the proxy (default {DEFAULT_PROXY_URL})",
     )
     demo.add_argument("--provider", default="AIRTEL", help="ProviderKey to pay (default AIRTEL)")
     demo.add_argument(
@@ -90,9 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--once", action="store_true", required=True, help="one pass over the due payments"
     )
-    reconcile.add_argument(
-        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
-    )
+    reconcile.add_argument("--config", help=CONFIG_HELP)
     reconcile.set_defaults(run=_reconcile)
     return parser
 
@@ -113,6 +116,13 @@ def _rate(text: str) -> float:
     return value
 
 
+def _proxy_url(text: str) -> str:
+    try:
+        return proxy_url(text)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}") from problem
+
+
 def _positive(text: str) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -126,16 +136,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config_path(args: argparse.Namespace) -> str:
-    return str(args.config or os.environ.get("PAYAGG_CONFIG") or DEFAULT_CONFIG_PATH)
+    """--config, else $PAYAGG_CONFIG, else ./config/gateway.yaml, else the one in the package
+    (the same file: the package's copy is a link to it), so `payagg serve` starts anywhere."""
+    chosen = args.config or os.environ.get("PAYAGG_CONFIG")
+    if chosen:
+        return str(chosen)
+    if Path(DEFAULT_CONFIG_PATH).is_file():
+        return DEFAULT_CONFIG_PATH
+    return str(PACKAGED_CONFIG)
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:
+    """The config, or None after printing every problem with it and with the environment."""
+    problems = [f"payagg: {problem}" for problem in [log_level_problem(os.environ)] if problem]
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
-        return None
+        problems += error.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return None if problems else config
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -147,27 +167,24 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging()
     config = _load_or_report(_config_path(args))
     if config is None:
         return 1
+    configure_logging(worker=is_worker())
     host = args.host or config.server.host
     port = args.port or config.server.port
     if args.workers > 1:
         serve_args = ["--config", config.source, "--host", host, "--port", str(port)]
         return run_workers(args.workers, serve_args, config.server.shutdown_timeout_s + 5)
-    log.info(
-        "payagg serving on http://%s:%d with %s",
-        host,
-        port,
-        config.summary(),
-        extra={"fields": {"host": host, "port": port}},
-    )
     _tune_garbage_collector()
     try:
         uvloop.run(serve(config, host, port, reuse_port=is_worker()))
     except OSError as error:
-        print(f"payagg: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+        # asyncio rewords a bind error into a sentence repeating the address; the errno is enough.
+        problem = error.strerror or error
+        if error.errno is not None and error.errno > 0:  # resolver errors are negative
+            problem = os.strerror(error.errno).lower()
+        print(f"payagg: cannot listen on {host}:{port}: {problem}", file=sys.stderr)
         return 1
     log.info("payagg stopped")
     return 0
@@ -218,7 +235,3 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.url, args.provider, args.count)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -150,6 +150,25 @@ class IdempotencySettings(_Section):
     replay_cache_size: int | None = None
 
 
+class WebhookSettings(_Section):
+    """Merchant webhooks: where final states are POSTed, signed, and for how long retried."""
+
+    # Empty: no webhook is sent, and none is enqueued (the outbox would only grow).
+    url: str = ""
+    # The HMAC-SHA256 key of Payagg-Signature; from the environment, never written in the file.
+    secret: str = Field("", repr=False)
+    # A delivery still failing this long after its payment became final is dropped (logged).
+    retry_for_s: float = Field(86400, ge=1, le=30 * 86400)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        return url
+
+
 class ReconcileSettings(_Section):
     """How the reconciler asks providers about payments not final yet."""
 
@@ -259,6 +278,7 @@ class _FileShape(_Section):
     server: ServerSettings = ServerSettings()
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    webhooks: WebhookSettings = WebhookSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     defaults: ProviderDefaults = ProviderDefaults()
     # Each provider is validated on its own, so one bad provider hides no other's problems.
@@ -310,6 +330,7 @@ class GatewayConfig:
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     # SHA-256 of the file's text as read, before ${VAR} substitution: which file a process runs.
     content_sha256: str = ""
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     def summary(self) -> str:
         names = ", ".join(provider.name for provider in self.providers)
@@ -361,8 +382,11 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
     server = shape.server if shape is not None else ServerSettings()
     providers, provider_problems = _build_providers(settings, server)
     problems.extend(provider_problems)
+    idempotency = shape.idempotency if shape is not None else _idempotency_alone(raw)
+    if idempotency is not None:
+        problems.extend(_lock_ttl_problems(idempotency, settings))
     if shape is not None:
-        problems.extend(_lock_ttl_problems(shape.idempotency, settings))
+        problems.extend(_webhook_problems(shape.webhooks))
     if problems or shape is None:
         raise ConfigError(_format(problems, document, source))
     return GatewayConfig(
@@ -373,6 +397,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
         providers,
         reconcile=shape.reconcile,
         content_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        webhooks=shape.webhooks,
     )
 
 
@@ -613,6 +638,14 @@ def _tls_problems(settings: ProviderSettings, path: Path) -> list[Problem]:
     return []
 
 
+def _idempotency_alone(raw: dict[str, Any]) -> IdempotencySettings | None:
+    """The `idempotency` section when another section is invalid, so its rule is checked too."""
+    try:
+        return IdempotencySettings.model_validate(raw.get("idempotency") or {})
+    except ValidationError:
+        return None  # its own problems are already reported by the whole file's validation
+
+
 def _lock_ttl_problems(
     idempotency: IdempotencySettings, settings: dict[str, ProviderSettings]
 ) -> list[Problem]:
@@ -630,6 +663,32 @@ def _lock_ttl_problems(
             "works lets a retry charge twice",
         )
     ]
+
+
+# HMAC keys shorter than this can be found offline from a single signed webhook.
+_MIN_WEBHOOK_SECRET_CHARS = 16
+
+
+def _webhook_problems(webhooks: WebhookSettings) -> list[Problem]:
+    if not webhooks.url:
+        return []
+    if not webhooks.secret:
+        return [
+            Problem(
+                ("webhooks", "secret"),
+                "required when webhooks.url is set (${PAYAGG_WEBHOOK_SECRET}): receivers "
+                "could not tell payagg's webhooks from forged ones",
+            )
+        ]
+    if len(webhooks.secret) < _MIN_WEBHOOK_SECRET_CHARS:
+        return [
+            Problem(
+                ("webhooks", "secret"),
+                f"must be at least {_MIN_WEBHOOK_SECRET_CHARS} characters, got "
+                f"{len(webhooks.secret)}: a short key can be guessed from one signed webhook",
+            )
+        ]
+    return []
 
 
 def _format(problems: list[Problem], document: YamlDocument, source: str) -> list[str]:

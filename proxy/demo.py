@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ class Answer:
     @property
     def breaker_open(self) -> bool:
         return self.status == 503 and self.error == "provider_unavailable"
+
+
+def proxy_url(text: str) -> str:
+    """`--url` as given, if it is an http(s) URL with a host; raises ValueError saying why not."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"needs a scheme and a host, like http://{text.split('//')[-1]}")
+    return text
 
 
 class StackUnreachable(Exception):

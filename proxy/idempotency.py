@@ -83,7 +83,11 @@ class IdempotencyStore:
     """The only place that talks to Redis; its errors become StoreUnavailable here."""
 
     def __init__(
-        self, settings: RedisSettings, ttl: IdempotencySettings, metrics: GatewayMetrics
+        self,
+        settings: RedisSettings,
+        ttl: IdempotencySettings,
+        metrics: GatewayMetrics,
+        enqueue_webhooks: bool = False,
     ) -> None:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
@@ -91,7 +95,12 @@ class IdempotencyStore:
         self._redis = StoreClient(settings)
         self.errors = _StoreErrors(metrics)
         self.lifecycle = Lifecycle(
-            PaymentRecords(self._redis), settings.key_prefix, ttl, metrics, self.errors
+            PaymentRecords(self._redis),
+            settings.key_prefix,
+            ttl,
+            metrics,
+            self.errors,
+            enqueue_webhooks,
         )
         self._legacy_until: float | None = None
         # Claims whose reply never came, by payment (see `claim`).

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import orjson
@@ -36,10 +36,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        entry.update(_process_fields)
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        # Compact like the request line and every JSON body payagg writes.
+        return orjson.dumps(entry, default=str).decode()
 
 
 class BufferedLineHandler(logging.Handler):
@@ -87,6 +89,8 @@ class BufferedLineHandler(logging.Handler):
 
 
 _sink: BufferedLineHandler | None = None
+# Fields every line carries: under `payagg serve --workers N`, which worker wrote it.
+_process_fields: dict[str, Any] = {}
 
 
 def log_request(fields: dict[str, Any]) -> None:
@@ -102,13 +106,25 @@ def log_request(fields: dict[str, Any]) -> None:
         return
     entry = {"ts": _timestamp(time.time()), "level": "info", "logger": REQUEST_LOGGER}
     entry["msg"] = "request"
+    entry.update(_process_fields)
     entry.update(fields)
     # orjson: a tenth of json.dumps's time on the line every request writes.
     _sink.write_line(orjson.dumps(entry).decode())
 
 
-def configure_logging(level: str | None = None) -> None:
+def log_level_problem(environ: Mapping[str, str]) -> str | None:
+    """Why $LOG_LEVEL cannot be used (one line), or None when it is unset or a level name."""
+    raw = environ.get("LOG_LEVEL", "")
+    if not raw or raw.upper() in logging.getLevelNamesMapping():
+        return None
+    return f"LOG_LEVEL: must be one of debug, info, warning, error, critical, got {raw!r}"
+
+
+def configure_logging(level: str | None = None, worker: bool = False) -> None:
     global _sink
+    _process_fields.clear()
+    if worker:
+        _process_fields["worker"] = os.getpid()
     _sink = BufferedLineHandler(sys.stdout)
     _sink.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -43,6 +43,7 @@ OUTCOMES = (
     "malformed",
     "client_closed",
 )
+WEBHOOK_RESULTS = ("delivered", "failed", "expired")
 # payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
 _ANSWER_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30,
@@ -135,6 +136,7 @@ class GatewayMetrics:
                 self.show_state(provider, BreakerState.CLOSED)
 
         self._add_operations_metrics(providers)
+        self._add_webhook_metrics()
         self._add_lifecycle_metrics(providers)
 
     def count(self, provider: str, outcome: str) -> None:
@@ -232,7 +234,7 @@ class GatewayMetrics:
 
     def show_build(self, config_hash: str) -> None:
         self.build_info.labels(
-            _package_version(),
+            package_version(),
             os.environ.get(REVISION_ENV) or "unknown",
             platform.python_version(),
             config_hash,
@@ -247,8 +249,27 @@ class GatewayMetrics:
         if seconds is not None:
             histogram.observe(seconds)
 
+    # --- merchant webhooks ----------------------------------------------------------------------
 
-def _package_version() -> str:
+    def _add_webhook_metrics(self) -> None:
+        self.webhook_deliveries = Counter(
+            "payagg_webhook_deliveries_total",
+            "Merchant webhook attempts: delivered (2xx), failed (will retry), expired (given up).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result)
+        self.webhook_backlog = Gauge(
+            "payagg_webhook_backlog",
+            "Merchant webhooks not yet delivered, read from the store at each scrape.",
+            registry=self.registry,
+            # Every process reads the same store: the latest reading is right for all of them.
+            multiprocess_mode="livemostrecent",
+        )
+
+
+def package_version() -> str:
     try:
         return metadata.version("payagg")
     except metadata.PackageNotFoundError:

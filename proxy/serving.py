@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 
@@ -10,7 +11,10 @@ from aiohttp import web
 
 from proxy.app import Gateway
 from proxy.config import GatewayConfig
+from proxy.errors import StoreUnavailable
 from proxy.payments.reconciler import Polled
+
+log = logging.getLogger("payagg")
 
 
 async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -> None:
@@ -28,14 +32,38 @@ async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -
     timeout_s = config.server.shutdown_timeout_s
     runner = web.ServerRunner(gateway.server(), shutdown_timeout=timeout_s)
     await runner.setup()
-    gateway.start()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        gateway.start()  # the reconciler and the webhook delivery
+        log.info(
+            "payagg serving on http://%s:%d with %s",
+            host,
+            port,
+            config.summary(),
+            extra={"fields": {"host": host, "port": port}},
+        )
+        store_check = asyncio.create_task(_warn_if_store_unreachable(gateway, config))
         await stop.wait()
+        store_check.cancel()
     finally:
         stopping_at = time.monotonic()
         await runner.cleanup()
         await gateway.close(max(0.0, timeout_s - (time.monotonic() - stopping_at)))
+
+
+async def _warn_if_store_unreachable(gateway: Gateway, config: GatewayConfig) -> None:
+    """Say at start-up, not at the first payment, that Redis cannot be reached (payments then
+    answer 503 store_unavailable until it can); the proxy keeps serving and retrying."""
+    try:
+        await gateway.store.ping()
+    except StoreUnavailable:
+        address = config.redis.address
+        log.warning(
+            "redis at %s:%d cannot take a write at start-up; payments answer 503 until it can",
+            address.host,
+            address.port,
+            extra={"fields": {"redis_host": address.host, "redis_port": address.port}},
+        )
 
 
 async def reconcile_once(config: GatewayConfig) -> list[Polled]:

@@ -39,7 +39,7 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
     """Start `count` workers with `payagg serve <serve_args>` and supervise them."""
     metrics_dir = tempfile.mkdtemp(prefix="payagg-metrics-")
     env = {**os.environ, WORKER_ENV: "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    argv = [sys.executable, "-m", "proxy.cli", "serve", *serve_args]
+    argv = [sys.executable, "-m", "proxy", "serve", *serve_args]
     workers: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 

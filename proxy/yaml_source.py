@@ -103,14 +103,25 @@ def load_yaml(text: str, environ: Mapping[str, str]) -> YamlDocument:
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        raise YamlSyntaxError(mark.line + 1 if mark else 1, str(error.problem)) from error
+        raise _syntax_error(error, text) from error
     finally:
         loader.dispose()
     document = YamlDocument(data=None)
     if root is not None:
         document.data = _build(root, (), loader, document, environ)
     return document
+
+
+def _syntax_error(error: yaml.MarkedYAMLError, text: str) -> YamlSyntaxError:
+    """The line the mistake is on: an unclosed quote or bracket is only noticed where the
+    text ends, so the parser's problem mark is then the last line and its context mark (where
+    the unclosed token began) is the one to report."""
+    mark = error.problem_mark or error.context_mark
+    at_end = mark is not None and not text[mark.index :].strip()
+    if at_end and error.context_mark is not None:
+        mark = error.context_mark
+    message = f"{error.context}: {error.problem}" if error.context else str(error.problem)
+    return YamlSyntaxError(mark.line + 1 if mark else 1, message)
 
 
 def _build(

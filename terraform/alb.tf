@@ -1,5 +1,7 @@
-# The public entry point. HTTP forwards to the proxy until a certificate is given; from then on HTTP
-# only redirects and HTTPS (TLS 1.2+ policy) forwards.
+# The public entry point. Only the routes of the contract's public API are forwarded to the proxy;
+# every other request (/metrics, /v1/providers, /openapi.json, /readyz, the admin API) is answered 404
+# by the ALB itself and never reaches a task. HTTP serves those routes until a certificate is given;
+# from then on HTTP only redirects them and HTTPS (TLS 1.2+ policy) forwards.
 
 locals {
   https_enabled = var.certificate_arn != ""
@@ -8,12 +10,32 @@ locals {
   # then sends SIGTERM; the proxy drains for up to 20 s more within the 30 s stopTimeout. A payment
   # never takes longer than the provider timeout, so 20 s covers it with a margin.
   deregistration_delay_s = 20
+
+  # CONTRACT.md section 2: "Through the load balancer only POST /v1/pay, GET /v1/payments/*,
+  # PUT/POST /v1/callbacks/* and GET /healthz are reachable." ALB path patterns are case-sensitive
+  # and `*` matches any characters, so each pattern stays under its own prefix. The ALB health check
+  # reaches the task directly and needs no rule; the public /healthz is for uptime probes.
+  public_routes = {
+    pay       = { priority = 10, methods = ["POST"], paths = ["/v1/pay"] }
+    payments  = { priority = 20, methods = ["GET"], paths = ["/v1/payments/*"] }
+    callbacks = { priority = 30, methods = ["PUT", "POST"], paths = ["/v1/callbacks/*"] }
+    healthz   = { priority = 40, methods = ["GET"], paths = ["/healthz"] }
+  }
+
+  # What the ALB answers for any other route: payagg's own 404 body, so a client sees one shape
+  # whether the ALB or the proxy refused the path.
+  not_found = {
+    status_code  = "404"
+    content_type = "application/json"
+    message_body = "{\"error\":\"not_found\",\"message\":\"no such route\"}"
+  }
 }
 
 resource "aws_lb" "payagg" {
   #checkov:skip=CKV_AWS_150:deletion protection is the alb_deletion_protection variable, off by default so terraform destroy works
   #checkov:skip=CKV_AWS_91:access logs are the enable_alb_access_logs variable, off by default to keep the demo free of a log bucket
-  #checkov:skip=CKV2_AWS_28:no WAF in the demo (about $6/month minimum); attach a web ACL to this ALB in production
+  #checkov:skip=CKV2_AWS_20:HTTP redirects the public routes to HTTPS through listener rules once certificate_arn is set; without a certificate (a demo without a domain) it serves them, and answers 404 to everything else either way
+  #checkov:skip=CKV2_AWS_76:the web ACL (waf.tf) has the Log4j rules (KnownBadInputs) but not AnonymousIpList, whose hosting-provider list would block merchants' servers and providers' callbacks, which run in clouds
   name                       = var.name
   load_balancer_type         = "application"
   internal                   = false
@@ -54,23 +76,18 @@ resource "aws_lb_target_group" "proxy" {
 }
 
 resource "aws_lb_listener" "http" {
-  #checkov:skip=CKV_AWS_2:HTTP forwards only while certificate_arn is empty (a demo without a domain); with a certificate it redirects to HTTPS
+  #checkov:skip=CKV_AWS_2:HTTP serves the public routes only while certificate_arn is empty (a demo without a domain); with a certificate it only redirects them to HTTPS
   #checkov:skip=CKV_AWS_103:the TLS policy applies to the HTTPS listener; this one is plain HTTP by design
   load_balancer_arn = aws_lb.payagg.arn
   port              = 80
   protocol          = "HTTP"
 
   default_action {
-    type             = local.https_enabled ? "redirect" : "forward"
-    target_group_arn = local.https_enabled ? null : aws_lb_target_group.proxy.arn
-
-    dynamic "redirect" {
-      for_each = local.https_enabled ? [1] : []
-      content {
-        protocol    = "HTTPS"
-        port        = "443"
-        status_code = "HTTP_301"
-      }
+    type = "fixed-response"
+    fixed_response {
+      status_code  = local.not_found.status_code
+      content_type = local.not_found.content_type
+      message_body = local.not_found.message_body
     }
   }
 }
@@ -85,8 +102,73 @@ resource "aws_lb_listener" "https" {
   certificate_arn   = var.certificate_arn
 
   default_action {
+    type = "fixed-response"
+    fixed_response {
+      status_code  = local.not_found.status_code
+      content_type = local.not_found.content_type
+      message_body = local.not_found.message_body
+    }
+  }
+}
+
+# The public routes on port 80: forwarded while there is no certificate, redirected to HTTPS (same
+# host, path and query) once there is one. Any other path gets the 404 above on either port.
+resource "aws_lb_listener_rule" "http" {
+  for_each = local.public_routes
+
+  listener_arn = aws_lb_listener.http.arn
+  priority     = each.value.priority
+
+  action {
+    type             = local.https_enabled ? "redirect" : "forward"
+    target_group_arn = local.https_enabled ? null : aws_lb_target_group.proxy.arn
+
+    dynamic "redirect" {
+      for_each = local.https_enabled ? [1] : []
+      content {
+        protocol    = "HTTPS"
+        port        = "443"
+        status_code = "HTTP_301"
+      }
+    }
+  }
+
+  condition {
+    http_request_method {
+      values = each.value.methods
+    }
+  }
+
+  condition {
+    path_pattern {
+      values = each.value.paths
+    }
+  }
+}
+
+resource "aws_lb_listener_rule" "https" {
+  # A for expression rather than `cond ? routes : {}`: the two branches of a conditional must
+  # have one type, and an empty object is not the routes' type.
+  for_each = { for name, route in local.public_routes : name => route if local.https_enabled }
+
+  listener_arn = aws_lb_listener.https[0].arn
+  priority     = each.value.priority
+
+  action {
     type             = "forward"
     target_group_arn = aws_lb_target_group.proxy.arn
+  }
+
+  condition {
+    http_request_method {
+      values = each.value.methods
+    }
+  }
+
+  condition {
+    path_pattern {
+      values = each.value.paths
+    }
   }
 }
 

@@ -18,7 +18,10 @@ locals {
     readonlyRootFilesystem = true
     stopTimeout            = 30
     linuxParameters        = { initProcessEnabled = true }
-    portMappings           = [{ containerPort = 8080, protocol = "tcp" }]
+    # Only the public port. The admin port (server.admin_port, 9090) is for the collector beside it,
+    # over the task's loopback: awsvpc needs no mapping for that, and the security group admits
+    # nothing but 8080 from the ALB.
+    portMappings = [{ containerPort = 8080, protocol = "tcp" }]
     dependsOn = [
       { containerName = "mtn", condition = "HEALTHY" },
       { containerName = "airtel", condition = "HEALTHY" },
@@ -243,6 +246,7 @@ resource "aws_ecs_service" "payagg" {
     ignore_changes = [desired_count]
   }
 
-  # The proxy cannot start before the secret holds the Redis URL.
-  depends_on = [aws_lb_listener.http, aws_secretsmanager_secret_version.redis]
+  # ECS refuses a target group that no listener rule forwards to yet, and the proxy cannot start
+  # before the secret holds the Redis URL.
+  depends_on = [aws_lb_listener_rule.http, aws_lb_listener_rule.https, aws_secretsmanager_secret_version.redis]
 }

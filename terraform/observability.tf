@@ -54,7 +54,8 @@ locals {
         config = {
           scrape_configs = [{
             # The alert rules select job="payagg". Once `server.admin_port` exists, this target
-            # becomes 127.0.0.1:9090 (the admin port) and the main port stops serving /metrics.
+            # becomes 127.0.0.1:9090 (the admin port) and the main port stops serving /metrics;
+            # the collector shares the task's loopback, so no port mapping or rule is needed.
             job_name        = "payagg"
             scrape_interval = "${var.metrics_scrape_interval_s}s"
             metrics_path    = "/metrics"

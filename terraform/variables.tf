@@ -201,13 +201,15 @@ variable "ssl_policy" {
 }
 
 variable "alb_ingress_cidrs" {
-  description = "IPv4 CIDR blocks allowed to reach the ALB; narrow it to your own address for a private demo."
+  description = "IPv4 CIDR blocks allowed to reach the ALB on 80 (and 443 with a certificate). The default, the whole internet, is what a demo called from anywhere needs; in production narrow it to the merchants' and providers' addresses (or to a CDN's)."
   type        = list(string)
   default     = ["0.0.0.0/0"]
 
   validation {
-    condition     = length(var.alb_ingress_cidrs) > 0 && alltrue([for cidr in var.alb_ingress_cidrs : can(cidrhost(cidr, 0))])
-    error_message = "alb_ingress_cidrs must be a non-empty list of IPv4 CIDR blocks."
+    # cidrnetmask accepts IPv4 only; cidrsubnet(cidr, 0, 0) is the block with its host bits cleared,
+    # which AWS would store instead of what was written (a perpetual diff, or a wider block than meant).
+    condition     = length(var.alb_ingress_cidrs) > 0 && alltrue([for cidr in var.alb_ingress_cidrs : can(cidrnetmask(cidr)) && try(cidrsubnet(cidr, 0, 0) == cidr, false)])
+    error_message = "alb_ingress_cidrs must be a non-empty list of IPv4 CIDR blocks written with their host bits zero, e.g. 203.0.113.0/24 or 198.51.100.7/32."
   }
 }
 
@@ -221,6 +223,24 @@ variable "enable_alb_access_logs" {
   description = "Write ALB access logs to a new encrypted, private S3 bucket."
   type        = bool
   default     = false
+}
+
+variable "waf_enabled" {
+  description = "Put an AWS WAF web ACL in front of the ALB: a rate limit per source IP (waf_rate_limit_per_5min) and AWS's known-bad-inputs rules, blocked requests logged. About $7/month plus $0.60 per million requests; off only for the cheapest throw-away demo."
+  type        = bool
+  default     = true
+}
+
+variable "waf_rate_limit_per_5min" {
+  description = "Requests one source IP may send through the ALB in any 5 minutes before WAF answers 429 (waf_enabled). 3000 is 10 a second sustained: above a merchant's own pace in a demo, far below a flood; a merchant behind one NAT address needs more."
+  type        = number
+  default     = 3000
+
+  validation {
+    # WAF's own bounds for a rate-based rule.
+    condition     = var.waf_rate_limit_per_5min >= 100 && var.waf_rate_limit_per_5min <= 2000000000 && floor(var.waf_rate_limit_per_5min) == var.waf_rate_limit_per_5min
+    error_message = "waf_rate_limit_per_5min must be a whole number from 100 to 2000000000."
+  }
 }
 
 # --- The store (Redis protocol: MemoryDB or ElastiCache) -------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -47,7 +48,9 @@ def http_ok(url: str) -> bool:
 class ServiceProcess:
     """A child process whose output goes to a log file, readable when a test fails."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.argv = list(argv)
         self.log_path = Path(tempfile.mkstemp(prefix="payagg-test-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
@@ -58,6 +61,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
+            cwd=cwd,
         )
 
     def log(self) -> str:

@@ -186,6 +186,25 @@ def test_every_error_is_reported_at_once_in_line_order():
     assert "breakr: unknown key (did you mean 'breaker'?)" in reported[-1]
 
 
+def test_the_lock_ttl_rule_is_reported_together_with_the_other_sections_problems():
+    reported = problems(VALID.replace("port: 8080", "port: 0") + "idempotency: {lock_ttl_s: 5}\n")
+    assert [line.split(":")[1] for line in reported] == ["1", "8"], reported
+    assert "idempotency.lock_ttl_s: must exceed the largest provider timeout" in reported[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('server:\n  host: "127.0.0.1\n  port: 8080\nproviders: {}\n', 2),
+        ("server:\n  host: x\n port: 8080\n  max_body_bytes: 1\n", 3),
+    ],
+    ids=["unclosed-quote", "bad-indent"],
+)
+def test_a_yaml_syntax_error_names_the_line_of_the_mistake(text, line):
+    reported = problems(text)
+    assert reported[0].startswith(f"gw.yaml:{line}: not valid YAML"), reported
+
+
 def test_mapping_templates_with_unknown_placeholders_are_errors_with_their_line():
     text = (
         VALID

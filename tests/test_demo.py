@@ -67,3 +67,15 @@ def test_status_codes_are_coloured_green_yellow_red_only_on_a_terminal():
     assert paint(503, colour=True) == "\033[31m503\033[0m"
     assert paint(504, colour=True) == "\033[31m504\033[0m"
     assert paint(200, colour=False) == "200"
+
+
+def test_a_url_without_a_scheme_is_refused_with_one_line_saying_so():
+    result = subprocess.run(
+        [str(VENV_BIN / "payagg"), "demo", "--url", "127.0.0.1:18099"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "argument --url: needs a scheme and a host, like http://127.0.0.1:18099, "
+        "got '127.0.0.1:18099'"
+    )

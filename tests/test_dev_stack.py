@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.processes import VENV_BIN, ServiceProcess, free_port, wait_until
+from tests.processes import ROOT, VENV_BIN, ServiceProcess, free_port, wait_until
 
 STARTED = re.compile(r"^started (\w+)\s+pid (\d+)\s+(\S+)$", re.MULTILINE)
 KEPT_LOGS = re.compile(r"^payagg dev: logs kept in (\S+)$", re.MULTILINE)
@@ -214,3 +214,34 @@ def test_a_killed_supervisor_takes_its_children_with_it():
             lambda: not [name for name, pid in children.items() if alive(pid)],
             what="every child of the killed supervisor to exit",
         )
+
+
+def mock_faults(port: int) -> dict[str, object]:
+    """A mock's fault settings: an empty PUT changes nothing and answers them."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/__mock/config", data=b"{}", method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        faults: dict[str, object] = json.loads(answer.read())
+    return faults
+
+
+def test_make_dev_passes_its_args_and_sigterm_to_make_stops_the_stack():
+    ports = {name: free_port() for name in SERVICES}
+    args = " ".join(f"--{name}-port {port}" for name, port in ports.items() if name != "proxy")
+    args += f" --port {ports['proxy']} --failure-rate 0.8 --seed 7"
+    venv = VENV_BIN.parent
+    make = ServiceProcess(["make", "-s", "-C", str(ROOT), "dev", f"VENV={venv}", f"ARGS={args}"])
+    try:
+        make.wait_ready(f"http://127.0.0.1:{ports['proxy']}/readyz", timeout_s=30)
+        wait_until(lambda: "stack is ready" in make.log(), what="the ready banner")
+        assert mock_faults(ports["mtn"])["failure_rate"] == 0.8
+        children = {name: int(pid) for name, pid, _ in STARTED.findall(make.log())}
+        assert set(children) == set(SERVICES), make.log()
+        make.signal(signal.SIGTERM)  # to make itself, not to its process group
+        make.process.wait(20)
+        wait_until(lambda: not [pid for pid in children.values() if alive(pid)], 20, "children")
+        assert all(port_is_free(port) for port in ports.values()), ports
+    finally:
+        make.stop()

@@ -9,8 +9,10 @@ in payagg.
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import json
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,6 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from proxy.store.keys import payment_sha, shard_for
 from tests.conftest import RedisServer
 from tests.processes import ServiceProcess, free_port, mock_provider, payagg_serve, running
 from tests.test_providers_end_to_end import Reply, call
@@ -132,50 +133,81 @@ def assert_money_invariant(stack: Stack, proxy: Proxy, paid: list[str], before: 
         assert proxy.payment(transaction_id)["state"] == "SUCCESS"
 
 
-def test_a_payer_approving_late_gets_202_then_success_by_status_and_a_webhook_enqueued(stack):
-    proxy = stack.proxy()
-    transaction_id = fresh("LATE")
-    before = stack.stats()
+class WebhookReceiver:
+    """A merchant's endpoint: records every webhook POSTed to it, answers 200."""
 
-    first = proxy.pay(transaction_id)
-    assert first.status == 202, first.raw
-    assert first.body == {
-        "status": "PENDING",
-        "transaction_id": transaction_id,
-        "provider": "MTN",
-        "provider_reference": first.body["provider_reference"],
-        "status_url": f"/v1/payments/{transaction_id}",
-    }
-    assert first.headers["Location"] == f"/v1/payments/{transaction_id}"
-    assert int(first.headers["Retry-After"]) >= 1
-    replayed = proxy.pay(transaction_id)
-    assert replayed.status in (202, 200)  # the same 202 while pending, never a second call
-    assert stack.stats()["requests"] - before["requests"] == 1
+    def __init__(self) -> None:
+        received: list[bytes] = []
 
-    final = eventually_final(proxy, transaction_id)
-    assert final["state"] == "SUCCESS"
-    assert final["status_code"] == 200
-    retry = proxy.pay(transaction_id)
-    assert retry.status == 200
-    assert retry.headers.get("Idempotent-Replayed") == "true"
-    assert retry.body["provider_reference"] == final["provider_reference"]
-    assert_money_invariant(stack, proxy, [transaction_id], before)
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
 
-    sha = payment_sha(transaction_id)
-    shard = shard_for("payagg:", sha)
-    hook = json.loads(stack.redis.get(shard.hook(sha, "SUCCESS")))
-    assert json.loads(hook["body"]) == {
-        "transaction_id": transaction_id,
-        "state": "SUCCESS",
-        "provider": "MTN",
-        "provider_reference": final["provider_reference"],
-        "amount": 20.0,
-        "currency": "ZAR",
-        "reason": None,
-    }
-    assert stack.redis.zscore(shard.outbox, f"{sha}:SUCCESS") is not None
-    assert proxy.metric("payagg_requests_total", provider="MTN", outcome="pending") >= 1
-    assert proxy.metric("payagg_payment_time_to_final_seconds_count", provider="MTN") >= 1
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.received = received
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_payer_approving_late_gets_202_then_success_by_status_then_the_webhook(stack):
+    receiver = WebhookReceiver()
+    try:
+        proxy = stack.proxy(
+            PAYAGG_WEBHOOK_URL=receiver.url, PAYAGG_WEBHOOK_SECRET="lifecycle-webhook-secret"
+        )
+        transaction_id = fresh("LATE")
+        before = stack.stats()
+
+        first = proxy.pay(transaction_id)
+        assert first.status == 202, first.raw
+        assert first.body == {
+            "status": "PENDING",
+            "transaction_id": transaction_id,
+            "provider": "MTN",
+            "provider_reference": first.body["provider_reference"],
+            "status_url": f"/v1/payments/{transaction_id}",
+        }
+        assert first.headers["Location"] == f"/v1/payments/{transaction_id}"
+        assert int(first.headers["Retry-After"]) >= 1
+        replayed = proxy.pay(transaction_id)
+        assert replayed.status in (202, 200)  # the same 202 while pending, never a second call
+        assert stack.stats()["requests"] - before["requests"] == 1
+
+        final = eventually_final(proxy, transaction_id)
+        assert final["state"] == "SUCCESS"
+        assert final["status_code"] == 200
+        retry = proxy.pay(transaction_id)
+        assert retry.status == 200
+        assert retry.headers.get("Idempotent-Replayed") == "true"
+        assert retry.body["provider_reference"] == final["provider_reference"]
+        assert_money_invariant(stack, proxy, [transaction_id], before)
+
+        deadline = time.monotonic() + BOUND_S
+        while not receiver.received:
+            assert time.monotonic() < deadline, "no webhook came"
+            time.sleep(0.05)
+        assert json.loads(receiver.received[0]) == {
+            "transaction_id": transaction_id,
+            "state": "SUCCESS",
+            "provider": "MTN",
+            "provider_reference": final["provider_reference"],
+            "amount": 20.0,
+            "currency": "ZAR",
+            "reason": None,
+        }
+        assert proxy.metric("payagg_requests_total", provider="MTN", outcome="pending") >= 1
+        assert proxy.metric("payagg_payment_time_to_final_seconds_count", provider="MTN") >= 1
+    finally:
+        receiver.close()
 
 
 def test_a_proxy_killed_while_holding_leases_leaves_every_payment_to_another_that_settles_it(

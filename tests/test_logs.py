@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -80,3 +81,38 @@ async def test_a_warning_writes_the_lines_before_it_at_once_and_in_order(sink):
     handler.emit(record)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line.get("request_id", line["msg"]) for line in lines] == ["r1", "breaker open"]
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """configure_logging as `payagg serve` calls it; the process's logging restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(logs, "_sink", None)
+    yield
+    logs._process_fields.clear()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def formatted() -> str:
+    record = logging.LogRecord("payagg", logging.INFO, __file__, 1, "hello", None, None)
+    return logs.JsonFormatter().format(record)
+
+
+def test_log_lines_are_compact_json_like_the_request_line(configured):
+    logs.configure_logging()
+    line = formatted()
+    assert ", " not in line
+    assert '"level":"info"' in line
+    assert "worker" not in json.loads(line)
+
+
+def test_under_workers_every_line_names_its_worker(configured, capsys):
+    logs.configure_logging(worker=True)
+    logging.getLogger("payagg").warning("a warning")
+    logs.log_request({"status": 200})
+    assert logs._sink is not None
+    logs._sink.flush()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["worker"] for line in lines] == [os.getpid(), os.getpid()]

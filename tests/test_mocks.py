@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1154,11 +1155,15 @@ async def test_every_request_writes_one_json_log_line(
     reference = dialect.new_reference()
     await pay(client, dialect, reference, access_token)
     await get_json(client, "/healthz")
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    issued, payment, health = lines
+    output = capsys.readouterr().out
+    assert ", " not in output  # compact, like the proxy's lines
+    issued, payment, health = (json.loads(line) for line in output.splitlines())
     assert (issued["path"], issued["status"]) == (dialect.api.token_path, 200)
     assert payment.pop("latency_ms") >= 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", payment.pop("ts"))
     assert payment == {
+        "level": "info",
+        "msg": "request",
         "provider": dialect.api.name,
         "method": "POST",
         "path": dialect.api.payment_path,

