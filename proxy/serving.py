@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.app import Gateway
 from proxy.config import GatewayConfig
 from proxy.errors import StoreUnavailable
+from proxy.payments.reconciler import Polled
 
 log = logging.getLogger("payagg")
 
@@ -33,7 +34,7 @@ async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
-        gateway.webhooks.start()
+        gateway.start()  # the reconciler and the webhook delivery
         log.info(
             "payagg serving on http://%s:%d with %s",
             host,
@@ -63,3 +64,12 @@ async def _warn_if_store_unreachable(gateway: Gateway, config: GatewayConfig) ->
             address.port,
             extra={"fields": {"redis_host": address.host, "redis_port": address.port}},
         )
+
+
+async def reconcile_once(config: GatewayConfig) -> list[Polled]:
+    """One reconciliation pass, as `payagg reconcile --once` runs it beside the servers."""
+    gateway = Gateway(config)
+    try:
+        return await gateway.reconciler.pass_once()
+    finally:
+        await gateway.close(0)
