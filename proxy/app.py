@@ -8,6 +8,7 @@ request clone cost a tenth of a replayed payment (measured with `make bench`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -38,6 +39,9 @@ from proxy.pay import OUTCOME, PROVIDER, PaymentService
 from proxy.payments.webhooks import WebhookDelivery
 from proxy.store.outbox import Outbox
 from proxy.store_client import StoreClient
+from proxy.payments.callbacks_in import CALLBACK_PREFIX, CALLBACK_ROUTE, CallbackService
+from proxy.payments.reconciler import Reconciler
+from proxy.store.keys import all_shards
 from proxy.tokens import unique_tokens
 from proxy.upstream import ProviderClient
 
@@ -87,6 +91,9 @@ class Gateway:
             Outbox(StoreClient(config.redis), config.redis.key_prefix),
             self.metrics,
         )
+        self.callbacks = CallbackService(self._clients, self.store.lifecycle, self.payments.wakeups)
+        self.reconciler = Reconciler(self.store.lifecycle, self._clients, config.reconcile)
+        self._reconciling: asyncio.Task[None] | None = None
         self._openapi_document = build_document([provider.name for provider in config.providers])
         get_routes: dict[str, Handler] = {
             "/v1/providers": self._providers,
@@ -100,10 +107,17 @@ class Gateway:
             **{path: {"GET": handler, "HEAD": handler} for path, handler in get_routes.items()},
         }
         self._lookup_route: dict[str, Handler] = {"GET": self._lookup, "HEAD": self._lookup}
+        self._callback_route: dict[str, Handler] = {"PUT": self._callback, "POST": self._callback}
 
     def paths(self) -> list[str]:
         """Every route this gateway serves, in the OpenAPI document's notation."""
-        return [*self._routes, LOOKUP_ROUTE]
+        return [*self._routes, LOOKUP_ROUTE, CALLBACK_ROUTE]
+
+    def start(self) -> None:
+        """Start this process's reconciler and webhook delivery (inside the running loop)."""
+        if self._reconciling is None:
+            self._reconciling = asyncio.get_running_loop().create_task(self.reconciler.run())
+        self.webhooks.start()
 
     def server(self) -> web.Server:
         return GatewayServer(
@@ -115,6 +129,11 @@ class Gateway:
 
     async def close(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for payments still settling, then close every connection."""
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciling
+            self._reconciling = None
         await asyncio.gather(self._settle_payments(timeout_s), self.webhooks.close(timeout_s))
         for client in self._clients.values():
             await client.close()
@@ -179,9 +198,12 @@ class Gateway:
     def _route(self, request: web.BaseRequest, path: str) -> Awaitable[web.StreamResponse]:
         methods = self._routes.get(path)
         if methods is None:
-            if not _lookup_transaction_id(request):
+            if _callback_parts(request)[0]:
+                methods = self._callback_route
+            elif _lookup_transaction_id(request):
+                methods = self._lookup_route
+            else:
                 raise NotFound("no such route")
-            methods = self._lookup_route
         handler = methods.get(request.method)
         if handler is None:
             not_allowed = MethodNotAllowed(f"{request.method} is not allowed on {path}")
@@ -193,10 +215,16 @@ class Gateway:
         """The route as the OpenAPI document names it: a label value never taken from the URL."""
         if path in self._routes:
             return path
+        if path.startswith(CALLBACK_PREFIX):
+            return CALLBACK_ROUTE
         return LOOKUP_ROUTE if path.startswith(LOOKUP_PREFIX) else "unmatched"
 
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
         return await self.payments.lookup(_lookup_transaction_id(request))
+
+    async def _callback(self, request: web.BaseRequest) -> web.Response:
+        provider, token = _callback_parts(request)
+        return await self.callbacks.receive(request, provider, token)
 
     async def _providers(self, request: web.BaseRequest) -> web.Response:
         answer = []
@@ -232,10 +260,26 @@ class Gateway:
         for breaker in self.breakers.values():
             _ = breaker.state  # applies a due open -> half_open move before the gauges are read
         await self.webhooks.refresh_backlog()
+        with contextlib.suppress(StoreUnavailable):
+            await self._show_store_gauges()
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+    async def _show_store_gauges(self) -> None:
+        """The pending and unresolved gauges, from the store's counters: every process shows
+        the same, right, values."""
+        totals: dict[str, int] = {}
+        lifecycle = self.store.lifecycle
+        with lifecycle.errors:
+            for shard in all_shards(lifecycle.prefix):
+                for field, count in (await lifecycle.records.counts(shard)).items():
+                    totals[field] = totals.get(field, 0) + count
+        for provider in self.config.providers:
+            name = provider.name
+            self.metrics.payments_pending.labels(name).set(totals.get(f"pending:{name}", 0))
+            self.metrics.unresolved_payments.labels(name).set(totals.get(f"unresolved:{name}", 0))
 
     async def _openapi(self, request: web.BaseRequest) -> web.Response:
         return web.json_response(self._openapi_document)
@@ -316,6 +360,17 @@ def _lookup_transaction_id(request: web.BaseRequest) -> str:
     if not path.startswith(LOOKUP_PREFIX) or "/" in path[len(LOOKUP_PREFIX) :]:
         return ""
     return unquote(path[len(LOOKUP_PREFIX) :])
+
+
+def _callback_parts(request: web.BaseRequest) -> tuple[str, str]:
+    """`{provider}` and `{token}` of `/v1/callbacks/{provider}/{token}`, or ("", "")."""
+    path = request.rel_url.path_safe
+    if not path.startswith(CALLBACK_PREFIX):
+        return "", ""
+    parts = path[len(CALLBACK_PREFIX) :].split("/")
+    if len(parts) != 2 or not all(parts):
+        return "", ""
+    return unquote(parts[0]), unquote(parts[1])
 
 
 def _error_response(error: PaymentError) -> web.Response:

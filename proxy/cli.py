@@ -1,8 +1,9 @@
-"""The `payagg` command: serve, check-config (and the local-stack helpers)."""
+"""The `payagg` command: serve, check-config, reconcile (and the local-stack helpers)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
@@ -15,8 +16,9 @@ import uvloop
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
 from proxy.demo import DEFAULT_PROXY_URL, run_demo
 from proxy.devstack import DevOptions, run_dev
+from proxy.errors import StoreUnavailable
 from proxy.logs import configure_logging
-from proxy.serving import serve
+from proxy.serving import reconcile_once, serve
 from proxy.workers import is_worker, run_workers
 
 log = logging.getLogger("payagg")
@@ -81,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", type=_positive, default=10, dest="count", help="how many payments (default 10)"
     )
     demo.set_defaults(run=_demo)
+
+    reconcile = commands.add_parser(
+        "reconcile", help="ask providers about the payments due now and print what happened"
+    )
+    reconcile.add_argument(
+        "--once", action="store_true", required=True, help="one pass over the due payments"
+    )
+    reconcile.add_argument(
+        "--config", help=f"YAML file (default: $PAYAGG_CONFIG, else {DEFAULT_CONFIG_PATH})"
+    )
+    reconcile.set_defaults(run=_reconcile)
     return parser
 
 
@@ -183,6 +196,24 @@ def _dev(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     return run_dev(options)
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    config = _load_or_report(_config_path(args))
+    if config is None:
+        return 1
+    try:
+        handled = asyncio.run(reconcile_once(config))
+    except StoreUnavailable:
+        print("payagg: Redis does not answer; nothing was reconciled", file=sys.stderr)
+        return 1
+    for polled in handled:
+        print(
+            f"{polled.transaction_id or '-'} {polled.provider or '-'}: {polled.before} -> "
+            f"{polled.after} (status query: {polled.result})"
+        )
+    print(f"{len(handled)} payment(s) reconciled")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

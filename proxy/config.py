@@ -142,6 +142,9 @@ class RedisSettings(_Section):
 class IdempotencySettings(_Section):
     lock_ttl_s: int = Field(30, gt=0)
     result_ttl_s: int = Field(86400, gt=0)
+    # After result_ttl_s a compact tombstone per TransactionID refuses a reuse with another
+    # provider or amount (422) for this long: "never charged twice" does not end after a day.
+    tombstone_ttl_s: int = Field(90 * 86400, gt=0)
     # Deprecated and ignored (the per-process replay cache is gone): accepted, with a warning at
     # start-up, so a config written for an earlier version still starts.
     replay_cache_size: int | None = None
@@ -164,6 +167,15 @@ class WebhookSettings(_Section):
         if url and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
         return url
+
+
+class ReconcileSettings(_Section):
+    """How the reconciler asks providers about payments not final yet."""
+
+    # Polls back off from 1 s, doubling, up to this.
+    max_interval_s: float = Field(60, ge=1, le=3600)
+    # Not final after this: UNRESOLVED (never guessed; still changed by a late report).
+    give_up_after_s: float = Field(86400, gt=0)
 
 
 class BreakerSettings(_Section):
@@ -267,6 +279,7 @@ class _FileShape(_Section):
     redis: RedisSettings = RedisSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
     webhooks: WebhookSettings = WebhookSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     defaults: ProviderDefaults = ProviderDefaults()
     # Each provider is validated on its own, so one bad provider hides no other's problems.
     providers: dict[str, Any]
@@ -314,6 +327,7 @@ class GatewayConfig:
     redis: RedisSettings
     idempotency: IdempotencySettings
     providers: tuple[Provider, ...]
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     # SHA-256 of the file's text as read, before ${VAR} substitution: which file a process runs.
     content_sha256: str = ""
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
@@ -379,6 +393,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
         shape.redis,
         shape.idempotency,
         providers,
+        reconcile=shape.reconcile,
         content_sha256=hashlib.sha256(text.encode()).hexdigest(),
         webhooks=shape.webhooks,
     )

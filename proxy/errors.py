@@ -280,3 +280,12 @@ class Overloaded(PaymentError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.headers["Retry-After"] = "1"
+
+
+class CallbackUnauthorized(PaymentError):
+    """A provider callback whose URL token or the provider's own signature does not check out:
+    nothing is changed."""
+
+    status = 401
+    code = "unauthorized"
+    outcome = "unauthorized"

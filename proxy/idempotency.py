@@ -1,11 +1,16 @@
-"""Redis-backed idempotency: one owner per payment at a time, answers kept for replay (CONTRACT §2).
+"""Redis-backed idempotency: one owner per payment at a time, every answer kept (CONTRACT §2).
 
-A payment's identity is its TransactionID: its record (`proxy/records.py`) is stored under
-`key_prefix` + SHA-256 of it. A claim takes the record with one `SET NX EX` (so a lock always
-expires); store and release happen in Lua, only while the caller's exact lock value is still
-there, so a request whose lock expired cannot overwrite or delete the state of the request that
-took the record after it. An `Idempotency-Key` header is bound to its TransactionID under a key of
-its own before the claim: every script touches exactly one key (Redis Cluster).
+A payment's identity is its TransactionID. Its record lives at a shard key
+(`proxy/store/keys.py`) and is written, PROCESSING and scheduled for reconciliation, by one script
+before the request leaves payagg (`proxy/store/payments.py`); it never expires before it is final.
+An owner that is gone only hands over the right to act: the reconciler finds the record due and
+asks the provider (`proxy/payments/reconciler.py`). An `Idempotency-Key` header is bound to its
+TransactionID under a key of its own, and the provider reference is bound to the payment, before
+the claim: every script touches keys of one hash slot (Redis Cluster).
+
+Records of the versions before stay where they were (`<prefix><sha256(TransactionID)>`, and the
+header's key while old processes may have written there) and are honoured: a final one is
+replayed, one in flight is 409, one made for another request is 422 (`proxy/records.py`).
 
 Every answer is read from Redis: no process keeps a copy that Redis may have lost since, so two
 processes never disagree about a payment (BENCHMARKS.md, "The per-process replay cache").
@@ -24,16 +29,26 @@ from typing import Any
 
 from proxy import records
 from proxy.config import IdempotencySettings, RedisSettings
-from proxy.errors import KeyReused, RequestInProgress, StoreUnavailable
+from proxy.errors import KeyReused, PaymentError, RequestInProgress, StoreUnavailable
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment, reference_for
+from proxy.payments.lifecycle import (
+    Lifecycle,
+    Record,
+    Report,
+    count_field,
+    now_ms,
+    payment_body,
+)
 from proxy.records import KeyState, StoredResult
+from proxy.store.keys import reference_key
+from proxy.store.payments import PaymentRecords
 from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
 from proxy.tokens import unique_tokens
 
 log = logging.getLogger("payagg.idempotency")
 
-# One round trip whatever the key holds: take it, or say what is there.
+# Take a key or say what is there: the guard left under a header's old key.
 _CLAIM = Script("""
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
 return redis.call('GET', KEYS[1])
@@ -46,27 +61,21 @@ local bound = redis.call('GET', KEYS[1])
 if bound == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return bound
 """)
-# Store a value (ARGV[2] non-empty) or delete (ARGV[2] empty), only while ARGV[1] is there.
-# A durable store may run twice (retried after an unconfirmed first run): finding its own value
-# already there is success, not a lost lock.
-_FINISH = Script("""
-local current = redis.call('GET', KEYS[1])
-if ARGV[2] ~= '' and current == ARGV[2] then return 1 end
-if current ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1])
-else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+# Delete a key only while it holds ARGV[1].
+_UNBIND = Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
 return 1
 """)
 _BINDING = b"idempotency-key:"
-# When the first process of this version started: records keyed by the header may exist until
-# `result_ttl_s` after the last old process wrote one. Kept without expiry (one small key): were
-# it to expire, the next start would open the window again.
+# When the first process keying records by TransactionID started: records keyed by the header
+# may exist until `result_ttl_s` after the last old process wrote one. Kept without expiry.
 _IDENTITY_SINCE = b"identity-by-transaction-id-since"
 # Twice result_ttl_s: covers the records old processes write during a rolling deploy shorter than
 # result_ttl_s itself.
 _LEGACY_WINDOWS = 2
 _new_lock_token = unique_tokens()
-# Bounds the memory of unanswered claims when Redis stays away; older ones expire in Redis anyway.
+# Bounds the memory of unanswered claims when Redis stays away; the reconciler settles the rest.
 _MAX_UNANSWERED = 10_000
 
 
@@ -80,13 +89,14 @@ class IdempotencyStore:
         self._ttl = ttl
         self._metrics = metrics
         self._redis = StoreClient(settings)
-        # Claims whose reply never came (Redis stalled, not dead): Redis may still run them when
-        # it wakes up, leaving a lock nobody owns that would answer 409 until lock_ttl_s. Each is
-        # released, only if its exact value is still there, before the next claim or lookup.
-        self._unanswered: dict[bytes, bytes] = {}
-        self._releasing: asyncio.Future[None] | None = None
-        self._store_errors = _StoreErrors(metrics)
+        self.errors = _StoreErrors(metrics)
+        self.lifecycle = Lifecycle(
+            PaymentRecords(self._redis), settings.key_prefix, ttl, metrics, self.errors
+        )
         self._legacy_until: float | None = None
+        # Claims whose reply never came, by payment (see `claim`).
+        self._unanswered: dict[str, Record] = {}
+        self._releasing: asyncio.Future[None] | None = None
         if ttl.replay_cache_size is not None:
             log.warning(
                 "idempotency.replay_cache_size is deprecated and ignored: every replay is read "
@@ -94,80 +104,202 @@ class IdempotencyStore:
             )
 
     def redis_key(self, transaction_id: str) -> bytes:
-        return self._prefix + _hashed(transaction_id)
+        """Where this version keeps the payment's record."""
+        sha, shard = self.lifecycle.locate(transaction_id)
+        return shard.payment(sha)
+
+    def old_key(self, identity: str) -> bytes:
+        """Where the versions before kept a record keyed by this TransactionID or header."""
+        return self._prefix + _hashed(identity)
 
     def binding_key(self, idempotency_key: str) -> bytes:
         return self._prefix + _BINDING + _hashed(idempotency_key)
 
-    async def claim(self, payment: Payment, provider: str) -> Claim | StoredResult:
-        """Own the payment, or get its replay; raises RequestInProgress, KeyReused,
-        StoreUnavailable."""
+    async def claim(
+        self, payment: Payment, provider: str, hold_s: float, callback_token: str | None = None
+    ) -> Claim | StoredResult:
+        """Own the payment for `hold_s` (then the reconciler may take it over), or get its
+        replay; raises RequestInProgress, KeyReused, StoreUnavailable. `callback_token`: the
+        token of the payment's callback URL, by which a callback finds it."""
         if self._unanswered:
             await self._release_unanswered()
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             await self._bind(payment.idempotency_key, payment.transaction_id)
-        key = self.redis_key(payment.transaction_id)
-        reference = payment.provider_reference(provider)
+        old = await self._old_answer(payment, provider, fingerprint)
+        if old is not None:
+            return old
+        lifecycle = self.lifecycle
+        sha, shard = lifecycle.locate(payment.transaction_id)
         token = _new_lock_token()
-        lock = records.in_flight(
-            token, payment.transaction_id, reference, payment.idempotency_key, fingerprint
-        )
-        current = await self._write_lock(_CLAIM, key, lock, [lock, self._ttl.lock_ttl_s])
-        if current is not None:
-            state = records.decode(current)
-            if not state.guard:
-                return judge(state, fingerprint)
-            # Another payment's guard (its header is this TransactionID): this payment's record
-            # takes its place, an owner-checked swap like any finish.
-            swap = [current, lock, self._ttl.lock_ttl_s]
-            if not await self._write_lock(_FINISH, key, lock, swap):
-                raise RequestInProgress()
-        claim = Claim(self, key, lock, payment, fingerprint, reference, self._ttl.result_ttl_s)
-        legacy_key = await self._legacy_key(payment)
-        if legacy_key is not None:
-            adopted = await self._adopt(claim, legacy_key, provider)
-            if adopted is not None:
-                return adopted
-        return claim
+        clock = now_ms()
+        reference = payment.provider_reference(provider)
+        facts = {
+            "token": token,
+            "transaction_id": payment.transaction_id,
+            "reference": reference,
+            "idempotency_key": payment.idempotency_key,
+            "state": "PROCESSING",
+            "provider": provider,
+            "amount": str(payment.amount),
+            "currency": payment.currency,
+            "reason": None,
+            "created_ms": clock,
+            "updated_ms": clock,
+            "sent_ms": clock,
+        }
+        value = records.lifecycle(facts, fingerprint)
+        due_ms = clock + int(hold_s * 1000)
+        ref_ttl_s = self._ttl.result_ttl_s + self._ttl.tombstone_ttl_s
+        with self.errors:
+            if callback_token is not None:
+                # Before the claim, so a callback that comes back before the answer finds it.
+                await self._redis.execute(
+                    b"SET",
+                    reference_key(lifecycle.prefix, provider, callback_token),
+                    f"{sha} {shard.number} {reference}",
+                    b"EX",
+                    ref_ttl_s,
+                )
+            try:
+                found = await lifecycle.records.claim(
+                    shard, sha, value, due_ms, count_field("PROCESSING", provider)
+                )
+            except (RedisUnavailable, OSError):
+                # Redis may still run it when it wakes up (stalled, not dead), leaving a record
+                # nobody sends: undone, if exactly this value is still there, before the next
+                # claim; else the reconciler settles it once its hold ends.
+                self._remember_unanswered(Record(sha, shard, value, records.decode(value)))
+                raise
+            if found.kind == "tombstone" and found.value is not None:
+                answer = _tombstone_answer(found.value, fingerprint)
+                if answer is not None:
+                    return answer
+                found = await lifecycle.records.claim(
+                    shard, sha, value, due_ms, count_field("PROCESSING", provider), True
+                )
+        if found.kind == "claimed":
+            record = Record(sha, shard, value, records.decode(value))
+            return Claim(self, record, payment, fingerprint, reference, token)
+        assert found.value is not None
+        record = Record(sha, shard, found.value, records.decode(found.value))
+        if record.state.fingerprint != fingerprint:
+            raise KeyReused()
+        if record.name != "NOT_CREATED":
+            return judge(record.state, fingerprint)
+        # Provably never received: it starts again, with the reference stored at the first claim.
+        with self.errors:
+            retaken = await lifecycle.apply(
+                record, Report("PROCESSING", owner=token, due_ms=due_ms, leased=True)
+            )
+        if retaken is None or retaken.facts.get("token") != token:
+            raise RequestInProgress()
+        return Claim(self, retaken, payment, fingerprint, str(retaken.facts["reference"]), token)
 
     async def replay(self, payment: Payment, provider: str) -> StoredResult | None:
         """The stored answer, without claiming anything (the provider's breaker is open): None
         when there is none; raises RequestInProgress, KeyReused, StoreUnavailable."""
+        fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
-            with self._store_errors:
+            with self.errors:
                 bound = await self._redis.execute(b"GET", self.binding_key(payment.idempotency_key))
             if bound is not None and bound != payment.transaction_id.encode():
                 raise _key_bound_elsewhere()
-        state = await self.peek(payment.transaction_id)
-        legacy_key = None if state is not None else await self._legacy_key(payment)
-        if legacy_key is not None:
-            legacy = await self.peek(legacy_key)
-            if legacy is not None and legacy.legacy and legacy.result is not None:
-                state = legacy
-        # Hashed only now: most fail-fast requests find nothing to judge.
-        return None if state is None else judge(state, payment.fingerprint(provider))
+        record = await self.find(payment.transaction_id)
+        if record is not None:
+            if record.name == "NOT_CREATED" and record.state.fingerprint == fingerprint:
+                return None  # nothing to replay: a retry starts again
+            return judge(record.state, fingerprint)
+        return await self._old_answer(payment, provider, fingerprint, guard=False)
 
-    async def peek(self, transaction_id: str) -> KeyState | None:
-        if self._unanswered:
-            await self._release_unanswered()
-        with self._store_errors:
-            current = await self._redis.execute(b"GET", self.redis_key(transaction_id))
+    async def find(self, transaction_id: str) -> Record | None:
+        with self.errors:
+            return await self.lifecycle.find(transaction_id)
+
+    async def peek_old(self, transaction_id: str) -> KeyState | None:
+        """A record of the versions before under this TransactionID's old key."""
+        with self.errors:
+            current = await self._redis.execute(b"GET", self.old_key(transaction_id))
         state = None if current is None else records.decode(current)
-        return None if state is None or state.guard else state
+        if state is None or state.guard or not state.belongs_to(transaction_id):
+            return None
+        return state
 
-    async def _write_lock(self, script: Script, key: bytes, lock: bytes, args: list[Any]) -> Any:
-        """Run a script that may leave `lock` in `key`; unanswered, it is released later."""
-        try:
-            with self._store_errors:
-                return await self._redis.run_script(script, [key], args)
-        except StoreUnavailable:
-            self._remember_unanswered(key, lock)
-            raise
+    async def _old_answer(
+        self, payment: Payment, provider: str, fingerprint: str, guard: bool = True
+    ) -> StoredResult | None:
+        """A record of the versions before for this payment: its replay (a final one), 409 (in
+        flight) or 422 (another request's); None when there is none.
+
+        Under the header's old key, while old processes may still write there, a guard is left
+        (`records.guard`): an old process of a rolling deploy then sees this payment in flight
+        instead of charging it under a reference derived from the header.
+        """
+        old = await self.peek_old(payment.transaction_id)
+        if old is not None:
+            return judge(old, fingerprint)
+        header = await self._legacy_header(payment)
+        if header is None:
+            return None
+        key = self.old_key(header)
+        with self.errors:
+            if guard:
+                value = records.guard(payment.transaction_id, header, fingerprint)
+                found = await self._redis.run_script(_CLAIM, [key], [value, self._ttl.result_ttl_s])
+            else:
+                found = await self._redis.execute(b"GET", key)
+        legacy = None if found is None else records.decode(found)
+        if legacy is None or not legacy.legacy:
+            return None  # guarded now, or a record (or guard) of this version
+        if legacy.fingerprint == fingerprint:
+            answer = judge(legacy, fingerprint)
+            if guard:
+                await self._adopt(payment, provider, fingerprint, header, answer)
+            return answer
+        if legacy.result is not None and legacy.transaction_id == header:
+            return None  # payment `header`'s own record, made without a header: no binding
+        await self._unbind(header, payment.transaction_id)
+        if legacy.result is None:
+            raise RequestInProgress()
+        raise _key_bound_elsewhere()
+
+    async def _adopt(
+        self, payment: Payment, provider: str, fingerprint: str, header: str, answer: StoredResult
+    ) -> None:
+        """Copy a final answer of the old form, made with this header, into this payment's
+        record, with the reference it was charged under (the old version derived it from the
+        header): a retry without the header then finds it too, and is never charged again."""
+        lifecycle = self.lifecycle
+        sha, shard = lifecycle.locate(payment.transaction_id)
+        clock = now_ms()
+        facts = {
+            "token": None,
+            "transaction_id": payment.transaction_id,
+            "reference": reference_for(provider, header),
+            "idempotency_key": header,
+            "state": "PROCESSING",
+            "provider": provider,
+            "amount": str(payment.amount),
+            "currency": payment.currency,
+            "reason": None,
+            "created_ms": clock,
+            "updated_ms": clock,
+            "sent_ms": clock,
+        }
+        value = records.lifecycle(facts, fingerprint)
+        with self.errors:
+            claimed = await lifecycle.records.claim(
+                shard, sha, value, clock, count_field("PROCESSING", provider), True
+            )
+            if claimed.kind != "claimed":
+                return
+            state = "SUCCESS" if answer.status == 200 else "DECLINED"
+            adopted = Record(sha, shard, value, records.decode(value))
+            await lifecycle.apply(adopted, Report(state, answer=(answer.status, answer.body)))
 
     async def _bind(self, idempotency_key: str, transaction_id: str) -> None:
         ttl_s = self._ttl.result_ttl_s + self._ttl.lock_ttl_s  # never shorter than the record's
-        with self._store_errors:
+        with self.errors:
             bound = await self._redis.run_script(
                 _BIND, [self.binding_key(idempotency_key)], [transaction_id, ttl_s]
             )
@@ -177,74 +309,29 @@ class IdempotencyStore:
     async def _unbind(self, idempotency_key: str, transaction_id: str) -> None:
         """Undo this request's binding: the header belongs to an older payment (a record of the
         old form), whose own retries must find it free."""
-        try:
-            with self._store_errors:
-                await self._redis.run_script(
-                    _FINISH, [self.binding_key(idempotency_key)], [transaction_id, b"", 0]
-                )
-        except StoreUnavailable:
-            log.error("could not unbind Idempotency-Key of payment %s", transaction_id)
+        with self.errors:
+            await self._redis.run_script(
+                _UNBIND, [self.binding_key(idempotency_key)], [transaction_id]
+            )
 
-    async def _legacy_key(self, payment: Payment) -> str | None:
+    async def _legacy_header(self, payment: Payment) -> str | None:
         """The header when a record of the old form may still be keyed by it, else None."""
         header = payment.idempotency_key
         if header is None or header == payment.transaction_id:
             return None  # its old key is the TransactionID's own
         if self._legacy_until is None:
             marker = self._prefix + _IDENTITY_SINCE
-            with self._store_errors:
+            with self.errors:
                 await self._redis.execute(b"SET", marker, int(time.time()), b"NX")
                 since = await self._redis.execute(b"GET", marker)
             window_s = _LEGACY_WINDOWS * self._ttl.result_ttl_s
             self._legacy_until = float(since or time.time()) + window_s
         return header if time.time() < self._legacy_until else None
 
-    async def _adopt(self, claim: Claim, header: str, provider: str) -> StoredResult | None:
-        """Look, while holding the claim, for a record of the old form under the header's key,
-        leaving a guard there when it is free (`records.guard`: old processes of a rolling deploy
-        then see this payment too).
-
-        Found and made for this request: its answer is copied into this payment's record with the
-        reference it was charged with (derived from the header) and replayed. Made for another
-        request: the header was already bound (422), or an old process is charging under it
-        (409; whose payment it is cannot be told before it ends). Else the claim stands.
-        """
-        payment = claim.payment
-        guard = records.guard(payment.transaction_id, header, claim.fingerprint)
-        try:
-            with self._store_errors:
-                found = await self._redis.run_script(
-                    _CLAIM, [self.redis_key(header)], [guard, self._ttl.result_ttl_s]
-                )
-        except StoreUnavailable:
-            self._remember_unanswered(claim.key, claim.lock)  # the claim this request holds
-            raise
-        legacy = None if found is None else records.decode(found)
-        if legacy is None or not legacy.legacy:
-            return None  # guarded now, or a record (or guard) of this version
-        if legacy.fingerprint == claim.fingerprint:
-            if legacy.result is None:
-                await claim.release()
-                raise RequestInProgress()
-            # The reference it was charged with: the old version derived it from the header.
-            reference = reference_for(provider, header)
-            adopted = records.final(
-                payment.transaction_id, reference, header, claim.fingerprint, legacy.result
-            )
-            await claim.replace(adopted)
-            return legacy.result
-        if legacy.result is not None and legacy.transaction_id == header:
-            return None  # payment `header`'s own record, made without a header: no binding
-        await claim.release()
-        await self._unbind(header, payment.transaction_id)
-        if legacy.result is None:
-            raise RequestInProgress()
-        raise _key_bound_elsewhere()
-
-    def _remember_unanswered(self, key: bytes, lock: bytes) -> None:
+    def _remember_unanswered(self, record: Record) -> None:
         if len(self._unanswered) >= _MAX_UNANSWERED:
             self._unanswered.pop(next(iter(self._unanswered)))
-        self._unanswered[key] = lock
+        self._unanswered[record.sha] = record
 
     async def _release_unanswered(self) -> None:
         # Claims arriving together after an outage share one release instead of each sending
@@ -258,28 +345,22 @@ class IdempotencyStore:
     async def _release_all(self) -> None:
         # All at once, pipelined on the one connection: after a long outage thousands may be
         # waiting, and the claim that found them must not pay a round trip for each.
-        pending = list(self._unanswered.items())
-        with self._store_errors:
+        pending = list(self._unanswered.values())
+        forget = self.lifecycle.records.forget
+        with self.errors:
             await asyncio.gather(
-                *(self._redis.run_script(_FINISH, [key], [lock, b"", 0]) for key, lock in pending)
+                *(forget(r.shard, r.sha, r.value, count_field(r.name, r.provider)) for r in pending)
             )
-        for key, lock in pending:
-            if self._unanswered.get(key) == lock:
-                del self._unanswered[key]
-
-    async def finish(self, key: bytes, lock: bytes, value: bytes, ttl_s: int) -> bool:
-        with self._store_errors:
-            done = await self._redis.run_script(
-                _FINISH, [key], [lock, value, ttl_s], durable=bool(value)
-            )
-        return bool(done)
+        for released in pending:
+            if self._unanswered.get(released.sha) is released:
+                del self._unanswered[released.sha]
 
     def count_unknown_outcome(self, action: str) -> None:
         self._metrics.unknown_store_outcomes.labels(action).inc()
 
     async def ping(self) -> bool:
         """True when a write would succeed now; raises StoreUnavailable (its cause says why)."""
-        with self._store_errors:
+        with self.errors:
             await self._redis.check_writable()
         return True
 
@@ -317,68 +398,83 @@ def judge(state: KeyState, fingerprint: str) -> StoredResult:
     was made for another request, RequestInProgress while it has no answer yet."""
     if state.fingerprint != fingerprint:
         raise KeyReused()
-    if state.result is None:
+    if state.result is None or state.state == "PROCESSING":
         raise RequestInProgress()
     return state.result
 
 
-@dataclass(frozen=True, slots=True)
+def _tombstone_answer(value: bytes, fingerprint: str) -> StoredResult | None:
+    """The answer for a request arriving after the result expired, from the tombstone: 422 for
+    another request; the same answer, rebuilt, for SUCCESS or DECLINED (never a second call);
+    None for NOT_CREATED (never charged: it starts again)."""
+    stone = json.loads(value)
+    if stone["fingerprint"] != fingerprint:
+        raise KeyReused()
+    state = stone["state"]
+    if state == "NOT_CREATED":
+        return None
+    body = payment_body(stone, state, stone.get("reason"), stone.get("provider_reference"))
+    return StoredResult(200 if state == "SUCCESS" else 402, body)
+
+
+@dataclass(slots=True)
 class Claim:
-    """Ownership of one payment's record until `keep` or `release`."""
+    """Ownership of one payment's record while its request is sent and waited for."""
 
     store: IdempotencyStore
-    key: bytes
-    lock: bytes
+    record: Record
     payment: Payment
     fingerprint: str
     reference: str  # the one stored in the record
-    result_ttl_s: int
+    token: str
 
-    async def keep(self, status: int, body: bytes) -> None:
-        """Keep a final answer for replay; never raises: the client gets its answer regardless."""
-        payment = self.payment
-        value = records.final(
-            payment.transaction_id,
-            self.reference,
-            payment.idempotency_key,
-            self.fingerprint,
-            StoredResult(status, body),
-        )
-        await self._finish(value, self.result_ttl_s, "store")
-
-    async def replace(self, value: bytes) -> None:
-        """Put an adopted final record in place of the lock; never raises."""
-        await self._finish(value, self.result_ttl_s, "store")
-
-    async def release(self) -> None:
-        """Free the payment so the client may retry (502/503/504); never raises."""
-        await self._finish(b"", 0, "release")
-
-    async def _finish(self, value: bytes, ttl_s: int, action: str) -> bool:
+    async def settle(self, report: Report) -> Record | None:
+        """Record what was learnt; the record afterwards (None when Redis did not confirm)."""
         try:
-            owned = await self.store.finish(self.key, self.lock, value, ttl_s)
+            with self.store.errors:
+                after = await self.store.lifecycle.apply(self.record, report)
         except StoreUnavailable:
-            # Redis may well have applied it (a stall, not a refusal): say only what is known.
-            self.store.count_unknown_outcome(action)
+            # Redis may well have applied it (a stall, not a refusal): the reconciler finds the
+            # record due and asks the provider, so nothing is forgotten.
+            self.store.count_unknown_outcome("store")
             log.error(
-                "%s outcome unknown for payment %s with provider reference %s (key %s): Redis "
-                "did not confirm it; if it was not applied, the lock expires after lock_ttl_s "
-                "and a retry reuses the same reference, so the provider can still refuse a "
-                "double charge",
-                action,
+                "%s not confirmed by Redis for payment %s with provider reference %s: the "
+                "reconciler settles it from the provider's status",
+                report.state,
                 self.payment.transaction_id,
                 self.reference,
-                self.key.decode(),
             )
-            return False
-        if not owned:
-            log.error(
-                "lock on %s expired before we could %s payment %s",
-                self.key.decode(),
-                action,
-                self.reference,
-            )
-        return owned
+            return None
+        if after is not None:
+            self.record = after
+        return after
+
+    async def keep(self, status: int, body: bytes, reason: str | None, pref: str | None) -> None:
+        """Record a final answer (SUCCESS or DECLINED); never raises."""
+        state = "SUCCESS" if status == 200 else "DECLINED"
+        await self.settle(
+            Report(state, reason=reason, provider_reference=pref, answer=(status, body))
+        )
+
+    async def not_created(self, error: PaymentError) -> None:
+        """The provider provably never received it; never raises."""
+        answer = (error.status, json.dumps(error.body(), separators=(",", ":")).encode())
+        await self.settle(Report("NOT_CREATED", reason=error.code, owner=self.token, answer=answer))
+
+    async def forget(self) -> None:
+        """Undo the claim (nothing of this request reached any payment: the provider holds
+        another one under this reference); never raises."""
+        record = self.record
+        try:
+            with self.store.errors:
+                await self.store.lifecycle.records.forget(
+                    record.shard,
+                    record.sha,
+                    record.value,
+                    count_field(record.name, record.provider),
+                )
+        except StoreUnavailable:
+            self.store.count_unknown_outcome("release")
 
 
 def _hashed(text: str) -> bytes:
@@ -390,12 +486,39 @@ def _key_bound_elsewhere() -> KeyReused:
     return KeyReused("this Idempotency-Key is already bound to another TransactionID")
 
 
-def describe(state: KeyState) -> dict[str, Any]:
+def describe(record: Record) -> dict[str, Any]:
     """The lookup endpoint's view of a payment (CONTRACT §2 `GET /v1/payments/{TransactionID}`)."""
+    facts = record.facts
+    answer: dict[str, Any] = {
+        "transaction_id": facts["transaction_id"],
+        "provider": facts["provider"],
+        "state": record.name,
+        "provider_reference": facts.get("provider_reference") or facts["reference"],
+        "amount": float(facts["amount"]),
+        "currency": facts["currency"],
+        "reason": facts.get("reason"),
+        "created_at": _iso(facts["created_ms"]),
+        "updated_at": _iso(facts["updated_ms"]),
+    }
+    result = record.state.result
+    if record.name in ("SUCCESS", "DECLINED", "NOT_CREATED") and result is not None:
+        answer["status_code"] = result.status
+        answer["response"] = json.loads(result.body)
+    return answer
+
+
+def describe_old(state: KeyState) -> dict[str, Any]:
+    """A record of the versions before, as the lookup endpoint showed it then."""
     if state.result is None:
-        return {"state": "IN_PROGRESS"}
+        return {"state": "PROCESSING"}
     return {
-        "state": "COMPLETED",
+        "state": "SUCCESS" if state.result.status == 200 else "DECLINED",
         "status_code": state.result.status,
         "response": json.loads(state.result.body),
     }
+
+
+def _iso(unix_ms: Any) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(unix_ms) / 1000)) + (
+        f".{int(unix_ms) % 1000:03d}Z"
+    )

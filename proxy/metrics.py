@@ -29,8 +29,8 @@ UNKNOWN_PROVIDER = "unknown"
 OUTCOMES = (
     "success",
     "declined",
+    "pending",
     "provider_error",
-    "timeout",
     "breaker_open",
     "replayed",
     "in_progress",
@@ -51,6 +51,10 @@ _ANSWER_BUCKETS = (
 PAY_ROUTE = "/v1/pay"
 # Set from the Dockerfile's REVISION build argument: the git commit the image was built from.
 REVISION_ENV = "PAYAGG_REVISION"
+# Results of one status query by the reconciler.
+POLL_RESULTS = ("success", "declined", "pending", "not_found", "failed", "busy", "breaker_open")
+# From an instant approval to a payer who approves after minutes, or a day of reconciling.
+_FINAL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 21600, 86400)
 # Payments are seconds-scale at worst; the low buckets show the proxy's own overhead.
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -133,6 +137,7 @@ class GatewayMetrics:
 
         self._add_operations_metrics(providers)
         self._add_webhook_metrics()
+        self._add_lifecycle_metrics(providers)
 
     def count(self, provider: str, outcome: str) -> None:
         self._request_counters[provider, outcome].inc()
@@ -181,6 +186,51 @@ class GatewayMetrics:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # With workers, render() reads every worker's /proc instead (see process_metrics).
             ProcessCollector(registry=self.registry)
+
+    # --- the payment lifecycle ---------------------------------------------------------------
+
+    def _add_lifecycle_metrics(self, providers: Iterable[str]) -> None:
+        # Read from the store at scrape: every process shows the same, right, value.
+        self.payments_pending = Gauge(
+            "payagg_payments_pending",
+            "Payments not final (PROCESSING or PENDING), read from the store.",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.unresolved_payments = Gauge(
+            "payagg_unresolved_payments",
+            "Payments UNRESOLVED (an operator must look), read from the store.",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.reconcile_polls = Counter(
+            "payagg_reconcile_polls_total",
+            "Status queries made to settle payments, by provider and result.",
+            ["provider", "result"],
+            registry=self.registry,
+        )
+        self.time_to_final = Histogram(
+            "payagg_payment_time_to_final_seconds",
+            "Time from a payment's first claim to its final state.",
+            ["provider"],
+            buckets=_FINAL_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_conflicts = Counter(
+            "payagg_reconcile_conflicts_total",
+            "Reports contradicting a settled payment (logged at ERROR; nothing changed).",
+            ["provider"],
+            registry=self.registry,
+        )
+        for provider in providers:
+            self.payments_pending.labels(provider)
+            self.unresolved_payments.labels(provider)
+            self.time_to_final.labels(provider)
+            self.reconcile_conflicts.labels(provider)
+            for result in POLL_RESULTS:
+                self.reconcile_polls.labels(provider, result)
 
     def show_build(self, config_hash: str) -> None:
         self.build_info.labels(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -11,18 +12,45 @@ from aiohttp import HttpVersion11, web
 
 from proxy.errors import (
     NotFound,
+    OutcomeUnknown,
+    Overloaded,
     PayloadTooLarge,
     PaymentAlreadyExists,
+    PaymentError,
+    ProviderFailed,
+    ProviderMismatch,
+    ProviderNotReached,
+    ProviderRejected,
     ProviderUnavailable,
     UnsupportedMediaType,
 )
-from proxy.idempotency import Claim, IdempotencyStore, describe
-from proxy.mapping import FINAL_OUTCOMES, Answer
+from proxy.idempotency import Claim, IdempotencyStore, describe, describe_old
+from proxy.mapping import Answer
 from proxy.payment import Payment, parse_payment
-from proxy.payments.settle import wait_for_final
+from proxy.payments.lifecycle import (
+    NOT_FINAL,
+    OUTCOME_UNKNOWN,
+    SETTLED,
+    Record,
+    Report,
+    now_ms,
+    payment_body,
+    status_url,
+)
+from proxy.payments.reconciler import AnotherPayment, settle_from_status
+from proxy.payments.wakeups import Wakeups
 from proxy.records import StoredResult
 from proxy.upstream import ProviderClient
 
+# A sent request's answer may take the provider's timeout_s; this much more covers payagg's own
+# work before the reconciler may take an orphaned record over.
+_SEND_MARGIN_S = 5.0
+_FIRST_POLL_S = 0.05
+_MAX_POLL_S = 1.0
+_RETRY_PENDING_S = "2"
+# Nothing reached the provider, or it refused the request itself: never created.
+_NOT_SENT = (ProviderNotReached, ProviderRejected, ProviderUnavailable, Overloaded)
+_OUTCOMES = {200: "success", 402: "declined", 202: "pending"}
 PROVIDER = web.RequestKey("provider", str)
 OUTCOME = web.RequestKey("outcome", str)
 _JSON = "application/json"
@@ -34,8 +62,9 @@ class PaymentService:
         self._providers = {name.lower(): client for name, client in providers.items()}
         self._known = set(self._providers)
         self._store = store
+        self.wakeups = Wakeups()
         # Payments still settling; kept so shutdown can wait for them and the GC cannot drop them.
-        self.settling: set[asyncio.Task[tuple[int, bytes]]] = set()
+        self.settling: set[asyncio.Task[web.Response]] = set()
 
     async def pay(self, request: web.BaseRequest) -> web.Response:
         payment = parse_payment(
@@ -50,7 +79,11 @@ class PaymentService:
             if stored is None:
                 raise ProviderUnavailable(provider.name, provider.breaker.retry_after_s())
             return _replay(request, stored)
-        claimed = await self._store.claim(payment, provider.name)
+        # Owned while the request is sent and answered; after that, the reconciler's.
+        hold_s = provider.timeout_s + _SEND_MARGIN_S
+        callback_url = provider.callback_url(payment.provider_reference(provider.name))
+        token = None if callback_url is None else callback_url.rsplit("/", 1)[1]
+        claimed = await self._store.claim(payment, provider.name, hold_s, token)
         if isinstance(claimed, StoredResult):
             return _replay(request, claimed)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
@@ -58,47 +91,115 @@ class PaymentService:
         task = request.task.get_loop().create_task(self._settle(provider, payment, claimed))
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
-        status, body = await asyncio.shield(task)
-        request[OUTCOME] = "success" if status == 200 else "declined"
-        return web.Response(status=status, body=body, content_type=_JSON)
+        response = await asyncio.shield(task)
+        request[OUTCOME] = _OUTCOMES[response.status]
+        return response
 
     async def _settle(
         self, provider: ProviderClient, payment: Payment, claim: Claim
-    ) -> tuple[int, bytes]:
+    ) -> web.Response:
+        reference = claim.reference
+        unknown: PaymentError | None = None
         try:
-            answer = await _provider_answer(provider, payment, claim.reference)
-        except BaseException:
-            await claim.release()
+            answer: Answer | None = await provider.pay(
+                payment, reference, provider.callback_url(reference)
+            )
+        except _NOT_SENT as error:
+            await claim.not_created(error)
             raise
-        status, body = _final_answer(provider.name, payment, claim.reference, answer)
-        await claim.keep(status, body)
-        return status, body
+        except ProviderMismatch:
+            # The provider holds another payment under this reference (a record payagg lost):
+            # this request made none, and the one it holds is the real client's to retry.
+            await claim.forget()
+            raise
+        except (OutcomeUnknown, ProviderFailed) as error:
+            answer, unknown = None, error
+        if answer is not None and answer.outcome in ("success", "declined"):
+            status, body = _final_answer(provider.name, payment, reference, answer)
+            await claim.keep(status, body, answer.reason, answer.provider_reference)
+            return _answer(status, body)
+        pref = answer.provider_reference if answer is not None else None
+        reason = None if unknown is None else OUTCOME_UNKNOWN
+        until_ms = int(claim.record.facts["created_ms"]) + int(provider.sync_wait_s * 1000)
+        # The lease is the handler's until created + sync_wait_s; the reconciler's after that.
+        await claim.settle(
+            Report(
+                "PENDING",
+                reason=reason,
+                provider_reference=pref,
+                due_ms=max(until_ms, now_ms()),
+                leased=True,
+                provider_has_it=unknown is None or isinstance(unknown, PaymentAlreadyExists),
+            )
+        )
+        try:
+            record = await self._wait(
+                provider, claim, until_ms, isinstance(unknown, PaymentAlreadyExists)
+            )
+        except AnotherPayment as another:
+            # The provider refused this request as a duplicate of a payment under its reference
+            # about another amount (a record payagg lost): this request made none.
+            provider.report_mismatch(another.answer, payment, reference)
+            await claim.forget()
+            raise ProviderMismatch() from None
+        if record is not None and record.name == "NOT_CREATED":
+            raise ProviderFailed(
+                provider.name,
+                f"{provider.name} has no payment under this reference after "
+                f"{provider.not_found_grace_s:g}s: it was never created",
+            )
+        if record is not None and record.name in SETTLED and record.state.result is not None:
+            return _answer(record.state.result.status, record.state.result.body)
+        return _pending(claim.record)
+
+    async def _wait(
+        self, provider: ProviderClient, claim: Claim, until_ms: int, refuse_mismatch: bool
+    ) -> Record | None:
+        """The record once final, asking the provider's status with a short backoff and woken
+        at once by a callback for this payment; None when still not final at `until_ms`.
+        `refuse_mismatch`: an answer about another amount raises AnotherPayment."""
+        if until_ms <= now_ms():
+            return None
+        record = claim.record
+        delay_s = _FIRST_POLL_S
+        first = True
+        with self.wakeups.watch(record.sha) as woken:
+            while True:
+                if provider.has_status:
+                    # The first question is about this handler's own call, even if that call
+                    # just opened the breaker; later ones obey it.
+                    result, after = await settle_from_status(
+                        self._store.lifecycle,
+                        provider,
+                        record,
+                        past_breaker=first,
+                        refuse_mismatch=refuse_mismatch,
+                    )
+                    if after is not None:
+                        record = claim.record = after
+                    if record.name not in NOT_FINAL:
+                        return record
+                    if result == "breaker_open":
+                        return None  # nobody may ask now: the reconciler will, later
+                first = False
+                remaining_s = (until_ms - now_ms()) / 1000
+                if remaining_s <= 0:
+                    return None
+                woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(delay_s, remaining_s)):
+                        await woken.wait()
+                delay_s = min(delay_s * 2, _MAX_POLL_S)
 
     async def lookup(self, transaction_id: str) -> web.Response:
-        state = await self._store.peek(transaction_id)
-        # Another payment's old record, stored here because it sent this TransactionID as its
-        # Idempotency-Key, is not this payment: a replay would answer 422 (CONTRACT §2).
-        if state is None or not state.belongs_to(transaction_id):
+        record = await self._store.find(transaction_id)
+        if record is not None:
+            return web.json_response(describe(record))
+        # A record of the versions before under this TransactionID's old key.
+        old = await self._store.peek_old(transaction_id)
+        if old is None:
             raise NotFound("no payment with this TransactionID")
-        return web.json_response(describe(state))
-
-
-async def _provider_answer(provider: ProviderClient, payment: Payment, reference: str) -> Answer:
-    """The provider's final answer, waited for within its `sync_wait_s` when it is pending.
-
-    Interim (#14 before the payment lifecycle of #15 lands): a payment still pending after the
-    wait is answered as an unknown outcome (504, key released, the same reference on retry);
-    the lifecycle replaces this with 202 PENDING and reconciliation.
-    """
-    try:
-        answer = await provider.pay(payment, reference, provider.callback_url(reference))
-    except PaymentAlreadyExists:
-        if not provider.has_status:
-            raise
-    else:
-        if answer.outcome in FINAL_OUTCOMES:
-            return answer
-    return await wait_for_final(provider, payment, reference, provider.sync_wait_s)
+        return web.json_response(describe_old(old))
 
 
 async def _json_body(request: web.BaseRequest) -> bytes:
@@ -139,7 +240,28 @@ def _too_large(request: web.BaseRequest) -> PayloadTooLarge:
 
 def _replay(request: web.BaseRequest, stored: StoredResult) -> web.Response:
     request[OUTCOME] = "replayed"
-    return web.Response(status=stored.status, body=stored.body, headers=_REPLAY_HEADERS)
+    headers = _REPLAY_HEADERS
+    if stored.status == 202:
+        headers = {**headers, **_pending_headers(json.loads(stored.body)["transaction_id"])}
+    return web.Response(status=stored.status, body=stored.body, headers=headers)
+
+
+def _answer(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type=_JSON)
+
+
+def _pending(record: Record) -> web.Response:
+    facts = record.facts
+    body = payment_body(facts, "PENDING", None, facts.get("provider_reference"))
+    return web.Response(
+        status=202,
+        body=body,
+        headers={"Content-Type": _JSON, **_pending_headers(str(facts["transaction_id"]))},
+    )
+
+
+def _pending_headers(transaction_id: str) -> dict[str, str]:
+    return {"Location": status_url(transaction_id), "Retry-After": _RETRY_PENDING_S}
 
 
 def _final_answer(

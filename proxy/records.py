@@ -19,13 +19,16 @@ header's old key so that an old process finds the payment made with that header.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 
 _CURRENT = b"P"
 _LEGACY_FINAL = b"C"  # anything else of the old form is a lock, `L|token|fingerprint`
+_NO_FACTS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,17 @@ class KeyState:
     reference: str | None
     # A guard (see `guard`): not a record of the payment this key belongs to.
     guard: bool = False
+    # The lifecycle's facts (state, provider, amount, ...) of a record at a shard key; empty in
+    # the older forms.
+    facts: Mapping[str, Any] = field(default_factory=lambda: _NO_FACTS)
+
+    @property
+    def state(self) -> str:
+        """The lifecycle state; a record of the older forms is final once it has an answer."""
+        stated = self.facts.get("state")
+        if isinstance(stated, str):
+            return stated
+        return "PROCESSING" if self.result is None else "FINAL"
 
     @property
     def legacy(self) -> bool:
@@ -112,13 +126,25 @@ def decode(value: bytes) -> KeyState:
             return KeyState(fingerprint.decode(), None, facts["guard_for"], None, guard=True)
         status = facts.get("status")
         result = None if status is None else StoredResult(status, facts["body"].encode("latin-1"))
-        return KeyState(fingerprint.decode(), result, facts["transaction_id"], facts["reference"])
+        return KeyState(
+            fingerprint.decode(),
+            result,
+            facts["transaction_id"],
+            facts["reference"],
+            facts=MappingProxyType(facts) if "state" in facts else _NO_FACTS,
+        )
     if value[:1] == _LEGACY_FINAL:
         _, fingerprint, status, body = value.split(b"|", 3)
         result = StoredResult(int(status), body)
         return KeyState(fingerprint.decode(), result, _transaction_id_in(body), None)
     _, _, fingerprint = value.split(b"|", 2)
     return KeyState(fingerprint.decode(), None, None, None)
+
+
+def lifecycle(facts: Mapping[str, Any], fingerprint: str) -> bytes:
+    """A record at a shard key (`proxy/store/keys.py`): `facts` carries `state` and the rest of
+    the lifecycle's facts; `status` and `body` once there is an answer to replay."""
+    return _encode(dict(facts), fingerprint)
 
 
 def _encode(facts: dict[str, Any], fingerprint: str) -> bytes:

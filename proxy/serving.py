@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.app import Gateway
 from proxy.config import GatewayConfig
+from proxy.payments.reconciler import Polled
 
 
 async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -> None:
@@ -27,11 +28,20 @@ async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -
     timeout_s = config.server.shutdown_timeout_s
     runner = web.ServerRunner(gateway.server(), shutdown_timeout=timeout_s)
     await runner.setup()
+    gateway.start()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
-        gateway.webhooks.start()
         await stop.wait()
     finally:
         stopping_at = time.monotonic()
         await runner.cleanup()
         await gateway.close(max(0.0, timeout_s - (time.monotonic() - stopping_at)))
+
+
+async def reconcile_once(config: GatewayConfig) -> list[Polled]:
+    """One reconciliation pass, as `payagg reconcile --once` runs it beside the servers."""
+    gateway = Gateway(config)
+    try:
+        return await gateway.reconciler.pass_once()
+    finally:
+        await gateway.close(0)

@@ -168,6 +168,7 @@ class ProviderClient:
         self.has_status = provider.status is not None
         self.not_found_grace_s = provider.status.not_found_grace_s if provider.status else 0.0
         self.sync_wait_s = settings.sync_wait_s
+        self.timeout_s = settings.timeout_s
         self._callbacks = provider.callbacks
         self._callback = settings.callback
         self._url = URL(provider.url)
@@ -236,7 +237,7 @@ class ProviderClient:
             )
 
     async def query_status(
-        self, reference: str, provider_reference: str | None = None
+        self, reference: str, provider_reference: str | None = None, past_breaker: bool = False
     ) -> StatusAnswer:
         """The payment's state at the provider: success, declined, pending or not_found.
 
@@ -259,7 +260,9 @@ class ProviderClient:
         )
         # The breaker counts payments, one vote each: a status query obeys it but never votes,
         # so polling neither dilutes a failing provider's window nor takes a half-open trial.
-        if self.breaker.rejects_now():
+        # `past_breaker`: the one question right after a payment's own call failed, so that the
+        # call that opened the breaker still learns whether its payment was created.
+        if self.breaker.rejects_now() and not past_breaker:
             raise ProviderUnavailable(self.name, self.breaker.retry_after_s())
 
         async def ask(token: str) -> Exchange:

@@ -217,6 +217,7 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[GatewayClient]
     client = GatewayClient(GatewayTestServer(gateway))
     client.gateway = gateway
     await client.start_server()
+    gateway.start()
     try:
         yield client
     finally:

@@ -611,7 +611,7 @@ def test_the_shipped_config_serves_on_every_interface_at_the_published_port() ->
 MOCK_LIFECYCLE_ENV = {
     "MOCK_APPROVAL_MS", "MOCK_ABANDON_RATE", "MOCK_APPROVAL_TIMEOUT_S", "MOCK_STATUS_FAILURE_RATE",
     "MOCK_SYNC_DECLINES", "MOCK_TOKEN_TTL_S", "MOCK_CLIENT_ID", "MOCK_CLIENT_SECRET",
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MOCKS, ids=MOCKS)

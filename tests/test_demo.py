@@ -15,8 +15,13 @@ SEED = "2"
 
 
 def demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "payagg"), "demo", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [str(VENV_BIN / "payagg"), "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_at_80_percent_failures_provider_answers_come_first_then_only_503s_and_a_summary():
@@ -34,10 +39,15 @@ def test_at_80_percent_failures_provider_answers_come_first_then_only_503s_and_a
 
     counts = ", ".join(f"{code} x{statuses.count(code)}" for code in sorted(set(statuses)))
     assert f"statuses: {counts}" in result.stdout, result.stdout
-    assert f"breaker: opened at request {first_503 + 1} (first 503 provider_unavailable)" \
+    assert (
+        f"breaker: opened at request {first_503 + 1} (first 503 provider_unavailable)"
         in result.stdout
-    latency = re.search(r"median latency: 503s ([\d.]+) ms \(n=(\d+)\), provider answers "
-                        r"\(200/402/502/504\) ([\d.]+) ms \(n=(\d+)\)", result.stdout)
+    )
+    latency = re.search(
+        r"median latency: 503s ([\d.]+) ms \(n=(\d+)\), provider answers "
+        r"\(200/402/502/504\) ([\d.]+) ms \(n=(\d+)\)",
+        result.stdout,
+    )
     assert latency, result.stdout
     assert int(latency[2]) == 10 - first_503
     assert int(latency[4]) == first_503

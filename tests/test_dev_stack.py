@@ -29,14 +29,21 @@ class DevStackProcess:
     def __init__(self, *extra: str) -> None:
         self.ports = {name: free_port() for name in SERVICES}
         self.proxy = f"http://127.0.0.1:{self.ports['proxy']}"
-        self.process = ServiceProcess([
-            str(VENV_BIN / "payagg"), "dev",
-            "--port", str(self.ports["proxy"]),
-            "--redis-port", str(self.ports["redis"]),
-            "--mtn-port", str(self.ports["mtn"]),
-            "--airtel-port", str(self.ports["airtel"]),
-            *extra,
-        ])
+        self.process = ServiceProcess(
+            [
+                str(VENV_BIN / "payagg"),
+                "dev",
+                "--port",
+                str(self.ports["proxy"]),
+                "--redis-port",
+                str(self.ports["redis"]),
+                "--mtn-port",
+                str(self.ports["mtn"]),
+                "--airtel-port",
+                str(self.ports["airtel"]),
+                *extra,
+            ]
+        )
 
     def wait_ready(self) -> None:
         self.process.wait_ready(f"{self.proxy}/readyz", timeout_s=30)
@@ -88,10 +95,18 @@ def port_is_free(port: int) -> bool:
 
 
 def pay(proxy: str, transaction_id: str, provider: str) -> int:
-    body = {"TransactionID": transaction_id, "Amount": 20.00, "Currency": "ZAR",
-            "ProviderKey": provider}
-    request = urllib.request.Request(f"{proxy}/v1/pay", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    body = {
+        "TransactionID": transaction_id,
+        "Amount": 20.00,
+        "Currency": "ZAR",
+        "ProviderKey": provider,
+    }
+    request = urllib.request.Request(
+        f"{proxy}/v1/pay",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
             return int(answer.status)
@@ -144,10 +159,22 @@ def test_a_busy_port_is_a_one_line_error_naming_it_and_nothing_is_started():
         squatter.bind(("127.0.0.1", ports["airtel"]))
         squatter.listen()
         result = subprocess.run(
-            [str(VENV_BIN / "payagg"), "dev", "--port", str(ports["proxy"]),
-             "--redis-port", str(ports["redis"]), "--mtn-port", str(ports["mtn"]),
-             "--airtel-port", str(ports["airtel"])],
-            capture_output=True, text=True, timeout=20, check=False,
+            [
+                str(VENV_BIN / "payagg"),
+                "dev",
+                "--port",
+                str(ports["proxy"]),
+                "--redis-port",
+                str(ports["redis"]),
+                "--mtn-port",
+                str(ports["mtn"]),
+                "--airtel-port",
+                str(ports["airtel"]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
         )
     assert result.returncode != 0
     assert "started" not in result.stdout, result.stdout
@@ -167,8 +194,13 @@ def test_a_busy_port_is_a_one_line_error_naming_it_and_nothing_is_started():
     ids=["failure rate above 1", "port 0"],
 )
 def test_bad_dev_options_are_refused_before_anything_starts(flags, problem):
-    result = subprocess.run([str(VENV_BIN / "payagg"), "dev", *flags], capture_output=True,
-                            text=True, timeout=20, check=False)
+    result = subprocess.run(
+        [str(VENV_BIN / "payagg"), "dev", *flags],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert result.returncode == 2
     assert problem in result.stderr
 

@@ -39,7 +39,9 @@ from proxy.errors import ProviderFailed
 from proxy.idempotency import Claim, IdempotencyStore
 from proxy.metrics import GatewayMetrics
 from proxy.payment import parse_payment, reference_for
+from proxy.payments.lifecycle import Report
 from proxy.records import StoredResult
+from proxy.store.keys import payment_sha, shard_for
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,
@@ -151,8 +153,14 @@ def provider_reference(identity: str) -> str:
     return reference_for("CANON", identity)
 
 
+def record_key(transaction_id: str, prefix: bytes = PREFIX) -> bytes:
+    """Where this version keeps a payment's record: its shard's hash-tagged key."""
+    sha = payment_sha(transaction_id)
+    return shard_for(prefix.decode(), sha).payment(sha)
+
+
 def record(redis_server: RedisServer, transaction_id: str) -> records.KeyState:
-    value = redis_server.client().get(redis_key(transaction_id))
+    value = redis_server.client().get(record_key(transaction_id))
     assert value is not None, f"no record for {transaction_id}"
     return records.decode(value)
 
@@ -523,25 +531,20 @@ async def test_an_old_process_finds_a_guard_under_the_old_key_of_a_new_payments_
     assert 0 < redis_server.client().ttl(redis_key("order-guarded")) <= 600
 
 
-async def test_an_old_process_reads_every_new_record_as_in_flight_with_its_fingerprint(
+async def test_a_new_record_lives_at_its_shard_key_and_the_transaction_ids_old_key_stays_free(
     gateway: Client, upstream: Upstream, redis_server: RedisServer
 ) -> None:
-    """During a rolling deploy an old process answers 409 for such a record (422 for another
-    request) and never claims it: its claim is a `SET NX`, which finds the key taken."""
-    state, _ = upstream
-    state.delay_s = 0.4
+    """The lifecycle's record is at a hash-tagged shard key; a process of the version before
+    retrying the payment during a rolling deploy finds nothing under its key and sends the
+    same reference (a UUIDv5 of the TransactionID in both versions): the provider's
+    deduplication on it is what keeps that retry from charging twice."""
     body = payment("TXN-roll", Payer="256700000001")
-    in_flight = asyncio.create_task(pay(gateway, body, key='a|b "c" |'))
-    await upstream_has_seen(state, 1)
-    locked = redis_server.client().get(redis_key("TXN-roll"))
-    assert (await in_flight).status == 200
-    final = redis_server.client().get(redis_key("TXN-roll"))
+    assert (await pay(gateway, body, key='a|b "c" |')).status == 200
 
-    assert locked is not None
-    assert final is not None
-    assert locked != final
-    for value in (locked, final):
-        assert previous_versions_reading(value) == (fingerprint(body), False)
+    assert redis_server.client().get(redis_key("TXN-roll")) is None
+    stored = record(redis_server, "TXN-roll")
+    assert (stored.state, stored.fingerprint) == ("SUCCESS", fingerprint(body))
+    assert stored.reference == provider_reference("TXN-roll")
 
 
 # 3. Concurrency -------------------------------------------------------------------------------
@@ -596,22 +599,25 @@ async def test_a_lock_left_by_a_crashed_proxy_blocks_the_key_until_it_expires(
     assert state.requests == 1
 
 
-async def test_every_key_the_proxy_writes_has_an_expiry(
+async def test_a_record_never_expires_before_it_is_final_then_lives_result_ttl_s_then_a_tombstone(
     upstream: Upstream, redis_url: str, redis_server: RedisServer
 ) -> None:
     state, url = upstream
     state.delay_s = 0.3
     redis = redis_server.client()
-    key = redis_key("TXN-ttl")
+    key = record_key("TXN-ttl")
+    sha = payment_sha("TXN-ttl")
+    tombstone = shard_for(PREFIX.decode(), sha).tombstone(sha)
     async with running_gateway(config(url, redis_url, lock_ttl_s=10, result_ttl_s=600)) as client:
         in_flight = asyncio.create_task(pay(client, payment("TXN-ttl")))
         await upstream_has_seen(state, 1)
-        lock_ttl = redis.ttl(key)
+        pending_ttl = redis.ttl(key)
         assert (await in_flight).status == 200
         result_ttl = redis.ttl(key)
 
-    assert 0 < lock_ttl <= 10
+    assert pending_ttl == -1, "a payment not final never expires silently"
     assert 10 < result_ttl <= 600
+    assert 600 < redis.ttl(tombstone) <= 600 + 90 * 86400
 
 
 # 5. Release on provider failure -----------------------------------------------------------------
@@ -658,45 +664,54 @@ async def _provider_recovers(state: UpstreamState, client: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fail", "status", "error", "upstream_calls"),
+    ("fail", "status", "state_after", "upstream_calls", "retry_status"),
     [
-        (_provider_fails, 502, "provider_error", 2),
-        (_provider_hangs, 504, "provider_timeout", 2),
-        (_provider_already_has_it, 504, "provider_timeout", 2),
-        (_breaker_opens_after_the_claim, 503, "provider_unavailable", 1),
+        (_provider_fails, 502, "NOT_CREATED", 2, 200),
+        (_provider_hangs, 502, "NOT_CREATED", 2, 200),
+        (_provider_already_has_it, 202, "PENDING", 1, 202),
+        (_breaker_opens_after_the_claim, 503, "NOT_CREATED", 1, 200),
     ],
     ids=[
-        "502-provider-error",
-        "504-provider-timeout",
-        "504-provider-already-has-the-reference",
+        "502-5xx-then-not-found",
+        "502-hang-then-not-found",
+        "202-provider-already-has-the-reference",
         "503-breaker-open-after-claim",
     ],
 )
-async def test_a_failed_payment_releases_its_key_and_the_retry_reuses_the_provider_reference(
+async def test_a_failed_payment_is_never_released_and_a_retry_reuses_the_stored_reference(
     upstream: Upstream,
     redis_url: str,
     redis_server: RedisServer,
     fail: Callable[[UpstreamState, Client], Awaitable[None]],
     status: int,
-    error: str,
+    state_after: str,
     upstream_calls: int,
+    retry_status: int,
 ) -> None:
+    """Not created (nothing sent, refused, or unknown to the status endpoint after the grace
+    period, 0 here): kept as NOT_CREATED and started again by a retry, under the same
+    reference. The provider said it has it: PENDING, replayed, never sent again."""
     state, url = upstream
     reference = provider_reference("TXN-retry")
     async with running_gateway(config(url, redis_url, timeout_s=0.3, open_s=0.3)) as client:
         await fail(state, client)
         failed = await pay(client, payment("TXN-retry"))
-        assert failed.status == status
-        assert failed.json()["error"] == error
-        assert not redis_server.client().exists(redis_key("TXN-retry")), "key not released"
+        assert failed.status == status, failed.body
+        assert record(redis_server, "TXN-retry").state == state_after, "never released"
+        looked_up = (await get(client, "/v1/payments/TXN-retry")).json()
+        assert looked_up["state"] == state_after
 
         await _provider_recovers(state, client)
         retry = await pay(client, payment("TXN-retry"))
 
-    assert retry.status == 200
-    assert not is_replay(retry)
-    assert retry.json()["provider_reference"] == f"up-{reference}"
-    # A 503 is refused before the provider is called; 502 and 504 reached it with the same UUID.
+    assert retry.status == retry_status
+    if retry_status == 200:
+        assert not is_replay(retry)
+        assert retry.json()["provider_reference"] == f"up-{reference}"
+        assert record(redis_server, "TXN-retry").state == "SUCCESS"
+    else:
+        assert is_replay(retry)
+    # A 503 is refused before the provider is called; the others reached it with the same UUID.
     assert state.references == [reference] * upstream_calls
     assert uuid.UUID(reference).version == 5
 
@@ -715,7 +730,7 @@ async def test_an_answer_about_another_amount_is_422_stores_nothing_and_releases
         refused = await pay(client, payment("TXN-lost"))
         assert refused.status == 422
         assert refused.json()["error"] == "idempotency_key_reused"
-        assert not redis_server.client().exists(redis_key("TXN-lost")), "nothing stored"
+        assert not redis_server.client().exists(record_key("TXN-lost")), "nothing stored"
         assert client.gateway.breakers["CANON"].window_counts().failures == 0
 
         del state.answered[reference]  # (a provider that would take it as a new payment)
@@ -739,34 +754,46 @@ async def store(redis_url: str) -> AsyncIterator[IdempotencyStore]:
     await store.close()
 
 
-@pytest.mark.parametrize(
-    "finish",
-    [lambda claim: claim.keep(200, b'{"status":"SUCCESS"}'), lambda claim: claim.release()],
-    ids=["keep", "release"],
-)
-async def test_a_stale_owner_cannot_overwrite_or_delete_a_newer_lock(
-    store: IdempotencyStore,
-    redis_server: RedisServer,
-    caplog: pytest.LogCaptureFixture,
-    finish: Callable[[Claim], Awaitable[None]],
-) -> None:
-    stale = parse_payment(json.dumps(payment("TXN-stale")).encode(), None, {"canon"})
-    claim = await store.claim(stale, "CANON")
+async def claimed(store: IdempotencyStore, transaction_id: str) -> Claim:
+    body = json.dumps(payment(transaction_id)).encode()
+    claim = await store.claim(parse_payment(body, None, {"canon"}), "CANON", hold_s=10)
     assert isinstance(claim, Claim)
-    redis = redis_server.client()
-    # The old lock expired and another request claimed the key with its own token.
-    newer = (
-        b"L|" + secrets.token_hex(16).encode() + b"|" + fingerprint(payment("TXN-stale")).encode()
+    return claim
+
+
+async def test_a_stale_owner_cannot_call_a_payment_another_owner_retook_not_created(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    """An owner whose hold ran out learns nothing was sent after another took the payment:
+    only the record's current owner may say it was never created."""
+    stale = await claimed(store, "TXN-stale")
+    taken = await store.lifecycle.apply(
+        stale.record, Report("PENDING", reason="outcome_unknown", due_ms=0)
     )
-    redis.set(claim.key, newer, ex=10)
+    assert taken is not None
 
-    with caplog.at_level(logging.ERROR, logger="payagg.idempotency"):
-        await finish(claim)
+    await stale.not_created(ProviderFailed("CANON", "refused"))
 
-    assert redis.get(claim.key) == newer
-    assert 0 < redis.ttl(claim.key) <= 10
-    reference = provider_reference("TXN-stale")
-    assert any("expired" in r.getMessage() and reference in r.getMessage() for r in caplog.records)
+    assert record(redis_server, "TXN-stale").state == "PENDING"
+
+
+async def test_a_settled_payment_never_changes_and_a_contradiction_is_counted(
+    store: IdempotencyStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    claim = await claimed(store, "TXN-settled")
+    await claim.keep(200, b'{"status":"SUCCESS"}', None, "P-1")
+    settled = record(redis_server, "TXN-settled")
+
+    with caplog.at_level(logging.ERROR, logger="payagg.lifecycle"):
+        await claim.settle(Report("DECLINED", reason="FAILED"))
+
+    assert record(redis_server, "TXN-settled") == settled
+    assert settled.state == "SUCCESS"
+    conflicts = store.lifecycle.metrics.reconcile_conflicts.labels("CANON")._value.get()
+    assert conflicts == 1
+    (logged,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "SUCCESS" in logged
+    assert "DECLINED" in logged
 
 
 # 7. Redis outages ------------------------------------------------------------------------------
@@ -823,7 +850,8 @@ async def test_without_redis_payments_fail_closed_fast_and_resume_by_themselves(
         assert refused.json()["error"] == "idempotency_store_unavailable"
         assert elapsed < REDIS_TIMEOUT_S + 0.5
         assert state.requests == 1
-        assert errors_after == errors_before + 1
+        # The refused payment's, and the reconciler's passes meanwhile.
+        assert errors_after >= errors_before + 1
         assert not_ready.status == 503
 
         await ready_again(client)
@@ -850,9 +878,10 @@ async def test_a_key_refused_while_redis_was_down_can_be_retried_as_soon_as_it_i
         retries = await asyncio.gather(*(pay(client, payment(key)) for key in keys))
         scripts_during_retries = scripts_run(redis_server) - scripts_before
 
-    # Each retry: its claim and its stored result; plus one shared release of each key the
-    # outage left unanswered, not one per retry that found them.
-    assert scripts_during_retries == 3 * len(keys)
+    # Each retry: its claim and its stored result, never blocked by what the outage left (a
+    # claim left unanswered is released once, shared; the reconciler's lease scripts, one per
+    # shard and pass, come on top).
+    assert scripts_during_retries >= 2 * len(keys)
     assert [answer.status for answer in refused] == [503] * len(keys)
     assert [answer.status for answer in retries] == [200] * len(keys), [r.json() for r in retries]
     assert state.requests == 1 + len(keys)
@@ -891,7 +920,7 @@ async def test_a_result_whose_store_is_unconfirmed_is_logged_as_unknown_counted_
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     logged = [m for m in errors if reference in m]
     assert logged, errors
-    assert all("store outcome unknown" in m and "FAILED" not in m for m in logged), logged
+    assert all("not confirmed by Redis" in m and "reconciler" in m for m in logged), logged
     assert unknown == 1
 
 
@@ -911,7 +940,7 @@ async def test_a_client_that_hangs_up_mid_payment_gets_the_stored_answer_on_retr
 
     async def completed() -> Any:
         found = (await get(gateway, "/v1/payments/TXN-hangup")).json()
-        return found if found.get("state") == "COMPLETED" else None
+        return found if found.get("state") == "SUCCESS" else None
 
     stored = await eventually(completed, "the abandoned payment to complete")
     retry = await pay(gateway, payment("TXN-hangup"))
@@ -941,9 +970,25 @@ async def test_the_lookup_endpoint_shows_unknown_in_progress_and_completed_payme
     answer = await in_flight
     after = await get(gateway, "/v1/payments/TXN-look")
 
-    assert (during.status, during.json()) == (200, {"state": "IN_PROGRESS"})
+    assert during.status == 200
+    assert during.json()["state"] == "PROCESSING"
     assert after.status == 200
-    assert after.json() == {"state": "COMPLETED", "status_code": 200, "response": answer.json()}
+    described = after.json()
+    assert described == {
+        "transaction_id": "TXN-look",
+        "provider": "CANON",
+        "state": "SUCCESS",
+        "provider_reference": answer.json()["provider_reference"],
+        "amount": 20.0,
+        "currency": "ZAR",
+        "reason": None,
+        "created_at": described["created_at"],
+        "updated_at": described["updated_at"],
+        "status_code": 200,
+        "response": answer.json(),
+    }
+    assert described["created_at"] <= described["updated_at"]
+    assert described["created_at"].endswith("Z")
 
 
 async def test_a_payment_is_looked_up_by_its_transaction_id_not_by_its_header(
@@ -954,11 +999,8 @@ async def test_a_payment_is_looked_up_by_its_transaction_id_not_by_its_header(
     by_transaction = await get(gateway, "/v1/payments/TXN-seek")
     by_header = await get(gateway, "/v1/payments/order-seek")
 
-    assert by_transaction.json() == {
-        "state": "COMPLETED",
-        "status_code": 200,
-        "response": answer.json(),
-    }
+    assert by_transaction.json()["state"] == "SUCCESS"
+    assert by_transaction.json()["response"] == answer.json()
     assert by_header.status == 404
 
 
@@ -975,15 +1017,21 @@ async def test_redis_keys_are_the_prefix_and_a_sha256_of_the_clients_strings(
         found = await get(client, f"/v1/payments/{quote(odd_id, safe='')}")
 
     keys = set(redis_server.client().keys("*"))
+    sha = payment_sha(odd_id)
+    shard = shard_for("tenant-7:", sha)
     assert keys == {
-        redis_key(odd_id, prefix=b"tenant-7:"),
+        shard.payment(sha),
+        shard.counts,
+        shard.outbox,
+        shard.hook(sha, "SUCCESS"),
+        shard.tombstone(sha),
         binding_key(odd_key, prefix=b"tenant-7:"),
         # While records of the old form may exist: since when, and a guard under the old key.
         b"tenant-7:identity-by-transaction-id-since",
         redis_key(odd_key, prefix=b"tenant-7:"),
     }
     assert all(odd_key.encode() not in key and odd_id.encode() not in key for key in keys)
-    assert found.json()["state"] == "COMPLETED"
+    assert found.json()["state"] == "SUCCESS"
 
 
 # 11. Durability of the local stack's Redis -------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,17 +16,13 @@ from aiohttp.test_utils import TestServer
 from proxy.breaker import ProviderBreaker
 from proxy.config import load_config
 from proxy.errors import (
-    OutcomeUnknown,
-    PaymentError,
     ProviderBusy,
     ProviderFailed,
-    ProviderMismatch,
     ProviderUnavailable,
 )
-from proxy.mapping import Answer, StatusMapping
+from proxy.mapping import StatusMapping
 from proxy.metrics import GatewayMetrics
 from proxy.payment import Payment
-from proxy.payments.settle import wait_for_final
 from proxy.upstream import ProviderClient
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import gateway_yaml, make_config, payment, running_gateway
@@ -259,107 +256,6 @@ async def test_a_status_query_is_not_sent_while_the_breaker_is_open(status_provi
     assert status_provider.paths == []
 
 
-# --- Waiting for a final state (the interim POST /v1/pay, reused by the lifecycle) ---------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-class ScriptedClient:
-    """query_status answers (or errors) in order; the last one repeats."""
-
-    name = "ST"
-
-    def __init__(self, *script: Answer | PaymentError, grace_s: float = 0.0) -> None:
-        self.script = list(script)
-        self.not_found_grace_s = grace_s
-        self.queries = 0
-        self.mismatches: list[Answer] = []
-
-    async def query_status(self, reference: str) -> Answer:
-        self.queries += 1
-        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
-        if isinstance(step, PaymentError):
-            raise step
-        return step
-
-    def report_mismatch(self, answer: Answer, *args: object) -> None:
-        self.mismatches.append(answer)
-
-
-PAYMENT = Payment("T-1", Decimal("20.00"), "ZAR", "st", None, None)
-
-
-async def settle(client: ScriptedClient, wait_s: float = 10) -> tuple[Answer, FakeClock]:
-    clock = FakeClock()
-    answer = await wait_for_final(client, PAYMENT, "ref", wait_s, clock, clock.sleep)  # type: ignore[arg-type]
-    return answer, clock
-
-
-async def test_pending_then_success_is_the_success_asked_at_once_then_with_doubling_delays():
-    client = ScriptedClient(
-        Answer("pending"), Answer("pending"), Answer("pending"), Answer("success", "P-1")
-    )
-    answer, clock = await settle(client)
-    assert answer.outcome == "success"
-    assert answer.provider_reference == "P-1"
-    assert client.queries == 4
-    assert clock.sleeps == [0.05, 0.1, 0.2]
-
-
-async def test_still_pending_after_the_wait_is_an_unknown_outcome_never_a_guess():
-    client = ScriptedClient(Answer("pending"))
-    clock = FakeClock()
-    with pytest.raises(OutcomeUnknown) as unknown:
-        await wait_for_final(client, PAYMENT, "ref", 5, clock, clock.sleep)  # type: ignore[arg-type]
-    assert unknown.value.status == 504
-    assert clock.now == pytest.approx(5)
-    assert max(clock.sleeps) == 1.0
-    assert "retry with the same TransactionID" in unknown.value.message
-
-
-async def test_failed_queries_are_asked_again_until_a_final_answer():
-    client = ScriptedClient(
-        ProviderFailed("ST", "500"), ProviderBusy("ST", "429"), Answer("declined", reason="R")
-    )
-    answer, _ = await settle(client)
-    assert answer.outcome == "declined"
-    assert answer.reason == "R"
-
-
-async def test_an_open_breaker_stops_the_wait_as_an_unknown_outcome():
-    client = ScriptedClient(ProviderUnavailable("ST", 30))
-    with pytest.raises(OutcomeUnknown):
-        await settle(client)
-    assert client.queries == 1
-
-
-async def test_not_found_is_asked_again_within_the_grace_and_ends_the_wait_after_it():
-    client = ScriptedClient(Answer("not_found"), grace_s=2)
-    clock = FakeClock()
-    with pytest.raises(OutcomeUnknown):
-        await wait_for_final(client, PAYMENT, "ref", 10, clock, clock.sleep)  # type: ignore[arg-type]
-    assert 2 <= clock.now < 10
-    assert client.queries > 1
-
-
-async def test_a_final_answer_about_another_amount_is_a_mismatch_never_a_success():
-    client = ScriptedClient(Answer("success", "P-1", amount="999.00", currency="ZAR"))
-    with pytest.raises(ProviderMismatch):
-        await settle(client)
-    assert len(client.mismatches) == 1
-
-
 # --- The canonical protocol's status endpoint, through the gateway ---------------------------
 
 
@@ -394,17 +290,22 @@ async def test_a_canonical_409_is_settled_by_its_status_endpoint_when_the_provid
     assert state.status_queries == 1
 
 
-async def test_a_canonical_409_unknown_to_the_status_endpoint_stays_an_unknown_outcome(
+async def test_a_canonical_409_unknown_to_the_status_endpoint_stays_pending_never_not_created(
     gateway, upstream
 ):
+    """The provider says it holds the reference: its status endpoint not knowing it is the
+    provider's inconsistency, never proof the payment was not created."""
     state: UpstreamState = upstream[0]
     state.already_exists = True
     reply = await gateway.post("/v1/pay", json=payment("TXN-409-LOST"))
-    assert reply.status == 504, await reply.text()
-    assert (await reply.json())["error"] == "provider_timeout"
+    assert reply.status == 202, await reply.text()
+    assert (await reply.json())["status"] == "PENDING"
+    assert reply.headers["Location"] == "/v1/payments/TXN-409-LOST"
+    looked_up = await (await gateway.get("/v1/payments/TXN-409-LOST")).json()
+    assert (looked_up["state"], looked_up["reason"]) == ("PENDING", "outcome_unknown")
 
 
-async def test_a_payment_still_pending_after_sync_wait_s_is_504_and_its_retry_reuses_the_reference(
+async def test_a_payment_still_pending_after_sync_wait_s_is_202_then_settled_without_a_resend(
     upstream, redis_url
 ):
     state: UpstreamState = upstream[0]
@@ -414,11 +315,17 @@ async def test_a_payment_still_pending_after_sync_wait_s_is_504_and_its_retry_re
     state.pending_polls = 10_000  # the payer does not approve in time
     async with running_gateway(make_config(yaml)) as gateway:
         first = await gateway.post("/v1/pay", json=payment("TXN-SLOW"))
-        assert first.status == 504, await first.text()
-        assert (await first.json())["error"] == "provider_timeout"
+        assert first.status == 202, await first.text()
+        assert (await first.json())["status"] == "PENDING"
         (reference,) = state.polls_left
-        state.polls_left[reference] = 0  # the payer approves
+        state.polls_left[reference] = 0  # the payer approves; the reconciler asks
+        for _ in range(400):
+            found = await (await gateway.get("/v1/payments/TXN-SLOW")).json()
+            if found["state"] == "SUCCESS":
+                break
+            await asyncio.sleep(0.05)
         retry = await gateway.post("/v1/pay", json=payment("TXN-SLOW"))
         assert retry.status == 200, await retry.text()
-    assert state.references == [reference, reference], "the retry sent the same reference"
+        assert retry.headers["Idempotent-Replayed"] == "true"
+    assert state.references == [reference], "sent once, settled by its status"
     assert len(state.answered) == 1, "one payment at the provider"

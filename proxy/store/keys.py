@@ -3,7 +3,7 @@
 Payments are spread over `SHARDS` shards, each with a hash tag (`{<prefix>sNN}`), so that every
 script touches keys of one hash slot (Redis Cluster, MemoryDB): a payment's record, its shard's
 schedule (`due`), webhook outbox (`outbox`), webhook bodies (`hook:`) and gauge counters
-(`counts`). Only the lookup by provider reference (`ref:`) lives outside the shards: it is a
+(`counts`). Only the lookup by callback token (`ref:`) lives outside the shards: it is a
 single-key write made before the claim.
 """
 
@@ -52,6 +52,16 @@ class Shard:
         """hash: `pending:<PROVIDER>`, `unresolved:<PROVIDER>`."""
         return f"{self.tag}counts".encode()
 
+    @property
+    def leases(self) -> bytes:
+        """zset: member `<sha>`, score = unix ms when its holder's lease (handler, poller) ends."""
+        return f"{self.tag}leases".encode()
+
+    @property
+    def poked(self) -> bytes:
+        """set: leased payments a callback asked about: their holder looks again at once."""
+        return f"{self.tag}poked".encode()
+
     def payment(self, sha: str) -> bytes:
         """string: the payment's record (JSON facts, `proxy/records.py`)."""
         return f"{self.tag}pay:{sha}".encode()
@@ -73,9 +83,13 @@ def all_shards(prefix: str) -> list[Shard]:
     return [Shard(prefix, number) for number in range(SHARDS)]
 
 
-def reference_key(prefix: str, provider: str, reference: str) -> bytes:
-    """string: `<sha>` of the payment sent under this provider reference (callbacks find it)."""
-    return f"{prefix}ref:{provider}:{reference}".encode()
+def reference_key(prefix: str, provider: str, token: str) -> bytes:
+    """string: `<sha> <shard> <reference>` of the payment whose callback URL carries `token`.
+
+    Keyed by the URL's token (an HMAC of the provider reference, `proxy/providers/callbacks.py`)
+    rather than the reference itself: the token is all a callback's URL carries.
+    """
+    return f"{prefix}ref:{provider}:{token}".encode()
 
 
 def outbox_member(sha: str, state: str) -> str:

@@ -1,0 +1,304 @@
+"""The payment lifecycle in one process: PENDING, UNRESOLVED, late reports, tombstones, callbacks,
+`payagg reconcile --once`, the lifecycle's metrics, and leases. A real Redis and a real in-process
+canonical upstream (`tests/canonical_upstream.py`) whose payments can stay PENDING."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import cli
+from proxy.config import GatewayConfig, RedisSettings
+from proxy.payment import reference_for
+from proxy.payments.lifecycle import now_ms
+from proxy.providers.callbacks import callback_token
+from proxy.store.keys import all_shards, payment_sha, shard_for
+from proxy.store.payments import PaymentRecords
+from proxy.store_client import StoreClient
+from tests.canonical_upstream import UpstreamState
+from tests.conftest import GatewayClient, RedisServer, make_config, payment, running_gateway
+
+Upstream = tuple[UpstreamState, str]
+SECRET = "lifecycle-test-callback-secret"
+
+
+def config_text(
+    upstream_url: str,
+    redis_url: str,
+    *,
+    sync_wait_s: float = 0,
+    give_up_after_s: float = 3600,
+    result_ttl_s: int = 600,
+    public_url: str | None = None,
+) -> str:
+    server = (
+        f'server: {{public_url: "{public_url}", callback_secret: "{SECRET}"}}\n'
+        if public_url
+        else ""
+    )
+    return server + textwrap.dedent(
+        f"""\
+        redis: {{url: "{redis_url}", timeout_s: 0.5}}
+        idempotency: {{lock_ttl_s: 10, result_ttl_s: {result_ttl_s}}}
+        reconcile: {{max_interval_s: 1, give_up_after_s: {give_up_after_s}}}
+        defaults:
+          timeout_s: 1
+          breaker: {{failure_rate_threshold: 0.6, minimum_calls: 3, window_s: 30, open_s: 30}}
+        providers:
+          CANON:
+            url: "{upstream_url}"
+            sync_wait_s: {sync_wait_s}
+            callback: {{verify: none, state: status}}
+        """
+    )
+
+
+def config(upstream_url: str, redis_url: str, **knobs: Any) -> GatewayConfig:
+    return make_config(config_text(upstream_url, redis_url, **knobs))
+
+
+async def pay(client: GatewayClient, transaction_id: str, **fields: object) -> tuple[int, Any]:
+    async with client.post("/v1/pay", json=payment(transaction_id, **fields)) as reply:
+        return reply.status, await reply.json()
+
+
+async def looked_up(client: GatewayClient, transaction_id: str) -> dict[str, Any]:
+    async with client.get(f"/v1/payments/{transaction_id}") as reply:
+        assert reply.status == 200, await reply.text()
+        found: dict[str, Any] = await reply.json()
+        return found
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, bound_s: float = 20) -> Any:
+    deadline = time.monotonic() + bound_s
+    while True:
+        found = await check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def in_state(client: GatewayClient, transaction_id: str, state: str) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        found = await looked_up(client, transaction_id)
+        return found if found["state"] == state else None
+
+    result: dict[str, Any] = await eventually(reached, f"{transaction_id} to be {state}")
+    return result
+
+
+async def metrics(client: GatewayClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with client.get("/metrics") as reply:
+        text = await reply.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def stay_pending(state: UpstreamState) -> None:
+    state.pending_polls = 1_000_000
+
+
+def settle(state: UpstreamState, transaction_id: str) -> None:
+    """The payer approves: the upstream's next status answer is final."""
+    state.polls_left[reference_for("CANON", transaction_id)] = 0
+
+
+async def test_every_lifecycle_series_is_there_from_start_up(upstream: Upstream, redis_url: str):
+    async with running_gateway(config(upstream[1], redis_url)) as client:
+        found = await metrics(client)
+    canon = (("provider", "CANON"),)
+    assert found["payagg_payments_pending", canon] == 0
+    assert found["payagg_unresolved_payments", canon] == 0
+    assert found["payagg_reconcile_conflicts_total", canon] == 0
+    assert found["payagg_payment_time_to_final_seconds_count", canon] == 0
+    for result in ("success", "declined", "pending", "not_found", "failed", "busy", "breaker_open"):
+        key = ("payagg_reconcile_polls_total", (("provider", "CANON"), ("result", result)))
+        assert found[key] == 0
+    assert found["payagg_requests_total", (("outcome", "pending"), ("provider", "CANON"))] == 0
+    assert ("payagg_requests_total", (("outcome", "timeout"), ("provider", "CANON"))) not in found
+
+
+async def test_a_payment_not_final_after_give_up_after_s_is_unresolved_and_a_late_report_settles_it(
+    upstream: Upstream, redis_url: str
+):
+    state, url = upstream
+    stay_pending(state)
+    async with running_gateway(config(url, redis_url, give_up_after_s=1)) as client:
+        status, body = await pay(client, "TXN-GIVE-UP")
+        assert (status, body["status"]) == (202, "PENDING")
+        unresolved = await in_state(client, "TXN-GIVE-UP", "UNRESOLVED")
+        assert unresolved["reason"] == "gave_up"
+        assert "response" not in unresolved, "not final: no answer is guessed"
+        counted = await metrics(client)
+        assert counted["payagg_unresolved_payments", (("provider", "CANON"),)] == 1
+        assert counted["payagg_payments_pending", (("provider", "CANON"),)] == 0
+        again = await pay(client, "TXN-GIVE-UP")
+        assert again[0] == 202, "a retry is answered 202, never sent again"
+        assert state.requests == 1
+
+        # A late report: the payer approved after all, and a callback brings it back.
+        settle(state, "TXN-GIVE-UP")
+        sha = payment_sha("TXN-GIVE-UP")
+        lifecycle = client.gateway.store.lifecycle
+        assert await lifecycle.records.poke(shard_for("payagg:", sha), sha, now_ms()) == 2
+        settled = await in_state(client, "TXN-GIVE-UP", "SUCCESS")
+        assert settled["status_code"] == 200
+        counted = await metrics(client)
+        assert counted["payagg_unresolved_payments", (("provider", "CANON"),)] == 0
+    assert state.requests == 1
+
+
+async def test_a_status_about_another_amount_makes_the_payment_unresolved_never_success(
+    upstream: Upstream, redis_url: str
+):
+    state, url = upstream
+    state.pending_polls = 2
+    reference = reference_for("CANON", "TXN-OTHER-AMOUNT")
+    async with running_gateway(config(url, redis_url)) as client:
+        assert (await pay(client, "TXN-OTHER-AMOUNT"))[0] == 202
+        state.answered[reference] = json.dumps(
+            {"status": "SUCCESS", "provider_reference": "up-x", "amount": 999, "currency": "ZAR"}
+        ).encode()
+        found = await in_state(client, "TXN-OTHER-AMOUNT", "UNRESOLVED")
+        counted = await metrics(client)
+    assert found["reason"] == "provider_mismatch"
+    assert counted["payagg_provider_mismatch_total", (("provider", "CANON"),)] == 1
+
+
+async def test_after_its_result_expired_the_tombstone_refuses_another_amount_and_replays_the_same(
+    upstream: Upstream, redis_url: str, redis_server: RedisServer
+):
+    state, url = upstream
+    async with running_gateway(config(url, redis_url, result_ttl_s=1)) as client:
+        status, first = await pay(client, "TXN-TOMB")
+        assert status == 200
+        sha = payment_sha("TXN-TOMB")
+        record = shard_for("payagg:", sha).payment(sha)
+
+        async def expired() -> bool:
+            return not redis_server.client().exists(record)
+
+        await eventually(expired, "the result to expire")
+        reused = await pay(client, "TXN-TOMB", Amount=999)
+        same = await pay(client, "TXN-TOMB")
+    assert reused[0] == 422
+    assert reused[1]["error"] == "idempotency_key_reused"
+    assert same == (200, first), "the same answer, rebuilt from the tombstone"
+    assert state.requests == 1, "never charged twice"
+
+
+async def test_reconcile_once_prints_what_it_did(
+    upstream: Upstream, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    state, url = upstream
+    stay_pending(state)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(url, redis_url))
+    async with running_gateway(config(url, redis_url)) as client:
+        assert (await pay(client, "TXN-ONCE"))[0] == 202
+    # No process reconciles now; one pass from the command line does.
+    settle(state, "TXN-ONCE")
+    code = await asyncio.to_thread(cli.main, ["reconcile", "--once", "--config", str(path)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "TXN-ONCE CANON: PENDING -> SUCCESS (status query: success)" in printed
+    assert "1 payment(s) reconciled" in printed
+    assert state.requests == 1
+
+
+async def test_two_leases_taken_at_once_never_share_a_payment(upstream: Upstream, redis_url: str):
+    state, url = upstream
+    stay_pending(state)
+    async with running_gateway(config(url, redis_url)) as client:
+        await asyncio.gather(*(pay(client, f"TXN-LEASE-{n}") for n in range(40)))
+    # The gateway and its reconciler are gone: two lessors race over every shard.
+    records = PaymentRecords(StoreClient(RedisSettings(url=redis_url, timeout_s=1)))
+    clock = now_ms() + 60_000  # everything is due by then
+    taken: list[list[str]] = []
+    for shard in all_shards("payagg:"):
+        one, two = await asyncio.gather(
+            records.lease(shard, clock, clock + 10_000, 100),
+            records.lease(shard, clock, clock + 10_000, 100),
+        )
+        assert not set(one) & set(two)
+        taken.append(one + two)
+    assert sum(len(shas) for shas in taken) == 40
+
+
+async def test_a_callback_before_the_posts_answer_wakes_it_and_changes_nothing_by_itself(
+    upstream: Upstream, redis_url: str, unused_tcp_port: int
+):
+    state, url = upstream
+    stay_pending(state)
+    public = f"http://127.0.0.1:{unused_tcp_port}"
+    knobs = {"sync_wait_s": 30, "public_url": public}
+    async with running_gateway(config(url, redis_url, **knobs)) as client:
+        paying = asyncio.create_task(pay(client, "TXN-CB-EARLY"))
+        await eventually(lambda: _true(state.requests == 1), "the payment to be sent")
+        reference = reference_for("CANON", "TXN-CB-EARLY")
+        token = callback_token(SECRET, "CANON", reference)
+        path = f"/v1/callbacks/CANON/{token}"
+        async with client.put(path, data=b'{"status": "SUCCESSFUL"}') as hint:
+            assert hint.status == 200
+        assert (await looked_up(client, "TXN-CB-EARLY"))["state"] in ("PROCESSING", "PENDING")
+        settle(state, "TXN-CB-EARLY")
+        async with client.post(path, data=b'{"status": "SUCCESSFUL"}') as hint:
+            assert hint.status == 200
+        status, body = await paying
+    assert (status, body["status"]) == (200, "SUCCESS")
+    assert state.requests == 1
+
+
+async def test_a_callback_racing_the_reconciler_settles_the_payment_once(
+    upstream: Upstream, redis_url: str, unused_tcp_port: int
+):
+    state, url = upstream
+    stay_pending(state)
+    public = f"http://127.0.0.1:{unused_tcp_port}"
+    async with running_gateway(config(url, redis_url, public_url=public)) as client:
+        assert (await pay(client, "TXN-CB-RACE"))[0] == 202
+        settle(state, "TXN-CB-RACE")
+        token = callback_token(SECRET, "CANON", reference_for("CANON", "TXN-CB-RACE"))
+        hints = [client.put(f"/v1/callbacks/CANON/{token}", data=b"{}") for _ in range(10)]
+        answers = await asyncio.gather(*(hint.__aenter__() for hint in hints))
+        assert {answer.status for answer in answers} == {200}
+        settled = await in_state(client, "TXN-CB-RACE", "SUCCESS")
+        counted = await metrics(client)
+    assert settled["status_code"] == 200
+    assert counted["payagg_payment_time_to_final_seconds_count", (("provider", "CANON"),)] == 1
+    assert state.requests == 1
+
+
+async def test_a_callback_for_an_unknown_payment_or_with_a_bad_token_is_401_and_asks_nothing(
+    upstream: Upstream, redis_url: str, unused_tcp_port: int
+):
+    state, url = upstream
+    public = f"http://127.0.0.1:{unused_tcp_port}"
+    async with running_gateway(config(url, redis_url, public_url=public)) as client:
+        unknown = callback_token(SECRET, "CANON", reference_for("CANON", "TXN-NEVER"))
+        async with client.put(f"/v1/callbacks/CANON/{unknown}", data=b"{}") as reply:
+            assert reply.status == 401
+            assert (await reply.json())["error"] == "unauthorized"
+        async with client.put("/v1/callbacks/CANON/not-a-token", data=b"{}") as reply:
+            assert reply.status == 401
+        async with client.put(f"/v1/callbacks/NOPE/{unknown}", data=b"{}") as reply:
+            assert reply.status == 404
+        await asyncio.sleep(0.6)  # a reconciler pass would have asked by now, had it been due
+    assert state.status_queries == 0
+    assert state.requests == 0
+
+
+async def _true(value: bool) -> bool:
+    return value
