@@ -230,6 +230,13 @@ def test_the_dashboard_has_the_panels_the_operators_asked_for() -> None:
         "provider latency",
         "payagg latency",
         "store errors",
+        "pending payments",
+        "time to final",
+        "unresolved payments",
+        "reconcile polls",
+        "reconcile conflicts",
+        "webhook deliveries",
+        "webhook backlog",
     ):
         assert wanted in titles
 
@@ -414,7 +421,7 @@ def test_every_alert_reads_series_that_exist_on_the_live_stack(
 def test_the_readme_draws_its_diagrams_in_mermaid_and_shows_the_bench_chart() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert readme.count("```mermaid\nflowchart") == 1, "the architecture"
-    assert readme.count("```mermaid\nstateDiagram-v2") == 1, "the breaker's states"
+    assert readme.count("```mermaid\nstateDiagram-v2") == 2, "the payment's and the breaker's states"
     assert not re.search("[─│┌┐└┘▶▼]", readme), "ASCII art left in the README"
     assert "(bench/ratios.png)" in readme
     assert (ROOT / "bench" / "ratios.png").read_bytes().startswith(b"\x89PNG")
