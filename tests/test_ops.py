@@ -2,9 +2,11 @@
 
 The live test starts the real stack as processes (Redis, both mocks seeded, `payagg serve
 --workers 2`) and a real Prometheus (Debian's `prometheus` package) scraping it every second with
-ops/prometheus/alerts.yml loaded; it drives payments, declines, replays and an opened breaker,
-then requires every dashboard query and every alert's signal to return data: a typo in a metric
-or label name shows here as an empty answer, not as a silently empty panel in production.
+ops/prometheus/alerts.yml loaded; it drives payments, declines, replays, payments left PENDING
+(settled by the reconciler, or given up UNRESOLVED), merchant webhooks (refused, then delivered to
+a local receiver) and an opened breaker, then requires every dashboard query and every alert's
+signal to return data: a typo in a metric or label name shows here as an empty answer, not as a
+silently empty panel in production.
 
 Without `prometheus`/`promtool` on PATH these tests are skipped on a developer machine (the skip
 reason says how to install them) and fail under CI (`CI` set), where .ci/run installs them.
