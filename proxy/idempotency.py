@@ -214,12 +214,18 @@ class IdempotencyStore:
                 bound = await self._redis.execute(b"GET", self.binding_key(payment.idempotency_key))
             if bound is not None and bound != payment.transaction_id.encode():
                 raise _key_bound_elsewhere()
-        record = await self.find(payment.transaction_id)
+        # Both reads at once: they go to Redis in one pipeline, so a fail-fast answer costs one
+        # round trip, not two, while records of the versions before may still exist.
+        record, old = await asyncio.gather(
+            self.find(payment.transaction_id), self.peek_old(payment.transaction_id)
+        )
         if record is not None:
             if record.name == "NOT_CREATED" and record.state.fingerprint == fingerprint:
                 return None  # nothing to replay: a retry starts again
             return judge(record.state, fingerprint)
-        return await self._old_answer(payment, provider, fingerprint, guard=False)
+        if old is not None:
+            return judge(old, fingerprint)
+        return await self._old_header_answer(payment, provider, fingerprint, guard=False)
 
     async def find(self, transaction_id: str) -> Record | None:
         with self.errors:
@@ -247,6 +253,13 @@ class IdempotencyStore:
         old = await self.peek_old(payment.transaction_id)
         if old is not None:
             return judge(old, fingerprint)
+        return await self._old_header_answer(payment, provider, fingerprint, guard)
+
+    async def _old_header_answer(
+        self, payment: Payment, provider: str, fingerprint: str, guard: bool
+    ) -> StoredResult | None:
+        """`_old_answer`'s second half: a record of the version before made with this request's
+        `Idempotency-Key`, under the header's old key (while the migration window is open)."""
         header = await self._legacy_header(payment)
         if header is None:
             return None
