@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import proxy.mapping as mapping_module
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.mapping import (
+import proxy.providers.mapping as mapping_module
+from proxy.providers.mapping import (
     Answer,
     Array,
     Constant,
@@ -26,6 +25,7 @@ from proxy.mapping import (
     Text,
     compile_mapping,
 )
+from proxy.settings.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "gateway.yaml"

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
-from proxy.breaker import ProviderBreaker
-from proxy.config import ReconcileSettings
 from proxy.errors import PaymentError, ProviderBusy, ProviderUnavailable, StoreUnavailable
-from proxy.mapping import Answer
 from proxy.payments.lifecycle import FINAL, OUTCOME_UNKNOWN, Lifecycle, Record, Report, now_ms
+from proxy.providers.breaker import ProviderBreaker
+from proxy.providers.mapping import Answer
+from proxy.settings.config import ReconcileSettings
 from proxy.store.keys import Shard, all_shards
 
 log = logging.getLogger("payagg.reconciler")
@@ -34,7 +34,7 @@ _MAX_PAUSE_S = 5.0
 
 
 class StatusSource(Protocol):
-    """What the reconciler needs of a provider (`proxy.upstream.ProviderClient`)."""
+    """What the reconciler needs of a provider (`proxy.providers.upstream.ProviderClient`)."""
 
     name: str
     has_status: bool

@@ -49,7 +49,7 @@ from glide import (
 from glide import Script as GlideScript
 from glide import TimeoutError as GlideTimeout
 
-from proxy.config import RedisSettings
+from proxy.settings.config import RedisSettings
 
 __all__ = ["RedisReplyError", "RedisUnavailable", "Script", "StoreClient"]
 

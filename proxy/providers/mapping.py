@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.yaml_source import Path, Problem
+from proxy.settings.yaml_source import Path, Problem
 
 JsonValue = Any
 

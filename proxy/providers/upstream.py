@@ -33,8 +33,6 @@ from aiohttp.helpers import get_env_proxy_for_url
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.breaker import CallVerdict, ProviderBreaker
-from proxy.config import Provider
 from proxy.errors import (
     InvalidRequest,
     OutcomeUnknown,
@@ -48,9 +46,8 @@ from proxy.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from proxy.mapping import Answer, PaymentFields, StatusAnswer
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import Payment
 from proxy.providers.access_tokens import (
     AccessTokens,
     AuthSpec,
@@ -59,6 +56,9 @@ from proxy.providers.access_tokens import (
     TokenRequest,
     read_token,
 )
+from proxy.providers.breaker import CallVerdict, ProviderBreaker
+from proxy.providers.mapping import Answer, PaymentFields, StatusAnswer
+from proxy.settings.config import Provider
 
 log = logging.getLogger("payagg.upstream")
 # A provider's answer is a small JSON document; anything larger is not one we can use.
