@@ -30,7 +30,7 @@ from proxy.payments.lifecycle import now_ms
 from proxy.payments.reconciler import Reconciler
 from proxy.payments.request import Payment
 from proxy.providers.breaker import ProviderBreaker
-from proxy.providers.mapping import Answer
+from proxy.providers.mapping import ProviderAnswer
 from proxy.settings.config import (
     BreakerSettings,
     IdempotencySettings,
@@ -56,9 +56,9 @@ class PendingForever:
 
     async def query_status(
         self, reference: str, provider_reference: str | None = None, past_breaker: bool = False
-    ) -> Answer:
+    ) -> ProviderAnswer:
         self.queries += 1
-        return Answer("pending")
+        return ProviderAnswer("pending")
 
 
 async def used_memory(store: IdempotencyStore) -> int:

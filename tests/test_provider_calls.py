@@ -36,7 +36,7 @@ from proxy.errors import (
 from proxy.observability.metrics import GatewayMetrics
 from proxy.payments.request import Payment
 from proxy.providers.breaker import BreakerState, ProviderBreaker
-from proxy.providers.mapping import Answer
+from proxy.providers.mapping import ProviderAnswer
 from proxy.providers.upstream import MAX_ANSWER_BYTES, ProviderClient, retry_after_s
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
@@ -243,7 +243,7 @@ async def net() -> AsyncIterator[Network]:
         yield started
 
 
-async def pay(client: ProviderClient) -> Answer:
+async def pay(client: ProviderClient) -> ProviderAnswer:
     """One payment, bounded so that a client bug fails the test instead of hanging it."""
     payment = Payment("TXN-1", Decimal("20.00"), "ZAR", "canon", None, "TXN-1")
     async with asyncio.timeout(10):

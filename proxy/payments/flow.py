@@ -38,7 +38,7 @@ from proxy.payments.lifecycle import (
 from proxy.payments.reconciler import AnotherPayment, settle_from_status
 from proxy.payments.request import Payment, parse_payment
 from proxy.payments.wakeups import Wakeups
-from proxy.providers.mapping import Answer
+from proxy.providers.mapping import ProviderAnswer
 from proxy.providers.upstream import ProviderClient
 from proxy.store.records import StoredResult
 
@@ -101,7 +101,7 @@ class PaymentService:
         reference = claim.reference
         unknown: PaymentError | None = None
         try:
-            answer: Answer | None = await provider.pay(
+            answer: ProviderAnswer | None = await provider.pay(
                 payment, reference, provider.callback_url(reference)
             )
         except _NOT_SENT as error:
@@ -265,7 +265,7 @@ def _pending_headers(transaction_id: str) -> dict[str, str]:
 
 
 def _final_answer(
-    provider: str, payment: Payment, reference: str, answer: Answer
+    provider: str, payment: Payment, reference: str, answer: ProviderAnswer
 ) -> tuple[int, bytes]:
     body: dict[str, Any]
     if answer.outcome == "success":
