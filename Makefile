@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy mock_providers tests
 	$(BIN)/ruff format --check proxy mock_providers
 	$(BIN)/mypy proxy mock_providers
+	$(BIN)/lint-imports
 
 dev: $(STACK_STAMP)
 	exec $(BIN)/payagg dev $(ARGS)

@@ -20,10 +20,10 @@ from decimal import Decimal
 
 from run import free_port, redis_server_binary  # bench/run.py, next to this script
 
-from proxy.config import IdempotencySettings, RedisSettings
-from proxy.idempotency import IdempotencyStore
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.idempotency import IdempotencyStore
+from proxy.payments.request import Payment
+from proxy.settings.config import IdempotencySettings, RedisSettings
 
 CALLERS = 32
 

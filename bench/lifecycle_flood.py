@@ -24,14 +24,19 @@ from decimal import Decimal
 
 from run import free_port, redis_server_binary  # bench/run.py, next to this script
 
-from proxy.breaker import ProviderBreaker
-from proxy.config import BreakerSettings, IdempotencySettings, ReconcileSettings, RedisSettings
-from proxy.idempotency import IdempotencyStore
-from proxy.mapping import Answer
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.idempotency import IdempotencyStore
 from proxy.payments.lifecycle import now_ms
 from proxy.payments.reconciler import Reconciler
+from proxy.payments.request import Payment
+from proxy.providers.breaker import ProviderBreaker
+from proxy.providers.mapping import ProviderAnswer
+from proxy.settings.config import (
+    BreakerSettings,
+    IdempotencySettings,
+    ReconcileSettings,
+    RedisSettings,
+)
 from proxy.store.keys import all_shards
 
 PROVIDER = "BENCH"
@@ -51,9 +56,9 @@ class PendingForever:
 
     async def query_status(
         self, reference: str, provider_reference: str | None = None, past_breaker: bool = False
-    ) -> Answer:
+    ) -> ProviderAnswer:
         self.queries += 1
-        return Answer("pending")
+        return ProviderAnswer("pending")
 
 
 async def used_memory(store: IdempotencyStore) -> int:

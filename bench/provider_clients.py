@@ -56,11 +56,11 @@ async def _provider(port: int) -> None:
 
 async def _calls(mode: str, url: str, calls: int) -> float:
     if mode in ("payagg", "payagg-old"):
-        from proxy.breaker import ProviderBreaker
-        from proxy.config import parse_config
-        from proxy.metrics import GatewayMetrics
-        from proxy.payment import Payment
-        from proxy.upstream import ProviderClient
+        from proxy.observability.metrics import GatewayMetrics
+        from proxy.payments.request import Payment
+        from proxy.providers.breaker import ProviderBreaker
+        from proxy.providers.upstream import ProviderClient
+        from proxy.settings.config import parse_config
 
         provider = parse_config(f'providers:\n  P: {{url: "{url}"}}\n', "bench", {}).providers[0]
         client = ProviderClient(

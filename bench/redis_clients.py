@@ -26,7 +26,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.devstack import redis_server_binary
+from proxy.devtools.devstack import redis_server_binary
 from tests.processes import free_port, wait_until
 
 CONCURRENCY = 32

@@ -37,11 +37,11 @@ from collections.abc import Awaitable, Callable
 
 from run import free_port, redis_server_binary  # bench/run.py, next to this script
 
-from proxy import records
-from proxy.config import RedisSettings
-from proxy.idempotency import _CLAIM, judge  # the claim script itself, not a copy
-from proxy.records import KeyState, StoredResult
-from proxy.store_client import Script, StoreClient
+from proxy.payments.idempotency import _CLAIM, judge  # the claim script itself, not a copy
+from proxy.settings.config import RedisSettings
+from proxy.store import records
+from proxy.store.client import Script, StoreClient
+from proxy.store.records import KeyState, StoredResult
 
 CALLERS = 32
 _WRITE_BACK = Script("""

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 
 from mock_providers import validation
-from mock_providers.api import Answer, JsonBody, ProviderApi, Rejected
+from mock_providers.api import JsonBody, MockReply, ProviderApi, Rejected
 from mock_providers.ledger import Entry, Payment, State
 from mock_providers.tokens import Access, Credentials, whole
 from mock_providers.validation import BadField
@@ -29,8 +29,8 @@ FAILURE_MESSAGES = {**DECLINES, EXPIRED_CODE: "Transaction Timed Out."}
 TRANSACTION_STATUS = {State.PENDING: "TIP", State.SUCCESSFUL: "TS", State.FAILED: "TF"}
 
 
-def error(status: int, result_code: str, message: str) -> Answer:
-    return Answer(
+def error(status: int, result_code: str, message: str) -> MockReply:
+    return MockReply(
         status,
         {
             "status": {
@@ -45,7 +45,7 @@ def error(status: int, result_code: str, message: str) -> Answer:
 
 def oauth_error(status: int, code: str, description: str) -> Rejected:
     return Rejected(
-        Answer(status, {"error": code, "error_description": description}),
+        MockReply(status, {"error": code, "error_description": description}),
         unauthorized=status == 401,
     )
 
@@ -67,9 +67,9 @@ def check_credentials(headers: Mapping[str, str], body: bytes, credentials: Cred
         raise oauth_error(401, "invalid_client", "Client authentication failed")
 
 
-def token_answer(token: str, ttl_s: float) -> Answer:
+def token_answer(token: str, ttl_s: float) -> MockReply:
     # Airtel writes expires_in as a string.
-    return Answer(
+    return MockReply(
         200, {"access_token": token, "expires_in": str(whole(ttl_s)), "token_type": "bearer"}
     )
 
@@ -138,7 +138,7 @@ def outcome_status(entry: Entry) -> JsonBody:
     }
 
 
-def enquiry(entry: Entry) -> Answer:
+def enquiry(entry: Entry) -> MockReply:
     """GET /standard/v1/payments/{id}: the transaction's state (no amount or currency: the real
     enquiry has none)."""
     transaction = {
@@ -147,12 +147,12 @@ def enquiry(entry: Entry) -> Answer:
         "message": transaction_message(entry),
         "status": TRANSACTION_STATUS[entry.state],
     }
-    return Answer(200, {"data": {"transaction": transaction}, "status": outcome_status(entry)})
+    return MockReply(200, {"data": {"transaction": transaction}, "status": outcome_status(entry)})
 
 
-def accepted_answer(entry: Entry) -> Answer:
+def accepted_answer(entry: Entry) -> MockReply:
     # The push is sent; the payer is entering their PIN.
-    return Answer(
+    return MockReply(
         200,
         {
             "data": {"transaction": {"id": entry.payment.reference, "status": "SUCCESS"}},
@@ -167,11 +167,11 @@ def accepted_answer(entry: Entry) -> Answer:
     )
 
 
-def failure_answer() -> Answer:
+def failure_answer() -> MockReply:
     return error(500, "ESB000001", "Something went wrong.")
 
 
-def status_answer(entry: Entry | None, reference: str) -> Answer:
+def status_answer(entry: Entry | None, reference: str) -> MockReply:
     if entry is None:
         return error(
             404, "ESB000045", f"No Transaction Found With Provided Transaction Id {reference}"

@@ -13,7 +13,7 @@ JsonBody = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Answer:
+class MockReply:
     """An HTTP status and the JSON body that goes with it (None: an empty body)."""
 
     status: int
@@ -24,7 +24,7 @@ class Rejected(Exception):
     """A request refused before any fault is drawn (400, 401, bad credentials), with the
     provider's answer; `unauthorized` when it counts as such in the stats."""
 
-    def __init__(self, answer: Answer, unauthorized: bool = False) -> None:
+    def __init__(self, answer: MockReply, unauthorized: bool = False) -> None:
         super().__init__(answer.status, answer.body)
         self.answer = answer
         self.unauthorized = unauthorized
@@ -46,12 +46,12 @@ class ProviderApi:
     decline_reasons: tuple[str, ...]
     callback_method: str
     check_credentials: Callable[[Mapping[str, str], bytes, Credentials], None]  # raises Rejected
-    token_answer: Callable[[str, float], Answer]
+    token_answer: Callable[[str, float], MockReply]
     authorize: Callable[[Mapping[str, str], Access], None]  # raises Rejected (401)
     read_payment: Callable[[Mapping[str, str], bytes], Payment]  # raises Rejected (400)
-    accepted_answer: Callable[[Entry], Answer]  # a new payment, pending or final
-    duplicate_answer: Callable[[Entry], Answer]
-    sync_decline_answer: Callable[[Entry], Answer]
-    failure_answer: Callable[[], Answer]
-    status_answer: Callable[[Entry | None, str], Answer]
+    accepted_answer: Callable[[Entry], MockReply]  # a new payment, pending or final
+    duplicate_answer: Callable[[Entry], MockReply]
+    sync_decline_answer: Callable[[Entry], MockReply]
+    failure_answer: Callable[[], MockReply]
+    status_answer: Callable[[Entry | None, str], MockReply]
     callback_body: Callable[[Entry, str | None], bytes]  # the entry is final; the secret signs

@@ -17,7 +17,7 @@ from typing import NoReturn
 from aiohttp import web
 
 from mock_providers import callbacks
-from mock_providers.api import Answer, ProviderApi, Rejected
+from mock_providers.api import MockReply, ProviderApi, Rejected
 from mock_providers.callbacks import Callback, Courier, RetrySchedule
 from mock_providers.faults import FaultConfig, Faults, InvalidFaultConfig, Outcome
 from mock_providers.ledger import Approval, Ledger
@@ -241,7 +241,7 @@ async def read_changes(request: web.Request) -> dict[str, object]:
     return changes
 
 
-def respond(answer: Answer) -> web.Response:
+def respond(answer: MockReply) -> web.Response:
     if answer.body is None:
         return web.Response(status=answer.status)
     return json_response(answer.body, status=answer.status)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from aiohttp import BasicAuth
 
 from mock_providers import validation
-from mock_providers.api import Answer, JsonBody, ProviderApi, Rejected
+from mock_providers.api import JsonBody, MockReply, ProviderApi, Rejected
 from mock_providers.ledger import Entry, Payment, State
 from mock_providers.tokens import Access, Credentials, whole
 from mock_providers.validation import BadField
@@ -37,13 +37,13 @@ INVALID_KEY = (
 INVALID_TOKEN = "Access denied due to invalid or expired access token."
 
 
-def error(status: int, code: str, message: str) -> Answer:
-    return Answer(status, {"code": code, "message": message})
+def error(status: int, code: str, message: str) -> MockReply:
+    return MockReply(status, {"code": code, "message": message})
 
 
 def gateway_refusal(message: str) -> Rejected:
     # The API gateway in front of MTN's services answers in its own format.
-    return Rejected(Answer(401, {"statusCode": 401, "message": message}), unauthorized=True)
+    return Rejected(MockReply(401, {"statusCode": 401, "message": message}), unauthorized=True)
 
 
 def check_subscription_key(headers: Mapping[str, str], credentials: Credentials) -> None:
@@ -63,11 +63,11 @@ def check_credentials(headers: Mapping[str, str], body: bytes, credentials: Cred
         basic = None
     if basic is None or not credentials.accept_client(basic.login, basic.password):
         # Sic: MTN answers unknown API user credentials with a 500.
-        raise Rejected(Answer(500, {"error": "login_failed"}), unauthorized=True)
+        raise Rejected(MockReply(500, {"error": "login_failed"}), unauthorized=True)
 
 
-def token_answer(token: str, ttl_s: float) -> Answer:
-    return Answer(
+def token_answer(token: str, ttl_s: float) -> MockReply:
+    return MockReply(
         200,
         {"access_token": token, "token_type": "access_token", "expires_in": whole(ttl_s)},
     )
@@ -125,32 +125,32 @@ def resource(entry: Entry) -> JsonBody:
     return body
 
 
-def accepted_answer(entry: Entry) -> Answer:
+def accepted_answer(entry: Entry) -> MockReply:
     # The payer has just been asked to approve; the outcome is only ever read later.
-    return Answer(202, None)
+    return MockReply(202, None)
 
 
-def duplicate_answer(entry: Entry) -> Answer:
+def duplicate_answer(entry: Entry) -> MockReply:
     return error(
         409, "RESOURCE_ALREADY_EXIST", "Duplicated reference id. Creation of resource failed."
     )
 
 
-def sync_decline_answer(entry: Entry) -> Answer:
+def sync_decline_answer(entry: Entry) -> MockReply:
     # MTN's habit: some refusals come back on the POST as a 500 whose body names the reason, so
     # a client must read the code to tell this decline from a failure.
     reason = entry.reason or ""
     return error(500, reason, DECLINES.get(reason, reason))
 
 
-def failure_answer() -> Answer:
+def failure_answer() -> MockReply:
     return error(500, "INTERNAL_PROCESSING_ERROR", "An internal error occurred while processing.")
 
 
-def status_answer(entry: Entry | None, reference: str) -> Answer:
+def status_answer(entry: Entry | None, reference: str) -> MockReply:
     if entry is None:
         return error(404, "RESOURCE_NOT_FOUND", f"Requested resource {reference} was not found.")
-    return Answer(200, resource(entry))
+    return MockReply(200, resource(entry))
 
 
 def callback_body(entry: Entry, secret: str | None) -> bytes:

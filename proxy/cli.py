@@ -13,14 +13,13 @@ from pathlib import Path
 
 import uvloop
 
-from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
-from proxy.demo import DEFAULT_PROXY_URL, proxy_url, run_demo
-from proxy.devstack import DevOptions, run_dev
+from proxy.devtools.demo import DEFAULT_PROXY_URL, proxy_url, run_demo
 from proxy.errors import StoreUnavailable
-from proxy.logs import configure_logging, log_level_problem
-from proxy.metrics import package_version
-from proxy.serving import reconcile_once, serve
-from proxy.workers import is_worker, run_workers
+from proxy.observability.logs import configure_logging, log_level_problem
+from proxy.observability.metrics import package_version
+from proxy.server.serving import reconcile_once, serve
+from proxy.server.workers import is_worker, run_workers
+from proxy.settings.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config
 
 log = logging.getLogger("payagg")
 PACKAGED_CONFIG = Path(__file__).parent / "default_config" / "gateway.yaml"
@@ -203,6 +202,9 @@ def _tune_garbage_collector() -> None:
 
 
 def _dev(args: argparse.Namespace) -> int:
+    # Imported here: `payagg serve` never loads the local-stack supervisor.
+    from proxy.devtools.devstack import DevOptions, run_dev
+
     options = DevOptions(
         config=Path(_config_path(args)).resolve(),
         port=args.port,

@@ -16,8 +16,8 @@ import redis as redis_sync
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
-from proxy.app import Gateway
-from proxy.config import GatewayConfig, parse_config
+from proxy.server.app import Gateway
+from proxy.settings.config import GatewayConfig, parse_config
 from tests.canonical_upstream import UpstreamState, build_upstream
 from tests.processes import ServiceProcess, free_port, wait_until
 

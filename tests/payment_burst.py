@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import GatewayConfig
+from proxy.settings.config import GatewayConfig
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, make_config, payment
 from tests.conftest import running_gateway as gateway_on

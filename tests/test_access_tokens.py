@@ -14,12 +14,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.breaker import ProviderBreaker
 from proxy.errors import PaymentError, ProviderFailed, ProviderNotReached
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import Payment
 from proxy.providers.access_tokens import AccessTokens, AuthSpec, IssuedToken, read_token
-from proxy.upstream import ProviderClient
+from proxy.providers.breaker import ProviderBreaker
+from proxy.providers.upstream import ProviderClient
 from tests.conftest import make_config
 
 SECRET_PREFIX = "tok-SECRET-"

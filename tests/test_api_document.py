@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient
 from jsonschema import Draft202012Validator, ValidationError, validators
 from openapi_spec_validator import validate
 
-import proxy.pay
+import proxy.payments.flow
 from proxy.errors import InvalidRequest
-from proxy.openapi import build_document
-from proxy.payment import parse_payment
+from proxy.payments.request import parse_payment
+from proxy.server.openapi import build_document
 from tests.conftest import GatewayClient, gateway_yaml, make_config, payment, running_gateway
 
 
@@ -34,7 +34,7 @@ async def test_an_unexpected_error_is_a_json_500_with_the_request_id_and_is_logg
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(proxy.pay, "parse_payment", broken)
+    monkeypatch.setattr(proxy.payments.flow, "parse_payment", broken)
     with caplog.at_level(logging.ERROR, logger="payagg"):
         answer = await gateway.post("/v1/pay", json=payment(), headers={"X-Request-ID": "rid-42"})
     assert answer.status == 500

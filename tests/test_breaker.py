@@ -6,8 +6,6 @@ import asyncio
 
 import pytest
 
-from proxy.breaker import BreakerState, ProviderBreaker
-from proxy.config import BreakerSettings
 from proxy.errors import (
     Overloaded,
     PaymentAlreadyExists,
@@ -18,6 +16,8 @@ from proxy.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from proxy.providers.breaker import BreakerState, ProviderBreaker
+from proxy.settings.config import BreakerSettings
 
 
 class FakeClock:

@@ -13,11 +13,11 @@ import pytest
 import proxy.providers.callbacks as callbacks_module
 from mock_providers import airtel
 from mock_providers.ledger import Entry, Payment, State
-from proxy.breaker import ProviderBreaker
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment as ProxyPayment
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import Payment as ProxyPayment
+from proxy.providers.breaker import ProviderBreaker
 from proxy.providers.callbacks import CallbackSpec, CallbackTarget, callback_token, token_matches
-from proxy.upstream import ProviderClient
+from proxy.providers.upstream import ProviderClient
 from tests.conftest import make_config
 
 SECRET = "callback-secret-0123456789"

@@ -16,8 +16,8 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParserC, HttpRequestParserPy
 
-from proxy.connections import parser_reason
-from proxy.logs import JsonFormatter
+from proxy.observability.logs import JsonFormatter
+from proxy.server.connections import parser_reason
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, gateway_yaml, make_config, payment, running_gateway
 from tests.processes import free_port, payagg_serve, running, wait_until

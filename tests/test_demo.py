@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from proxy.demo import paint
+from proxy.devtools.demo import paint
 from tests.processes import VENV_BIN, free_port
 from tests.test_dev_stack import dev_stack
 

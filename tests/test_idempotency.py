@@ -31,17 +31,17 @@ import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import records
-from proxy.breaker import ProviderBreaker
-from proxy.config import GatewayConfig, IdempotencySettings, RedisSettings
-from proxy.devstack import DevOptions, plan
+from proxy.devtools.devstack import DevOptions, plan
 from proxy.errors import ProviderFailed
-from proxy.idempotency import Claim, IdempotencyStore
-from proxy.metrics import GatewayMetrics
-from proxy.payment import parse_payment, reference_for
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.idempotency import Claim, IdempotencyStore
 from proxy.payments.lifecycle import Report
-from proxy.records import StoredResult
+from proxy.payments.request import parse_payment, reference_for
+from proxy.providers.breaker import ProviderBreaker
+from proxy.settings.config import GatewayConfig, IdempotencySettings, RedisSettings
+from proxy.store import records
 from proxy.store.keys import payment_sha, shard_for
+from proxy.store.records import StoredResult
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,

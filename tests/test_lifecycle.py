@@ -16,13 +16,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli
-from proxy.config import ConfigError, GatewayConfig, RedisSettings
-from proxy.payment import reference_for
 from proxy.payments.lifecycle import now_ms
+from proxy.payments.request import reference_for
 from proxy.providers.callbacks import callback_token
+from proxy.settings.config import ConfigError, GatewayConfig, RedisSettings
+from proxy.store.client import StoreClient
 from proxy.store.keys import all_shards, payment_sha, shard_for
 from proxy.store.payments import PaymentRecords
-from proxy.store_client import StoreClient
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, RedisServer, make_config, payment, running_gateway
 

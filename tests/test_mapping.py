@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-import proxy.mapping as mapping_module
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.mapping import (
-    Answer,
+import proxy.providers.mapping as mapping_module
+from proxy.providers.mapping import (
     Array,
     Constant,
     Object,
     Part,
     PaymentFields,
     Placeholder,
+    ProviderAnswer,
     ProviderMapping,
     RequestSpec,
     ResponseSpec,
@@ -26,6 +25,7 @@ from proxy.mapping import (
     Text,
     compile_mapping,
 )
+from proxy.settings.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "gateway.yaml"
@@ -530,15 +530,15 @@ def raw(document: object) -> bytes:
     return document if isinstance(document, bytes) else json.dumps(document).encode()
 
 
-# (provider, HTTP status, answer body, expected Answer); the bodies are the mocks' exact shapes
-# from mock_providers/README.md.
+# (provider, HTTP status, answer body, expected ProviderAnswer); the bodies are the mocks' exact
+# shapes from mock_providers/README.md.
 SHIPPED_ANSWERS = [
     ("MTN", 202, b"", "pending"),
     (
         "MTN",
         500,
         {"code": "NOT_ENOUGH_FUNDS", "message": "The payer does not have enough funds."},
-        Answer("declined", reason="NOT_ENOUGH_FUNDS"),
+        ProviderAnswer("declined", reason="NOT_ENOUGH_FUNDS"),
     ),
     (
         "MTN",
@@ -572,7 +572,7 @@ SHIPPED_ANSWERS = [
     ("MTN", 429, {"code": "TOO_MANY_REQUESTS", "message": "slow down"}, "failure"),
     ("MTN", 408, b"", "failure"),
     ("AIRTEL", 200, AIRTEL_IN_PROGRESS, "pending"),
-    ("AIRTEL", 200, AIRTEL_SUCCESS, Answer("success", provider_reference="MP0357661001")),
+    ("AIRTEL", 200, AIRTEL_SUCCESS, ProviderAnswer("success", provider_reference="MP0357661001")),
     (
         "AIRTEL",
         200,
@@ -580,7 +580,7 @@ SHIPPED_ANSWERS = [
             "DP00800001007",
             "User wallet does not have enough money to cover the payable amount.",
         ),
-        Answer("declined", reason="DP00800001007"),
+        ProviderAnswer("declined", reason="DP00800001007"),
     ),
     (
         "AIRTEL",
@@ -588,7 +588,7 @@ SHIPPED_ANSWERS = [
         airtel_declined(
             "DP00800001010", "Payee is barred or not registered on Airtel Money platform."
         ),
-        Answer("declined", reason="DP00800001010"),
+        ProviderAnswer("declined", reason="DP00800001010"),
     ),
     ("AIRTEL", 500, airtel_error(500, "ESB000001", "Something went wrong."), "failure"),
     ("AIRTEL", 500, b"", "failure"),
@@ -640,7 +640,7 @@ def shipped() -> dict[str, ProviderMapping]:
     return {provider.name: provider.mapping for provider in load_config(SHIPPED, {}).providers}
 
 
-def assert_classified(answer: Answer, expected: Answer | str) -> None:
+def assert_classified(answer: ProviderAnswer, expected: ProviderAnswer | str) -> None:
     if isinstance(expected, str):
         assert answer.outcome == expected, answer
         if expected not in ("pending", "not_found"):
@@ -661,17 +661,17 @@ def test_the_shipped_mappings_classify_each_mock_answer(shipped, provider, statu
 
 
 CANONICAL_ANSWERS = [
-    (200, {"status": "SUCCESS", "provider_reference": "P-1"}, Answer("success", "P-1")),
-    (201, {"status": "SUCCESS", "provider_reference": 42}, Answer("success", "42")),
-    (200, {"status": "SUCCESS"}, Answer("success", None)),
-    (200, {"status": "SUCCESS", "provider_reference": None}, Answer("success", None)),
+    (200, {"status": "SUCCESS", "provider_reference": "P-1"}, ProviderAnswer("success", "P-1")),
+    (201, {"status": "SUCCESS", "provider_reference": 42}, ProviderAnswer("success", "42")),
+    (200, {"status": "SUCCESS"}, ProviderAnswer("success", None)),
+    (200, {"status": "SUCCESS", "provider_reference": None}, ProviderAnswer("success", None)),
     (
         200,
         {"status": "DECLINED", "reason": "insufficient_funds"},
-        Answer("declined", reason="insufficient_funds"),
+        ProviderAnswer("declined", reason="insufficient_funds"),
     ),
-    (200, {"status": "DECLINED"}, Answer("declined", reason="DECLINED")),
-    (200, {"status": "DECLINED", "reason": ""}, Answer("declined", reason="DECLINED")),
+    (200, {"status": "DECLINED"}, ProviderAnswer("declined", reason="DECLINED")),
+    (200, {"status": "DECLINED", "reason": ""}, ProviderAnswer("declined", reason="DECLINED")),
     (200, {"status": "PENDING"}, "pending"),
     (200, {"status": "PROCESSING"}, "failure"),
     (200, [1, 2], "failure"),
@@ -770,14 +770,15 @@ def test_the_first_present_reason_wins():
     request = RequestSpec(headers={"X-Reference-Id": "{reference}"})
     mapping, _ = compile_mapping(request, response, False, WHERE)
     both = {"ok": False, "detail": {"code": "E1"}, "message": "m"}
-    assert mapping.classify(200, raw(both)) == Answer("declined", reason="E1")
-    assert mapping.classify(200, raw({"ok": False, "message": "m"})) == Answer(
+    assert mapping.classify(200, raw(both)) == ProviderAnswer("declined", reason="E1")
+    assert mapping.classify(200, raw({"ok": False, "message": "m"})) == ProviderAnswer(
         "declined", reason="m"
     )
     assert mapping.classify(200, raw({"ok": False, "detail": {"code": None}, "message": "m"})) == (
-        Answer("declined", reason="m")
+        ProviderAnswer("declined", reason="m")
     )
-    assert mapping.classify(200, raw({"ok": False})) == Answer("declined", reason="DECLINED")
+    declined = ProviderAnswer("declined", reason="DECLINED")
+    assert mapping.classify(200, raw({"ok": False})) == declined
 
 
 def test_success_rules_are_tried_before_declined_rules():
@@ -816,7 +817,8 @@ def test_the_shipped_airtel_mapping_reads_no_amount_because_airtel_answers_carry
 def test_the_canonical_protocol_reads_an_echoed_amount_and_currency():
     mapping, _ = compile_mapping(None, None, has_default_payer=False, path=WHERE)
     echoed = {"status": "SUCCESS", "amount": 20.5, "currency": "UGX"}
-    assert mapping.classify(200, raw(echoed)) == Answer("success", amount=20.5, currency="UGX")
+    expected = ProviderAnswer("success", amount=20.5, currency="UGX")
+    assert mapping.classify(200, raw(echoed)) == expected
     exists = mapping.classify(409, raw({"amount": "7", "currency": "UGX"}))
     assert (exists.outcome, exists.amount, exists.currency) == ("already_exists", "7", "UGX")
 
@@ -884,7 +886,7 @@ ECHO_IDS = [
 def test_an_answer_contradicts_the_request_only_by_a_value_it_carries(
     amount, currency, contradicts
 ):
-    answer = Answer("success", amount=amount, currency=currency)
+    answer = ProviderAnswer("success", amount=amount, currency=currency)
     assert answer.contradicts(Decimal("20.00"), "ZAR") is contradicts
 
 

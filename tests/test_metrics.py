@@ -8,7 +8,7 @@ import platform
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import OUTCOMES, REVISION_ENV, GatewayMetrics
+from proxy.observability.metrics import OUTCOMES, REVISION_ENV, GatewayMetrics
 from tests.conftest import GatewayClient, gateway_yaml, make_config, payment, running_gateway
 from tests.test_workers import samples
 

@@ -20,12 +20,12 @@ from typing import ClassVar
 
 import pytest
 
-from proxy.breaker import ProviderBreaker
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.metrics import GatewayMetrics
-from proxy.payment import REFERENCE_NAMESPACE
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import REFERENCE_NAMESPACE
+from proxy.providers.breaker import ProviderBreaker
 from proxy.providers.callbacks import token_matches
-from proxy.upstream import ProviderClient
+from proxy.providers.upstream import ProviderClient
+from proxy.settings.config import ConfigError, load_config, parse_config
 from tests.processes import free_port, mock_provider, payagg_serve, running, wait_until
 from tests.test_providers_end_to_end import MTN_DECLINES, Mock, Reply, call, delta
 

@@ -26,7 +26,6 @@ import pytest
 import trustme
 import uvloop
 
-from proxy.breaker import BreakerState, ProviderBreaker
 from proxy.errors import (
     OutcomeUnknown,
     Overloaded,
@@ -34,10 +33,11 @@ from proxy.errors import (
     ProviderFailed,
     ProviderNotReached,
 )
-from proxy.mapping import Answer
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
-from proxy.upstream import MAX_ANSWER_BYTES, ProviderClient, retry_after_s
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import Payment
+from proxy.providers.breaker import BreakerState, ProviderBreaker
+from proxy.providers.mapping import ProviderAnswer
+from proxy.providers.upstream import MAX_ANSWER_BYTES, ProviderClient, retry_after_s
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     RedisServer,
@@ -243,7 +243,7 @@ async def net() -> AsyncIterator[Network]:
         yield started
 
 
-async def pay(client: ProviderClient) -> Answer:
+async def pay(client: ProviderClient) -> ProviderAnswer:
     """One payment, bounded so that a client bug fails the test instead of hanging it."""
     payment = Payment("TXN-1", Decimal("20.00"), "ZAR", "canon", None, "TXN-1")
     async with asyncio.timeout(10):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from proxy.payment import REFERENCE_NAMESPACE
+from proxy.payments.request import REFERENCE_NAMESPACE
 from tests.processes import (
     ServiceProcess,
     free_port,

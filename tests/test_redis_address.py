@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from proxy.config import ConfigError, parse_config
-from proxy.redis_address import RedisAddress, parse_redis_url
+from proxy.settings.config import ConfigError, parse_config
+from proxy.settings.redis_address import RedisAddress, parse_redis_url
 
 PAYAGG = str(Path(sys.executable).parent / "payagg")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import GatewayConfig
+from proxy.settings.config import GatewayConfig
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,

@@ -13,17 +13,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.breaker import ProviderBreaker
-from proxy.config import load_config
 from proxy.errors import (
     ProviderBusy,
     ProviderFailed,
     ProviderUnavailable,
 )
-from proxy.mapping import StatusMapping
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
-from proxy.upstream import ProviderClient
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import Payment
+from proxy.providers.breaker import ProviderBreaker
+from proxy.providers.mapping import StatusMapping
+from proxy.providers.upstream import ProviderClient
+from proxy.settings.config import load_config
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import gateway_yaml, make_config, payment, running_gateway
 

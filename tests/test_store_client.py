@@ -22,8 +22,8 @@ import pytest
 import redis as redis_sync
 import trustme
 
-from proxy.config import RedisSettings
-from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
+from proxy.settings.config import RedisSettings
+from proxy.store.client import RedisReplyError, RedisUnavailable, Script, StoreClient
 from tests.conftest import RedisServer, StartRedis
 from tests.processes import free_port, wait_until
 from tests.redis_relay import Relay

@@ -9,10 +9,10 @@ import signal
 
 from redis.crc import key_slot
 
-from proxy.config import GatewayConfig, RedisSettings
-from proxy.idempotency import IdempotencyStore
-from proxy.metrics import GatewayMetrics
-from proxy.store_client import RedisUnavailable, StoreClient
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.idempotency import IdempotencyStore
+from proxy.settings.config import GatewayConfig, RedisSettings
+from proxy.store.client import RedisUnavailable, StoreClient
 from tests.conftest import running_gateway as gateway_on
 from tests.payment_burst import Upstream, burst_against, config, in_thread, pay, until_readiness
 from tests.redis_cluster import RedisCluster

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from proxy.openapi import build_document
+from proxy.server.openapi import build_document
 from tests.conftest import GatewayClient
 from tests.terraform_checks import tools
 from tests.terraform_checks.hcl import expression

@@ -22,7 +22,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from proxy.breaker import BreakerState, ProviderBreaker, WindowCounts
 from proxy.errors import (
     InvalidRequest,
     KeyReused,
@@ -35,9 +34,10 @@ from proxy.errors import (
     ProviderRejected,
     ProviderTimeout,
 )
-from proxy.metrics import GatewayMetrics
-from proxy.payment import REFERENCE_NAMESPACE, Payment
-from proxy.upstream import ProviderClient
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import REFERENCE_NAMESPACE, Payment
+from proxy.providers.breaker import BreakerState, ProviderBreaker, WindowCounts
+from proxy.providers.upstream import ProviderClient
 from tests.conftest import make_config
 from tests.processes import free_port
 

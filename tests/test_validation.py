@@ -12,9 +12,9 @@ from decimal import Decimal
 import pytest
 from aiohttp import web
 
-import proxy.payment
+import proxy.payments.request
 from proxy.errors import InvalidRequest
-from proxy.payment import parse_payment
+from proxy.payments.request import parse_payment
 from tests.conftest import gateway_yaml, make_config, payment, running_gateway
 
 JSON = {"Content-Type": "application/json"}
@@ -312,7 +312,7 @@ async def test_a_value_that_would_break_a_header_is_a_400_before_redis_or_the_pr
     upstream, redis_url, redis_server, monkeypatch
 ):
     """Defence in depth: were a payment pattern ever loosened, no header would carry the LF."""
-    monkeypatch.setattr(proxy.payment, "_CURRENCY", re.compile(r"[A-Z]{3}\n?"))
+    monkeypatch.setattr(proxy.payments.request, "_CURRENCY", re.compile(r"[A-Z]{3}\n?"))
     currency_in_a_header = (
         f'CANON:\n    url: "{upstream[1]}"\n'
         "    request:\n"

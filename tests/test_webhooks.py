@@ -22,12 +22,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.crc import key_slot
 
-from proxy.config import ConfigError, RedisSettings, WebhookSettings, load_config, parse_config
-from proxy.metrics import GatewayMetrics
+from proxy.observability.metrics import GatewayMetrics
 from proxy.payments.webhooks import DeliveryTiming, WebhookDelivery
+from proxy.settings.config import (
+    ConfigError,
+    RedisSettings,
+    WebhookSettings,
+    load_config,
+    parse_config,
+)
+from proxy.store.client import Argument, Script, StoreClient
 from proxy.store.keys import SHARDS, outbox_member, payment_sha, shard_for, shard_of
 from proxy.store.outbox import HookRecord, Lease, Outbox
-from proxy.store_client import Argument, Script, StoreClient
 from tests.conftest import gateway_yaml
 from tests.processes import ServiceProcess, free_port, http_ok, payagg_serve, wait_until
 from tests.test_end_to_end import metric

@@ -18,8 +18,8 @@ from aiohttp import web
 from proxy.errors import CallbackUnauthorized, NotFound
 from proxy.payments.lifecycle import SETTLED, Lifecycle, now_ms
 from proxy.payments.wakeups import Wakeups
+from proxy.providers.upstream import ProviderClient
 from proxy.store.keys import Shard, reference_key
-from proxy.upstream import ProviderClient
 
 log = logging.getLogger("payagg.callbacks")
 

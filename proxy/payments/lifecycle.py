@@ -21,12 +21,12 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from proxy import records
-from proxy.config import IdempotencySettings
-from proxy.metrics import GatewayMetrics
-from proxy.records import KeyState
+from proxy.observability.metrics import GatewayMetrics
+from proxy.settings.config import IdempotencySettings
+from proxy.store import records
 from proxy.store.keys import Shard, payment_sha, shard_for
 from proxy.store.payments import PaymentRecords, Swap
+from proxy.store.records import KeyState
 
 log = logging.getLogger("payagg.lifecycle")
 
@@ -176,7 +176,7 @@ class Lifecycle:
         self.prefix = prefix
         self._idempotency = idempotency
         self.metrics = metrics
-        # Turns Redis failures into StoreUnavailable (`proxy.idempotency`).
+        # Turns Redis failures into StoreUnavailable (`proxy.payments.idempotency`).
         self.errors = errors
         # Without `webhooks.url` nothing delivers them: the outbox would only grow.
         self._enqueue_webhooks = enqueue_webhooks

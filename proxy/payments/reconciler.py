@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
-from proxy.breaker import ProviderBreaker
-from proxy.config import ReconcileSettings
 from proxy.errors import PaymentError, ProviderBusy, ProviderUnavailable, StoreUnavailable
-from proxy.mapping import Answer
 from proxy.payments.lifecycle import FINAL, OUTCOME_UNKNOWN, Lifecycle, Record, Report, now_ms
+from proxy.providers.breaker import ProviderBreaker
+from proxy.providers.mapping import ProviderAnswer
+from proxy.settings.config import ReconcileSettings
 from proxy.store.keys import Shard, all_shards
 
 log = logging.getLogger("payagg.reconciler")
@@ -34,7 +34,7 @@ _MAX_PAUSE_S = 5.0
 
 
 class StatusSource(Protocol):
-    """What the reconciler needs of a provider (`proxy.upstream.ProviderClient`)."""
+    """What the reconciler needs of a provider (`proxy.providers.upstream.ProviderClient`)."""
 
     name: str
     has_status: bool
@@ -45,7 +45,7 @@ class StatusSource(Protocol):
 
     async def query_status(
         self, reference: str, provider_reference: str | None = None, past_breaker: bool = False
-    ) -> Answer: ...
+    ) -> ProviderAnswer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ class Polled:
 class AnotherPayment(Exception):
     """The provider's final answer is about another amount or currency than the record's."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: ProviderAnswer) -> None:
         super().__init__("the provider's answer is about another payment")
         self.answer = answer
 

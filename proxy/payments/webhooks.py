@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from proxy.config import WebhookSettings
-from proxy.metrics import GatewayMetrics
+from proxy.observability.metrics import GatewayMetrics
+from proxy.settings.config import WebhookSettings
+from proxy.store.client import RedisReplyError, RedisUnavailable
 from proxy.store.outbox import HookRecord, Lease, Outbox
-from proxy.store_client import RedisReplyError, RedisUnavailable
 
 log = logging.getLogger("payagg.webhooks")
 

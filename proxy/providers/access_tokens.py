@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.mapping import as_number, http_url, lookup_path
+from proxy.providers.mapping import as_number, http_url, lookup_path
 
 # A token whose answer gives no usable lifetime is used for this long.
 FALLBACK_LIFETIME_S = 60.0

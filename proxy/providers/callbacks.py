@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from proxy.mapping import JsonValue, lookup_path
-from proxy.yaml_source import Path, Problem
+from proxy.providers.mapping import JsonValue, lookup_path
+from proxy.settings.yaml_source import Path, Problem
 
 
 def callback_token(secret: str, provider: str, reference: str) -> str:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from proxy.store.client import Argument, Script
 from proxy.store.keys import Shard, all_shards, outbox_member, shard_for
-from proxy.store_client import Argument, Script
 
 # Life's transition scripts enqueue in the same step that makes a payment final; this is the same
 # as a script of its own. NX on both writes: run twice, it never resets a delivery under way.

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.store.client import Script, StoreClient
 from proxy.store.keys import Shard
-from proxy.store_client import Script, StoreClient
 
 # The record, its schedule and its lease, the gauge counter: one step.
 _CLAIM = Script("""

@@ -22,7 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.mapping import (
+from proxy.providers.access_tokens import AuthSpec
+from proxy.providers.callbacks import CallbackSpec, CallbackTarget
+from proxy.providers.mapping import (
     BUSY_STATUSES,
     ProviderMapping,
     RequestSpec,
@@ -33,10 +35,8 @@ from proxy.mapping import (
     compile_status,
     http_url,
 )
-from proxy.providers.access_tokens import AuthSpec
-from proxy.providers.callbacks import CallbackSpec, CallbackTarget
-from proxy.redis_address import RedisAddress, check_pem_file, parse_redis_url
-from proxy.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
+from proxy.settings.redis_address import RedisAddress, check_pem_file, parse_redis_url
+from proxy.settings.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 _PROVIDER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")

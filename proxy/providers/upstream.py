@@ -33,8 +33,6 @@ from aiohttp.helpers import get_env_proxy_for_url
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.breaker import CallVerdict, ProviderBreaker
-from proxy.config import Provider
 from proxy.errors import (
     InvalidRequest,
     OutcomeUnknown,
@@ -48,9 +46,8 @@ from proxy.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from proxy.mapping import Answer, PaymentFields, StatusAnswer
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment
+from proxy.observability.metrics import GatewayMetrics
+from proxy.payments.request import Payment
 from proxy.providers.access_tokens import (
     AccessTokens,
     AuthSpec,
@@ -59,6 +56,9 @@ from proxy.providers.access_tokens import (
     TokenRequest,
     read_token,
 )
+from proxy.providers.breaker import CallVerdict, ProviderBreaker
+from proxy.providers.mapping import PaymentFields, ProviderAnswer, StatusAnswer
+from proxy.settings.config import Provider
 
 log = logging.getLogger("payagg.upstream")
 # A provider's answer is a small JSON document; anything larger is not one we can use.
@@ -215,7 +215,7 @@ class ProviderClient:
 
     async def pay(
         self, payment: Payment, reference: str, callback_url: str | None = None
-    ) -> Answer:
+    ) -> ProviderAnswer:
         """SUCCESS, DECLINED or PENDING about this payment; raises ProviderUnavailable,
         ProviderNotReached, ProviderFailed (ProviderRejected, ProviderBusy), OutcomeUnknown,
         PaymentAlreadyExists, ProviderMismatch or Overloaded."""
@@ -372,12 +372,12 @@ class ProviderClient:
 
     def _believe(
         self,
-        answer: Answer,
+        answer: ProviderAnswer,
         fields: PaymentFields,
         status: int,
         headers: CIMultiDictProxy[str],
         verdict: CallVerdict,
-    ) -> Answer:
+    ) -> ProviderAnswer:
         """SUCCESS, DECLINED or PENDING about this very payment; every other answer raises."""
         self._refuse(answer, status, headers, verdict)
         if answer.contradicts(fields.amount, fields.currency):
@@ -389,7 +389,7 @@ class ProviderClient:
 
     def _refuse(
         self,
-        answer: Answer,
+        answer: ProviderAnswer,
         status: int,
         headers: CIMultiDictProxy[str],
         verdict: CallVerdict | None,
@@ -497,7 +497,7 @@ class ProviderClient:
         return self._proxies[host]
 
     def report_mismatch(
-        self, verdict: Answer, request: PaymentFields | Payment, reference: str
+        self, verdict: ProviderAnswer, request: PaymentFields | Payment, reference: str
     ) -> None:
         """An answer about another payment than the request's: counted and logged, no payer data."""
         self._mismatches.inc()

@@ -20,7 +20,7 @@ from prometheus_client import ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.workers import is_worker
+from proxy.server.workers import is_worker
 
 # prometheus-client names its per-process files `<kind>_<pid>.db` (gauge_livesum_123.db).
 _FILE_PID = re.compile(r"_(\d+)\.db$")

@@ -24,7 +24,7 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
-from proxy.children import stop_with_parent
+from proxy.server.children import stop_with_parent
 
 log = logging.getLogger("payagg.workers")
 

@@ -24,8 +24,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import ERROR as UNPARSED
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from proxy.config import ServerSettings
 from proxy.errors import ConnectionEnding, MalformedRequest, PaymentError, RequestTimeout
+from proxy.settings.config import ServerSettings
 
 AnswerError = Callable[[web.BaseRequest, PaymentError], web.StreamResponse]
 UNPARSED_11 = UNPARSED._replace(version=HttpVersion11)

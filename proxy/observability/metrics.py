@@ -19,8 +19,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from proxy.breaker import BreakerState
-from proxy.process_metrics import WorkerProcessCollector
+from proxy.observability.process_metrics import WorkerProcessCollector
+from proxy.providers.breaker import BreakerState
 
 # The `_created` timestamps double the scrape size and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -18,9 +18,6 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web
 
-from proxy.breaker import BreakerState, ProviderBreaker
-from proxy.config import GatewayConfig
-from proxy.connections import GatewayServer, UnreadableBody
 from proxy.errors import (
     ClientClosed,
     ConnectionEnding,
@@ -31,19 +28,22 @@ from proxy.errors import (
     PaymentError,
     StoreUnavailable,
 )
-from proxy.idempotency import IdempotencyStore
-from proxy.logs import log_request
-from proxy.metrics import UNKNOWN_PROVIDER, GatewayMetrics
-from proxy.openapi import build_document
-from proxy.pay import OUTCOME, PROVIDER, PaymentService
+from proxy.observability.logs import log_request
+from proxy.observability.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.payments.callbacks_in import CALLBACK_PREFIX, CALLBACK_ROUTE, CallbackService
+from proxy.payments.flow import OUTCOME, PROVIDER, PaymentService
+from proxy.payments.idempotency import IdempotencyStore
 from proxy.payments.reconciler import Reconciler
 from proxy.payments.webhooks import WebhookDelivery
+from proxy.providers.breaker import BreakerState, ProviderBreaker
+from proxy.providers.upstream import ProviderClient
+from proxy.server.connections import GatewayServer, UnreadableBody
+from proxy.server.openapi import build_document
+from proxy.settings.config import GatewayConfig
+from proxy.store.client import StoreClient
 from proxy.store.keys import all_shards
 from proxy.store.outbox import Outbox
-from proxy.store_client import StoreClient
-from proxy.tokens import unique_tokens
-from proxy.upstream import ProviderClient
+from proxy.store.tokens import unique_tokens
 
 log = logging.getLogger("payagg")
 

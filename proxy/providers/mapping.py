@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.yaml_source import Path, Problem
+from proxy.settings.yaml_source import Path, Problem
 
 JsonValue = Any
 
@@ -348,7 +348,7 @@ _NO_VALUE = object()
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class ProviderAnswer:
     """A provider's answer as the gateway understands it (to a payment or a status query)."""
 
     outcome: Outcome
@@ -373,7 +373,7 @@ class Answer:
 
 
 # A status query's answer: the same shape, outcome one of success, declined, pending, not_found.
-StatusAnswer = Answer
+StatusAnswer = ProviderAnswer
 FINAL_OUTCOMES = frozenset({"success", "declined"})
 
 _DECIMAL_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -487,11 +487,11 @@ class AnswerReader:
     amount: tuple[str | int, ...] | None
     currency: tuple[str | int, ...] | None
 
-    def read(self, outcome: Outcome, document: JsonValue, detail: str = "") -> Answer:
+    def read(self, outcome: Outcome, document: JsonValue, detail: str = "") -> ProviderAnswer:
         """An answer about a payment, with the amount and currency it names (if any)."""
         reference = _lookup(document, self.provider_reference or ())
         found = reference not in (_NO_VALUE, None) and self.provider_reference
-        return Answer(
+        return ProviderAnswer(
             outcome,
             provider_reference=str(reference) if found and outcome == "success" else None,
             reason=self._reason(document) if outcome == "declined" else None,
@@ -522,19 +522,21 @@ def _parse(raw: bytes) -> JsonValue:
         return _NO_VALUE
 
 
-def _unmatched(status: int, document: JsonValue, failure_statuses: frozenset[int]) -> Answer:
+def _unmatched(
+    status: int, document: JsonValue, failure_statuses: frozenset[int]
+) -> ProviderAnswer:
     """An answer no rule describes: what it says about the provider, for the breaker."""
     if status in failure_statuses:
-        return Answer(
+        return ProviderAnswer(
             "failure", detail=f"provider answered HTTP {status} (breaker.failure_statuses)"
         )
     if status in BUSY_STATUSES:
-        return Answer("busy", detail=f"provider cannot serve us now (HTTP {status})")
+        return ProviderAnswer("busy", detail=f"provider cannot serve us now (HTTP {status})")
     if 400 <= status < 500:
-        return Answer("rejected", detail=f"provider refused the request with HTTP {status}")
+        return ProviderAnswer("rejected", detail=f"provider refused the request with HTTP {status}")
     if document is _NO_VALUE:
-        return Answer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
-    return Answer("failure", detail=f"provider answered HTTP {status}")
+        return ProviderAnswer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
+    return ProviderAnswer("failure", detail=f"provider answered HTTP {status}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,7 +574,7 @@ class ProviderMapping:
     def render_body(self, fields: PaymentFields) -> bytes:
         return json.dumps(self.body.render(fields), separators=(",", ":")).encode()
 
-    def classify(self, status: int, raw: bytes) -> Answer:
+    def classify(self, status: int, raw: bytes) -> ProviderAnswer:
         """The one place that says what an answer means, the breaker's view included."""
         document = _parse(raw)
         for outcome, rules in (
@@ -618,7 +620,7 @@ class StatusMapping:
             if any(rule.matches(status, document) for rule in rules):
                 return self.reader.read(outcome, document)
         if 200 <= status < 300 and document is not _NO_VALUE:
-            return Answer("pending", detail=f"HTTP {status} matched no status rule")
+            return ProviderAnswer("pending", detail=f"HTTP {status} matched no status rule")
         return _unmatched(status, document, self.failure_statuses)
 
 

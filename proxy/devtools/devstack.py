@@ -16,10 +16,10 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.children import stop_with_parent
-from proxy.config import ConfigError, RedisSettings, load_config
-from proxy.demo import DEFAULT_PROXY_URL
-from proxy.store_client import RedisReplyError, RedisUnavailable, StoreClient
+from proxy.devtools.demo import DEFAULT_PROXY_URL
+from proxy.server.children import stop_with_parent
+from proxy.settings.config import ConfigError, RedisSettings, load_config
+from proxy.store.client import RedisReplyError, RedisUnavailable, StoreClient
 
 HOST = "127.0.0.1"
 # How long a child gets to become healthy, and to exit after SIGTERM before it is killed.

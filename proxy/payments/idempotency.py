@@ -27,11 +27,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from proxy import records
-from proxy.config import IdempotencySettings, RedisSettings
 from proxy.errors import KeyReused, PaymentError, RequestInProgress, StoreUnavailable
-from proxy.metrics import GatewayMetrics
-from proxy.payment import Payment, reference_for
+from proxy.observability.metrics import GatewayMetrics
 from proxy.payments.lifecycle import (
     Lifecycle,
     Record,
@@ -40,11 +37,14 @@ from proxy.payments.lifecycle import (
     now_ms,
     payment_body,
 )
-from proxy.records import KeyState, StoredResult
+from proxy.payments.request import Payment, reference_for
+from proxy.settings.config import IdempotencySettings, RedisSettings
+from proxy.store import records
+from proxy.store.client import RedisReplyError, RedisUnavailable, Script, StoreClient
 from proxy.store.keys import reference_key
 from proxy.store.payments import PaymentRecords
-from proxy.store_client import RedisReplyError, RedisUnavailable, Script, StoreClient
-from proxy.tokens import unique_tokens
+from proxy.store.records import KeyState, StoredResult
+from proxy.store.tokens import unique_tokens
 
 log = logging.getLogger("payagg.idempotency")
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-_BASE = resources.files("proxy").joinpath("openapi.json").read_text(encoding="utf-8")
+_BASE = resources.files("proxy.server").joinpath("openapi.json").read_text(encoding="utf-8")
 
 
 def build_document(provider_names: Sequence[str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ COLOURS = {200: "32", 402: "33"}  # green, yellow; every 5xx is red ("31")
 
 
 @dataclass(frozen=True)
-class Answer:
+class ProxyReply:
     status: int
     error: str  # the body's `error` code ("" for 200/402 or an unreadable body)
     detail: str  # what to show next to the status
@@ -48,7 +48,7 @@ def run_demo(url: str, provider: str, count: int, out: TextIO = sys.stdout) -> i
     base = url.rstrip("/")
     run_id = time.strftime("%Y%m%d%H%M%S") + f"{int(time.time() * 1000) % 1000:03d}"
     colour = out.isatty()
-    answers: list[Answer] = []
+    answers: list[ProxyReply] = []
     print(f"{count} payments to {provider} through {base}/v1/pay", file=out, flush=True)
     for number in range(1, count + 1):
         try:
@@ -66,7 +66,7 @@ def run_demo(url: str, provider: str, count: int, out: TextIO = sys.stdout) -> i
     return 0
 
 
-def pay(base: str, transaction_id: str, provider: str) -> Answer:
+def pay(base: str, transaction_id: str, provider: str) -> ProxyReply:
     payment = {
         "TransactionID": transaction_id,
         "Amount": 20.00,
@@ -101,7 +101,7 @@ def pay(base: str, transaction_id: str, provider: str) -> Answer:
     reason = document.get("reason")
     if reason:
         detail += f" ({reason})"
-    return Answer(status, error_code, f"{detail:<34} {latency_ms:7.1f} ms", latency_ms)
+    return ProxyReply(status, error_code, f"{detail:<34} {latency_ms:7.1f} ms", latency_ms)
 
 
 def reason_text(reason: object) -> str:
@@ -121,7 +121,7 @@ def paint(status: int, colour: bool) -> str:
     return f"\033[{code}m{status}\033[0m" if code else str(status)
 
 
-def print_summary(answers: list[Answer], out: TextIO) -> None:
+def print_summary(answers: list[ProxyReply], out: TextIO) -> None:
     counts = Counter(answer.status for answer in answers)
     print("\nsummary", file=out)
     print(

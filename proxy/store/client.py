@@ -49,7 +49,7 @@ from glide import (
 from glide import Script as GlideScript
 from glide import TimeoutError as GlideTimeout
 
-from proxy.config import RedisSettings
+from proxy.settings.config import RedisSettings
 
 __all__ = ["RedisReplyError", "RedisUnavailable", "Script", "StoreClient"]
 
@@ -106,10 +106,10 @@ class StoreClient:
 
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
-        self._main = _Connection(settings)
+        self._main = _GlideConnection(settings)
         # WAIT blocks the connection it is sent on until the replicas answer: a second connection
         # keeps claims and lookups from queueing behind it while a replica is slow.
-        self._durable = _Connection(settings) if settings.wait_replicas else self._main
+        self._durable = _GlideConnection(settings) if settings.wait_replicas else self._main
         self._probe_key = settings.key_prefix + "readiness-probe"
         self._replicas_missing_until = 0.0
 
@@ -219,7 +219,7 @@ class StoreClient:
             return f"WAIT failed: {error}"
 
 
-class _Connection:
+class _GlideConnection:
     """One glide client: built on first use, rebuilt after a demotion, backed off on refusals."""
 
     def __init__(self, settings: RedisSettings) -> None:

@@ -9,10 +9,10 @@ import time
 
 from aiohttp import web
 
-from proxy.app import Gateway
-from proxy.config import GatewayConfig
 from proxy.errors import StoreUnavailable
 from proxy.payments.reconciler import Polled
+from proxy.server.app import Gateway
+from proxy.settings.config import GatewayConfig
 
 log = logging.getLogger("payagg")
 

@@ -24,9 +24,7 @@ from proxy.errors import (
     ProviderUnavailable,
     UnsupportedMediaType,
 )
-from proxy.idempotency import Claim, IdempotencyStore, describe, describe_old
-from proxy.mapping import Answer
-from proxy.payment import Payment, parse_payment
+from proxy.payments.idempotency import Claim, IdempotencyStore, describe, describe_old
 from proxy.payments.lifecycle import (
     NOT_FINAL,
     OUTCOME_UNKNOWN,
@@ -38,9 +36,11 @@ from proxy.payments.lifecycle import (
     status_url,
 )
 from proxy.payments.reconciler import AnotherPayment, settle_from_status
+from proxy.payments.request import Payment, parse_payment
 from proxy.payments.wakeups import Wakeups
-from proxy.records import StoredResult
-from proxy.upstream import ProviderClient
+from proxy.providers.mapping import ProviderAnswer
+from proxy.providers.upstream import ProviderClient
+from proxy.store.records import StoredResult
 
 # A sent request's answer may take the provider's timeout_s; this much more covers payagg's own
 # work before the reconciler may take an orphaned record over.
@@ -101,7 +101,7 @@ class PaymentService:
         reference = claim.reference
         unknown: PaymentError | None = None
         try:
-            answer: Answer | None = await provider.pay(
+            answer: ProviderAnswer | None = await provider.pay(
                 payment, reference, provider.callback_url(reference)
             )
         except _NOT_SENT as error:
@@ -265,7 +265,7 @@ def _pending_headers(transaction_id: str) -> dict[str, str]:
 
 
 def _final_answer(
-    provider: str, payment: Payment, reference: str, answer: Answer
+    provider: str, payment: Payment, reference: str, answer: ProviderAnswer
 ) -> tuple[int, bytes]:
     body: dict[str, Any]
     if answer.outcome == "success":

@@ -20,8 +20,8 @@ from enum import StrEnum
 
 from aiobreaker import CircuitBreaker, CircuitBreakerListener, CircuitBreakerState
 
-from proxy.config import BreakerSettings
 from proxy.errors import Overloaded, PaymentError, ProviderUnavailable
+from proxy.settings.config import BreakerSettings
 
 
 class BreakerState(StrEnum):
