@@ -143,21 +143,9 @@ class IdempotencyStore:
         token = _new_lock_token()
         clock = now_ms()
         reference = payment.provider_reference(provider)
-        facts = {
-            "token": token,
-            "transaction_id": payment.transaction_id,
-            "reference": reference,
-            "idempotency_key": payment.idempotency_key,
-            "state": "PROCESSING",
-            "provider": provider,
-            "amount": str(payment.amount),
-            "currency": payment.currency,
-            "reason": None,
-            "created_ms": clock,
-            "updated_ms": clock,
-            "sent_ms": clock,
-        }
-        value = records.lifecycle(facts, fingerprint)
+        value = _processing_record(
+            payment, provider, fingerprint, reference, payment.idempotency_key, token, clock
+        )
         due_ms = clock + int(hold_s * 1000)
         ref_ttl_s = self._ttl.result_ttl_s + self._ttl.tombstone_ttl_s
         with self.errors:
@@ -294,21 +282,9 @@ class IdempotencyStore:
         lifecycle = self.lifecycle
         sha, shard = lifecycle.locate(payment.transaction_id)
         clock = now_ms()
-        facts = {
-            "token": None,
-            "transaction_id": payment.transaction_id,
-            "reference": reference_for(provider, header),
-            "idempotency_key": header,
-            "state": "PROCESSING",
-            "provider": provider,
-            "amount": str(payment.amount),
-            "currency": payment.currency,
-            "reason": None,
-            "created_ms": clock,
-            "updated_ms": clock,
-            "sent_ms": clock,
-        }
-        value = records.lifecycle(facts, fingerprint)
+        value = _processing_record(
+            payment, provider, fingerprint, reference_for(provider, header), header, None, clock
+        )
         with self.errors:
             claimed = await lifecycle.records.claim(
                 shard, sha, value, clock, count_field("PROCESSING", provider), True
@@ -544,3 +520,30 @@ def _iso(unix_ms: Any) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(unix_ms) / 1000)) + (
         f".{int(unix_ms) % 1000:03d}Z"
     )
+
+
+def _processing_record(
+    payment: Payment,
+    provider: str,
+    fingerprint: str,
+    reference: str,
+    idempotency_key: str | None,
+    token: str | None,
+    clock: int,
+) -> bytes:
+    """A payment's record as it is first written: PROCESSING, owned by `token` (None: nobody)."""
+    facts = {
+        "token": token,
+        "transaction_id": payment.transaction_id,
+        "reference": reference,
+        "idempotency_key": idempotency_key,
+        "state": "PROCESSING",
+        "provider": provider,
+        "amount": str(payment.amount),
+        "currency": payment.currency,
+        "reason": None,
+        "created_ms": clock,
+        "updated_ms": clock,
+        "sent_ms": clock,
+    }
+    return records.lifecycle(facts, fingerprint)
