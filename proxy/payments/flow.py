@@ -21,6 +21,7 @@ from proxy.errors import (
     UnsupportedMediaType,
 )
 from proxy.payments.idempotency import Claim, IdempotencyStore, describe, describe_old
+from proxy.payments.json_answer import json_answer
 from proxy.payments.lifecycle import (
     NOT_FINAL,
     OUTCOME_UNKNOWN,
@@ -191,12 +192,12 @@ class PaymentService:
     async def lookup(self, transaction_id: str) -> web.Response:
         record = await self._store.find(transaction_id)
         if record is not None:
-            return web.json_response(describe(record))
+            return json_answer(describe(record))
         # A record of the versions before under this TransactionID's old key.
         old = await self._store.peek_old(transaction_id)
         if old is None:
             raise NotFound("no payment with this TransactionID")
-        return web.json_response(describe_old(old))
+        return json_answer(describe_old(old))
 
 
 async def _json_body(request: web.BaseRequest) -> bytes:
