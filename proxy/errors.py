@@ -264,7 +264,7 @@ class OutcomeUnknown(ProviderTimeout):
     """The request was handed to the provider, in whole or in part, and no usable answer came back.
 
     The provider may have charged it: only the provider reference, reused by every retry, keeps a
-    retry from charging twice. (Answered as ProviderTimeout until the payment lifecycle lands.)
+    retry from charging twice. The payment becomes PENDING (202) and is reconciled.
     """
 
     def __init__(self, provider: str, message: str) -> None:
@@ -274,8 +274,7 @@ class OutcomeUnknown(ProviderTimeout):
 class PaymentAlreadyExists(OutcomeUnknown):
     """The provider already holds a payment under this reference (MTN: 409
     RESOURCE_ALREADY_EXIST), so it may have charged it: the outcome is unknown here, as after a
-    timeout, and is answered like one (504, key released, a retry sends the same reference)
-    until the payment lifecycle reads it from the provider's status endpoint.
+    timeout, and the payment is reconciled like one, from the provider's status endpoint.
     """
 
     def __init__(self, provider: str) -> None:

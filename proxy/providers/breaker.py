@@ -114,9 +114,10 @@ class ProviderBreaker:
         not know (cancellation included) as a failure: a trial call must always free its
         slot, or the breaker would stick half-open.
         """
+        state = self.state
         if self.rejects_now():
             raise ProviderUnavailable(self.provider, self.retry_after_s())
-        generation, is_trial = self._generation, self._state is BreakerState.HALF_OPEN
+        generation, is_trial = self._generation, state is BreakerState.HALF_OPEN
         if is_trial:
             self._trials_in_flight += 1
         verdict = CallVerdict()
