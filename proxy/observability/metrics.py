@@ -19,6 +19,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxy.errors import REQUEST_OUTCOMES
 from proxy.observability.process_metrics import WorkerProcessCollector
 from proxy.providers.breaker import BreakerState
 
@@ -26,23 +27,8 @@ from proxy.providers.breaker import BreakerState
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNKNOWN_PROVIDER = "unknown"
-OUTCOMES = (
-    "success",
-    "declined",
-    "pending",
-    "provider_error",
-    "breaker_open",
-    "replayed",
-    "in_progress",
-    "key_reused",
-    "invalid",
-    "store_unavailable",
-    "overloaded",
-    "internal_error",
-    "request_timeout",
-    "malformed",
-    "client_closed",
-)
+# One series per outcome an answer can carry: the error classes can name no other.
+OUTCOMES: tuple[str, ...] = REQUEST_OUTCOMES
 WEBHOOK_RESULTS = ("delivered", "failed", "expired")
 # payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
 _ANSWER_BUCKETS = (

@@ -12,19 +12,16 @@ from aiohttp import HttpVersion11, web
 
 from proxy.errors import (
     NotFound,
-    OutcomeUnknown,
-    Overloaded,
     PayloadTooLarge,
     PaymentAlreadyExists,
     PaymentError,
     ProviderFailed,
     ProviderMismatch,
-    ProviderNotReached,
-    ProviderRejected,
     ProviderUnavailable,
     UnsupportedMediaType,
 )
 from proxy.payments.idempotency import Claim, IdempotencyStore, describe, describe_old
+from proxy.payments.json_answer import json_answer
 from proxy.payments.lifecycle import (
     NOT_FINAL,
     OUTCOME_UNKNOWN,
@@ -38,6 +35,7 @@ from proxy.payments.lifecycle import (
 from proxy.payments.reconciler import AnotherPayment, settle_from_status
 from proxy.payments.request import Payment, parse_payment
 from proxy.payments.wakeups import Wakeups
+from proxy.providers.classification import of_error
 from proxy.providers.mapping import ProviderAnswer
 from proxy.providers.upstream import ProviderClient
 from proxy.store.records import StoredResult
@@ -48,8 +46,6 @@ _SEND_MARGIN_S = 5.0
 _FIRST_POLL_S = 0.05
 _MAX_POLL_S = 1.0
 _RETRY_PENDING_S = "2"
-# Nothing reached the provider, or it refused the request itself: never created.
-_NOT_SENT = (ProviderNotReached, ProviderRejected, ProviderUnavailable, Overloaded)
 _OUTCOMES = {200: "success", 402: "declined", 202: "pending"}
 PROVIDER = web.RequestKey("provider", str)
 OUTCOME = web.RequestKey("outcome", str)
@@ -104,15 +100,17 @@ class PaymentService:
             answer: ProviderAnswer | None = await provider.pay(
                 payment, reference, provider.callback_url(reference)
             )
-        except _NOT_SENT as error:
-            await claim.not_created(error)
-            raise
-        except ProviderMismatch:
-            # The provider holds another payment under this reference (a record payagg lost):
-            # this request made none, and the one it holds is the real client's to retry.
-            await claim.forget()
-            raise
-        except (OutcomeUnknown, ProviderFailed) as error:
+        except PaymentError as error:
+            meaning = of_error(error)
+            if meaning.retry_allowed:
+                # Nothing reached the provider, or it refused the request itself.
+                await claim.not_created(error)
+                raise
+            if meaning.outcome == "mismatch":
+                # The provider holds another payment under this reference (a record payagg
+                # lost): this request made none, and the one it holds is the real client's.
+                await claim.forget()
+                raise
             answer, unknown = None, error
         if answer is not None and answer.outcome in ("success", "declined"):
             status, body = _final_answer(provider.name, payment, reference, answer)
@@ -194,12 +192,12 @@ class PaymentService:
     async def lookup(self, transaction_id: str) -> web.Response:
         record = await self._store.find(transaction_id)
         if record is not None:
-            return web.json_response(describe(record))
+            return json_answer(describe(record))
         # A record of the versions before under this TransactionID's old key.
         old = await self._store.peek_old(transaction_id)
         if old is None:
             raise NotFound("no payment with this TransactionID")
-        return web.json_response(describe_old(old))
+        return json_answer(describe_old(old))
 
 
 async def _json_body(request: web.BaseRequest) -> bytes:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
-import orjson
 from aiohttp import web
 
 from proxy.errors import (
@@ -33,6 +32,7 @@ from proxy.observability.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.payments.callbacks_in import CALLBACK_PREFIX, CALLBACK_ROUTE, CallbackService
 from proxy.payments.flow import OUTCOME, PROVIDER, PaymentService
 from proxy.payments.idempotency import IdempotencyStore
+from proxy.payments.json_answer import json_answer
 from proxy.payments.reconciler import Reconciler
 from proxy.payments.webhooks import WebhookDelivery
 from proxy.providers.breaker import BreakerState, ProviderBreaker
@@ -247,10 +247,10 @@ class Gateway:
                     "timeout_s": provider.settings.timeout_s,
                 }
             )
-        return web.json_response({"providers": answer})
+        return json_answer({"providers": answer})
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return json_answer({"status": "ok"})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         try:
@@ -258,8 +258,8 @@ class Gateway:
         except StoreUnavailable as error:
             # Ready means a payment could be taken now: Redis must accept a write, not only PING.
             reason = f"redis cannot take a write: {error.__cause__ or error}"
-            return web.json_response({"status": "not_ready", "reason": reason}, status=503)
-        return web.json_response({"status": "ready"})
+            return json_answer({"status": "not_ready", "reason": reason}, status=503)
+        return json_answer({"status": "ready"})
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         for breaker in self.breakers.values():
@@ -287,7 +287,7 @@ class Gateway:
             self.metrics.unresolved_payments.labels(name).set(totals.get(f"unresolved:{name}", 0))
 
     async def _openapi(self, request: web.BaseRequest) -> web.Response:
-        return web.json_response(self._openapi_document)
+        return json_answer(self._openapi_document)
 
 
 def _request_id(request: web.BaseRequest) -> str:
@@ -380,8 +380,4 @@ def _callback_parts(request: web.BaseRequest) -> tuple[str, str]:
 
 def _error_response(error: PaymentError) -> web.Response:
     # orjson: a fail-fast 503 is mostly this serialisation (json_response uses json.dumps).
-    return web.Response(
-        body=orjson.dumps(error.body()),
-        status=error.status,
-        headers={**error.headers, "Content-Type": "application/json"},
-    )
+    return json_answer(error.body(), error.status, error.headers)
