@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from proxy.errors import CallbackUnauthorized, InvalidRequest, NotFound, PaymentError
+from proxy.errors import CallbackUnauthorized, InvalidRequest, NotFound
 from proxy.payments.lifecycle import SETTLED, Lifecycle, now_ms
 from proxy.payments.wakeups import Wakeups
 from proxy.providers.upstream import ProviderClient
@@ -64,24 +64,28 @@ class CallbackService:
         """(sha, shard number) of the payment a callback is about: by the URL's token, or, on
         the provider's static URL, by the reference its (authenticated) body names."""
         static = provider.static_callback_url()
-        if static is not None and _same(_token_of(static), token):
-            reference = provider.callback_reference(raw)
-            if reference is None:
-                raise InvalidRequest(
-                    {"body": "names no payment"}, f"{provider.name}'s callback names no payment"
-                )
-            # Found through the payment's own callback token, as a per-payment URL would be.
-            token = _token_of(provider.callback_url(reference) or "")
-            missing: PaymentError = NotFound(f"{provider.name} has no payment with this reference")
-        else:
-            missing = CallbackUnauthorized("no payment has this callback URL")
+        if static is None or not _same(_token_of(static), token):
+            found = await self._lookup(provider, token)
+            if found is None:
+                raise CallbackUnauthorized("no payment has this callback URL")
+            return found
+        reference = provider.callback_reference(raw)
+        if reference is None:
+            raise InvalidRequest({"body": "names no payment"}, f"{provider.name}'s callback")
+        # The lookup the payment's own callback URL would make.
+        found = await self._lookup(provider, _token_of(provider.callback_url(reference) or ""))
+        if found is None:
+            raise NotFound(f"{provider.name} has no payment with this reference")
+        return found
+
+    async def _lookup(self, provider: ProviderClient, token: str) -> tuple[str, int] | None:
         lifecycle = self._lifecycle
         with lifecycle.errors:
             found = await lifecycle.records.find_callback(
                 reference_key(lifecycle.prefix, provider.name, token)
             )
         if found is None:
-            raise missing
+            return None
         sha, number, reference = found
         if not _same(_token_of(provider.callback_url(reference) or ""), token):
             raise CallbackUnauthorized("the callback URL's token does not match")

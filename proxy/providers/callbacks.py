@@ -127,10 +127,8 @@ class CallbackSpec(BaseModel):
                     f"not `{self.verify}`",
                 )
             ]
-        signed = self.signed or ""
-        if self.verify == "hmac_field" and not (
-            self.reference == signed or self.reference.startswith(f"{signed}.")
-        ):
+        signed = self.signed
+        if signed and not (self.reference == signed or self.reference.startswith(f"{signed}.")):
             return [
                 Problem(
                     (*path, "reference"),
