@@ -216,6 +216,10 @@ class IdempotencyStore:
         return await self._old_header_answer(payment, provider, fingerprint, guard=False)
 
     async def find(self, transaction_id: str) -> Record | None:
+        # A claim this process knows nobody sends is undone first, so that a lookup or a
+        # fail-fast replay never shows it as a payment in flight (the claim does the same).
+        if self._unanswered:
+            await self._release_unanswered()
         with self.errors:
             return await self.lifecycle.find(transaction_id)
 

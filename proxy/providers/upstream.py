@@ -203,6 +203,14 @@ class ProviderClient:
             return None
         return self._callbacks.url_for(self.name, reference)
 
+    def static_callback_url(self) -> str | None:
+        """The one callback URL of a provider that names the payment in the body."""
+        return self.provider.static_callback_url
+
+    def callback_reference(self, raw: bytes) -> str | None:
+        """The provider reference a callback's body names (YAML `callback.reference`)."""
+        return self._callback.reference_of(raw) if self._callback is not None else None
+
     async def pay(
         self, payment: Payment, reference: str, callback_url: str | None = None
     ) -> ProviderAnswer:

@@ -317,6 +317,15 @@ class Provider:
             host = f"[{host}]"
         return f"{host}:{parts.port}" if parts.port else host
 
+    @property
+    def static_callback_url(self) -> str | None:
+        """The one URL to register at a provider that names the payment in its callback's body
+        (`callback.reference`, Airtel); None for the others, or without `server.public_url`."""
+        callback = self.settings.callback
+        if self.callbacks is None or callback is None or callback.reference is None:
+            return None
+        return self.callbacks.static_url_for(self.name)
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -572,15 +581,17 @@ def _protocol_problems(
                     "a callback is only a hint to query the status: it needs `status:`",
                 )
             )
+    static = settings.callback is not None and settings.callback.reference is not None
     if (
-        "callback_url" in mapping.names_used
+        ("callback_url" in mapping.names_used or static)
         and server.public_url is not None
         and server.callback_secret is None
     ):
         problems.append(
             Problem(
                 ("server", "callback_secret"),
-                "is required once server.public_url is set and a provider sends {callback_url}",
+                "is required once server.public_url is set and a provider sends {callback_url}"
+                " or has a static callback URL (`callback.reference`)",
             )
         )
     return problems
