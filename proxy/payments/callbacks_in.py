@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from proxy.errors import CallbackUnauthorized, InvalidRequest, NotFound
+from proxy.payments.json_answer import json_answer
 from proxy.payments.lifecycle import SETTLED, Lifecycle, now_ms
 from proxy.payments.wakeups import Wakeups
 from proxy.providers.upstream import ProviderClient
@@ -58,7 +59,7 @@ class CallbackService:
             if poked:
                 await self._log_contradiction(provider, shard, sha, raw)
         self._wakeups.wake(sha)
-        return web.json_response({"status": "accepted"})
+        return json_answer({"status": "accepted"})
 
     async def _find(self, provider: ProviderClient, token: str, raw: bytes) -> tuple[str, int]:
         """(sha, shard number) of the payment a callback is about: by the URL's token, or, on
