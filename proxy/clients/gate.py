@@ -9,7 +9,8 @@ from aiohttp import web
 
 from proxy.clients.keys import OPEN, Client, KeyRing
 from proxy.errors import RateLimited, StoreUnavailable
-from proxy.observability.metrics import UNKNOWN_CLIENT, GatewayMetrics
+from proxy.observability.labels import UNKNOWN_CLIENT
+from proxy.observability.metrics import GatewayMetrics
 from proxy.settings.clients import AuthMode, ClientSettings
 from proxy.store.client import RedisReplyError, RedisUnavailable
 from proxy.store.rate_limits import RateLimits

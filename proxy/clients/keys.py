@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.errors import Unauthorized
-from proxy.observability.metrics import OPEN_CLIENT
+from proxy.observability.labels import OPEN_CLIENT
 from proxy.settings.clients import ClientSettings
 
 # RFC 6750's token characters; anything else is no key at all. Bounded so hashing costs nothing.

@@ -19,6 +19,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxy.observability.labels import OPEN_CLIENT, UNKNOWN_CLIENT
 from proxy.observability.process_metrics import WorkerProcessCollector
 from proxy.providers.breaker import BreakerState
 
@@ -46,10 +47,6 @@ OUTCOMES = (
     "forbidden",
     "rate_limited",
 )
-# The `client` label: a name from `clients:`, `open` with `auth: off`, `unknown` before (or
-# without) a valid key. Never taken from the request.
-OPEN_CLIENT = "open"
-UNKNOWN_CLIENT = "unknown"
 WEBHOOK_RESULTS = ("delivered", "failed", "expired")
 # payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
 _ANSWER_BUCKETS = (

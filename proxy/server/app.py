@@ -29,13 +29,9 @@ from proxy.errors import (
     PaymentError,
     StoreUnavailable,
 )
+from proxy.observability.labels import OPEN_CLIENT, UNKNOWN_CLIENT
 from proxy.observability.logs import log_request
-from proxy.observability.metrics import (
-    OPEN_CLIENT,
-    UNKNOWN_CLIENT,
-    UNKNOWN_PROVIDER,
-    GatewayMetrics,
-)
+from proxy.observability.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.payments.callbacks_in import CALLBACK_PREFIX, CALLBACK_ROUTE, CallbackService
 from proxy.payments.flow import OUTCOME, PROVIDER, PaymentService
 from proxy.payments.idempotency import IdempotencyStore

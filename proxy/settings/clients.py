@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proxy.observability.metrics import OPEN_CLIENT, UNKNOWN_CLIENT
+from proxy.observability.labels import OPEN_CLIENT, UNKNOWN_CLIENT
 from proxy.settings.yaml_source import Path, Problem
 
 AuthMode = Literal["required", "off"]
