@@ -176,7 +176,7 @@ def _key_problems(
                     Problem(
                         where,
                         "must be a SHA-256 as 64 lowercase hex digits (the key's hash, never "
-                        f"the key), got {len(digest)} character(s)",
+                        f"the key), got {_described(digest)}",
                     )
                 )
             elif digest in seen:
@@ -188,3 +188,10 @@ def _key_problems(
             else:
                 seen[digest] = client.name
     return problems
+
+
+def _described(text: str) -> str:
+    """A wrong hash described without quoting it: it may be the key itself, pasted by mistake."""
+    if len(text) == 64:
+        return "64 characters, not all lowercase hex"
+    return f"{len(text)} character(s)"
