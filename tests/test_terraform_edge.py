@@ -70,7 +70,8 @@ DOT_SEGMENT_REQUESTS = [
     ("GET", "/v1/payments/%2e%2e/%2e%2e/openapi.json"),
     ("PUT", "/v1/callbacks/../../admin/reload"),
 ]
-REQUIRED_VARIABLES = {"image_tag": "v1"}  # the one variable without a default
+# The variables without a default: the image, and the merchant's key hash (the clients work).
+REQUIRED_VARIABLES = {"image_tag": "v1", "merchant_key_sha256": ["a" * 64]}
 
 
 # --- a model of ALB routing, read from the HCL ------------------------------------------------
