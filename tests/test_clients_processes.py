@@ -6,6 +6,7 @@ both."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from proxy.devtools.demo import run_demo
 from tests.conftest import RedisServer
 from tests.processes import free_port, payagg_serve, running
 from tests.test_providers_end_to_end import Reply, call
@@ -173,3 +175,16 @@ def test_the_rate_limit_is_one_limit_for_both_proxies(stack: Stack) -> None:
     assert stack.counted("rate_limited", "alpha") == len(statuses) - first_limited
     # Another client's allowance is its own.
     assert stack.pay(1, "TXN-p-rate-beta", "beta").status == 200
+
+
+def test_payagg_demo_sends_the_key_from_payagg_api_key(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    assert run_demo(stack.proxies[1], "CANON", 3, out) == 0
+    assert "401" in out.getvalue()
+    monkeypatch.setenv("PAYAGG_API_KEY", KEYS["beta"])
+    out = io.StringIO()
+    assert run_demo(stack.proxies[1], "CANON", 3, out) == 0
+    lines = out.getvalue().splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["200"] * 3, out.getvalue()
