@@ -47,7 +47,7 @@ def clients_yaml(
         upstream_url,
         redis_url,
         f"""\
-  OTHER: {{url: "{upstream_url}"}}
+  OTHER: {{url: "{upstream_url}", sync_wait_s: 0}}
 auth: required
 clients:
   - name: alpha
@@ -460,3 +460,26 @@ async def test_a_clients_webhook_goes_to_its_own_target_and_the_others_to_webhoo
     ((other, other_signed, other_raw),) = shared
     assert other["provider_reference"] != body["provider_reference"]
     assert other_signed == signature(GLOBAL_SECRET, int(other_signed.split(",")[0][2:]), other_raw)
+
+
+async def test_a_payment_settled_by_the_reconciler_keeps_its_client_and_its_webhook_target(
+    upstream: Upstream, redis_url: str
+) -> None:
+    upstream[0].pending_polls = 1  # PENDING at first, SUCCESS at the second status query
+    async with receiver() as (own_url, own):
+        hook = f"    webhook: {{url: '{own_url}', secret: {WEBHOOK_SECRET}}}\n"
+        text = clients_yaml(upstream[1], redis_url).replace(
+            "    burst: 1000\n", f"    burst: 1000\n{hook}", 1
+        )
+        async with gateway_of(text) as g:
+            body = payment("TXN-later", ProviderKey="OTHER")
+            answer = await g.post("/v1/pay", json=body, headers=bearer("alpha"))
+            assert answer.status == 202
+            async with asyncio.timeout(20):
+                while not own:  # noqa: ASYNC110 (the reconciler and deliveries poll)
+                    await asyncio.sleep(0.05)
+            record = await g.gateway.store.find("TXN-later", "alpha")
+    assert record is not None
+    assert (record.name, record.facts["client"]) == ("SUCCESS", "alpha")
+    ((delivered, _, _),) = own
+    assert (delivered["transaction_id"], delivered["state"]) == ("TXN-later", "SUCCESS")
