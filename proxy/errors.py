@@ -27,6 +27,8 @@ RequestOutcome = Literal[
     "malformed",
     "client_closed",
     "unauthorized",
+    "forbidden",
+    "rate_limited",
 ]
 REQUEST_OUTCOMES: tuple[RequestOutcome, ...] = get_args(RequestOutcome)
 
@@ -305,3 +307,44 @@ class CallbackUnauthorized(PaymentError):
     status = 401
     code = "unauthorized"
     outcome = "unauthorized"
+
+
+# --- Clients: who is calling, what it may do, how often (proxy/clients/) ----------------------
+
+
+class Unauthorized(PaymentError):
+    """`auth: required` and the request carries no API key, or one no client has."""
+
+    status = 401
+    code = "unauthorized"
+    outcome = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("an API key is required: Authorization: Bearer <key>")
+        self.headers["WWW-Authenticate"] = 'Bearer realm="payagg"'
+
+
+class Forbidden(PaymentError):
+    """The client may not pay with this provider."""
+
+    status = 403
+    code = "forbidden"
+    outcome = "forbidden"
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(f"this client may not use {provider}", provider=provider)
+
+
+class RateLimited(PaymentError):
+    """The client is over its rate limit, shared by every process and task."""
+
+    status = 429
+    code = "rate_limited"
+    outcome = "rate_limited"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            f"over this client's rate limit; retry in {retry_after_s}s",
+            retry_after_s=retry_after_s,
+        )
+        self.headers["Retry-After"] = str(retry_after_s)

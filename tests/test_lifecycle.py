@@ -130,8 +130,11 @@ async def test_every_lifecycle_series_is_there_from_start_up(upstream: Upstream,
     for result in ("success", "declined", "pending", "not_found", "failed", "busy", "breaker_open"):
         key = ("payagg_reconcile_polls_total", (("provider", "CANON"), ("result", result)))
         assert found[key] == 0
-    assert found["payagg_requests_total", (("outcome", "pending"), ("provider", "CANON"))] == 0
-    assert ("payagg_requests_total", (("outcome", "timeout"), ("provider", "CANON"))) not in found
+    open_client = ("client", "open")
+    pending = (open_client, ("outcome", "pending"), ("provider", "CANON"))
+    assert found["payagg_requests_total", pending] == 0
+    timeout = (open_client, ("outcome", "timeout"), ("provider", "CANON"))
+    assert ("payagg_requests_total", timeout) not in found
 
 
 async def test_a_payment_not_final_after_give_up_after_s_is_unresolved_and_a_late_report_settles_it(

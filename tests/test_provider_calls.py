@@ -903,7 +903,8 @@ async def test_a_full_pool_answers_503_overloaded_through_the_gateway_and_releas
         assert retried.status == 200, "nothing was stored for the overloaded attempt"
         assert "Idempotent-Replayed" not in retried.headers
         metrics = await (await gateway.get("/metrics")).text()
-        assert 'payagg_requests_total{outcome="overloaded",provider="CANON"} 1.0' in metrics
+        overloaded = 'payagg_requests_total{client="open",outcome="overloaded",provider="CANON"}'
+        assert f"{overloaded} 1.0" in metrics
         assert gateway.gateway.breakers["CANON"].window_counts().calls == 2
 
 

