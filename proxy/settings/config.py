@@ -62,6 +62,8 @@ class ServerSettings(_Section):
     public_url: str | None = None
     # Keys the callback URLs' tokens (HMAC-SHA256); needed once public_url is set.
     callback_secret: str | None = Field(None, repr=False)
+    # /metrics, /v1/providers, /openapi.json and the admin API (proxy/admin/); 0: no admin port.
+    admin_port: int = Field(9090, ge=0, le=65535)
 
     @field_validator("public_url", "callback_secret")
     @classmethod
@@ -85,6 +87,15 @@ class ServerSettings(_Section):
         if secret is not None and len(secret) < 16:
             raise ValueError(f"must be at least 16 characters, got {len(secret)}")
         return secret
+
+    @model_validator(mode="after")
+    def _admin_port_apart(self) -> ServerSettings:
+        if self.admin_port == self.port:
+            raise ValueError(
+                f"admin_port must differ from port ({self.port}): the admin API is never served "
+                "where payments are"
+            )
+        return self
 
     def callback_target(self) -> CallbackTarget | None:
         if self.public_url is None or self.callback_secret is None:
