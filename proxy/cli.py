@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--seed", type=int, metavar="N", help="both mocks' --seed, for a reproducible run"
     )
+    dev.add_argument(
+        "--admin-port", type=_port, default=9090, help="the proxy's admin port (default 9090)"
+    )
     dev.add_argument("--config", help=CONFIG_HELP)
     dev.set_defaults(run=_dev)
 
@@ -264,6 +267,7 @@ def _dev(args: argparse.Namespace) -> int:
         airtel_port=args.airtel_port,
         failure_rate=args.failure_rate,
         seed=args.seed,
+        admin_port=args.admin_port,
     )
     return run_dev(options)
 

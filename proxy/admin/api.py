@@ -7,6 +7,7 @@ Every action needs the token (`Authorization: Bearer`), says who acts (`X-Admin-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -97,7 +98,8 @@ class AdminApi:
         """POST /admin/reload {"reason"}: this process now, the others through Redis."""
         actor, _ = await self._authorised(request)
         answer = await self.reloader.reload(actor)
-        answer["generation"] = await self._announce()
+        if answer["status"] == "reloaded":
+            answer["generation"] = await self._announce()
         return web.json_response(answer)
 
     def reload_on_signal(self) -> None:
@@ -111,10 +113,11 @@ class AdminApi:
     async def _reload_quietly(self, actor: Actor) -> None:
         """A reload nobody waits for: its result is in the log and the metrics only."""
         try:
-            await self.reloader.reload(actor)
+            answer = await self.reloader.reload(actor)
         except AdminError:
             return
-        await self._announce()
+        if answer["status"] == "reloaded":
+            await self._announce()
 
     async def _announce(self) -> int | None:
         """A new generation, so every process and task re-reads its file; None when Redis
@@ -128,12 +131,9 @@ class AdminApi:
         return generation
 
     async def _follow_generation(self, generation: int) -> None:
-        if self.reloader.file_changed():
-            actor = Actor(f"config generation {generation}", "another process reloaded")
-            try:
-                await self.reloader.reload(actor)
-            except AdminError:
-                return  # counted and logged by the reload
+        actor = Actor(f"config generation {generation}", "another process reloaded")
+        with contextlib.suppress(AdminError):  # counted and logged by the reload
+            await self.reloader.reload(actor)
 
     async def _authorised(self, request: web.BaseRequest) -> tuple[Actor, dict[str, Any]]:
         if self._token is None:

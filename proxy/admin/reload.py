@@ -77,7 +77,11 @@ def moved_providers(old: GatewayConfig, new: GatewayConfig) -> dict[str, str]:
 
 
 class Reloader:
-    """One reload at a time per process: read, check, apply, count, log."""
+    """One reload at a time per process: read, check, apply, count, log.
+
+    A file whose text is unchanged is not reloaded (nor counted): a change of a file it only
+    names (a TLS certificate) needs a restart.
+    """
 
     def __init__(self, gateway: ReloadTarget, metrics: GatewayMetrics) -> None:
         self._gateway = gateway
@@ -95,17 +99,10 @@ class Reloader:
                 self._metrics.config_reloads.labels(result).inc()
                 _log_reload(actor, result, refused.body())
                 raise
-            self._metrics.config_reloads.labels("ok").inc()
-            _log_reload(actor, "ok", answer)
+            if answer["status"] == "reloaded":
+                self._metrics.config_reloads.labels("ok").inc()
+                _log_reload(actor, "ok", answer)
             return answer
-
-    def file_changed(self) -> bool:
-        """Whether the running file's text differs from what was loaded (a cheap re-read)."""
-        running = self._gateway.config
-        try:
-            return load_config(running.source).content_sha256 != running.content_sha256
-        except ConfigError:
-            return True  # a reload reports the problems
 
     async def _reload(self) -> dict[str, Any]:
         running = self._gateway.config
@@ -113,6 +110,14 @@ class Reloader:
             loaded = load_config(running.source)
         except ConfigError as error:
             raise ConfigInvalid(error.problems) from None
+        if loaded.content_sha256 == running.content_sha256:
+            # The same text: nothing to do (each worker hears of a reload twice, by SIGHUP and
+            # through Redis; only the first one reloads).
+            return {
+                "status": "unchanged",
+                "config": running.source,
+                "config_hash": running.content_sha256,
+            }
         moved = moved_providers(running, loaded)
         if moved:
             await self._refuse_if_pending(moved)

@@ -40,6 +40,7 @@ class AdminSync:
         self._on_new_generation = on_new_generation
         self.forced: dict[str, ForcedBreaker] = {}
         self._generation: int | None = None
+        self._holds = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -55,9 +56,12 @@ class AdminSync:
 
     async def refresh(self) -> None:
         """Read the hash once and apply it; raises AdminStoreUnavailable (the last state stays)."""
+        holds_before = self._holds
         snapshot = await self._shared.read()
-        self.forced = snapshot.forced
-        self.apply()
+        # A read begun before this process wrote a change of its own may predate it.
+        if self._holds == holds_before:
+            self.forced = snapshot.forced
+            self.apply()
         await self._follow(snapshot)
 
     def seen_generation(self, generation: int) -> None:
@@ -66,6 +70,7 @@ class AdminSync:
 
     def hold(self, provider: str, held: ForcedBreaker | None) -> None:
         """A change this process wrote to Redis itself, applied without waiting for a refresh."""
+        self._holds += 1
         self.forced = {name: hold for name, hold in self.forced.items() if name != provider}
         if held is not None:
             self.forced[provider] = held
