@@ -206,9 +206,9 @@ def test_the_proxy_starts_only_after_both_mocks_are_healthy() -> None:
     ]
 
 
-def test_only_the_proxy_publishes_a_port_and_it_is_8080() -> None:
+def test_only_the_proxy_publishes_ports_8080_and_its_admin_port_9090() -> None:
     published = {name: c.get("portMappings", []) for name, c in containers().items()}
-    assert [m["containerPort"] for m in published.pop("proxy")] == [8080]
+    assert [m["containerPort"] for m in published.pop("proxy")] == [8080, 9090]
     assert all(not mappings for mappings in published.values())
 
 
@@ -222,12 +222,24 @@ def test_every_variable_the_task_gives_the_proxy_is_one_the_shipped_config_reads
     assert given <= set(config_references()), sorted(given - set(config_references()))
 
 
-def test_redis_url_comes_from_secrets_manager_and_never_from_the_environment() -> None:
+def test_redis_url_and_admin_token_come_from_secrets_manager_never_from_the_environment() -> None:
     for container in containers().values():
         assert "REDIS_URL" not in environment(container)
-    (secret,) = containers()["proxy"]["secrets"]
-    assert secret["name"] == "REDIS_URL"
-    assert secret["valueFrom"] == "${aws_secretsmanager_secret.redis.arn}:url::"
+        assert "PAYAGG_ADMIN_TOKEN" not in environment(container)
+    secrets = {s["name"]: s["valueFrom"] for s in containers()["proxy"]["secrets"]}
+    assert secrets == {
+        "REDIS_URL": "${aws_secretsmanager_secret.redis.arn}:url::",
+        "PAYAGG_ADMIN_TOKEN": "${aws_secretsmanager_secret.admin_token.arn}:token::",
+    }
+
+
+def test_the_admin_token_is_generated_encrypted_and_long() -> None:
+    password = terraform().resource("random_password", "admin_token")
+    assert password["length"] >= 32
+    secret = terraform().resource("aws_secretsmanager_secret", "admin_token")
+    assert expression(secret["kms_key_id"]) == "aws_kms_key.payagg.arn"
+    version = terraform().resource("aws_secretsmanager_secret_version", "admin_token")
+    assert "random_password.admin_token.result" in str(version["secret_string"])
 
 
 @pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
@@ -348,6 +360,10 @@ def test_security_group_rules_reference_groups_not_cidrs(name: str) -> None:
         return
     assert "cidr_ipv4" not in rule
     assert "cidr_ipv6" not in rule
+    if "for_each" in rule:  # groups given by id (sg-..., validated), e.g. metrics collectors'
+        assert expression(rule["referenced_security_group_id"]) == "each.value"
+        assert re.fullmatch(r"\$\{toset\(var\.\w+_security_group_ids\)\}", rule["for_each"])
+        return
     assert re.fullmatch(
         r"aws_security_group\.\w+\.id", expression(rule["referenced_security_group_id"])
     )
@@ -381,7 +397,12 @@ def test_each_hop_is_open_only_between_its_two_groups(
 def test_each_group_has_exactly_the_expected_rules(group: str) -> None:
     expected = {
         "alb": {"alb_http", "alb_https", "alb_to_service"},
-        "service": {"service_from_alb", "service_to_redis", "service_https"},
+        "service": {
+            "service_from_alb",
+            "service_admin_from_collectors",
+            "service_to_redis",
+            "service_https",
+        },
         "redis": {"redis_from_service"},
     }[group]
     rules = {
@@ -563,10 +584,15 @@ def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
     assert single(repository["image_scanning_configuration"])["scan_on_push"] is True
 
 
-def test_the_execution_role_reads_exactly_the_one_secret() -> None:
+def test_the_execution_role_reads_exactly_the_two_secrets() -> None:
     policy = terraform().data[("aws_iam_policy_document", "execution")]
     reads = [s for s in policy["statement"] if "secretsmanager:GetSecretValue" in s["actions"]]
-    assert [s["resources"] for s in reads] == [["${aws_secretsmanager_secret.redis.arn}"]]
+    assert [s["resources"] for s in reads] == [
+        [
+            "${aws_secretsmanager_secret.redis.arn}",
+            "${aws_secretsmanager_secret.admin_token.arn}",
+        ]
+    ]
     assert all(
         not a.startswith("secretsmanager:") or a == "secretsmanager:GetSecretValue"
         for s in policy["statement"]
@@ -686,7 +712,7 @@ def test_the_collector_scrapes_the_proxy_on_loopback_as_the_job_the_alerts_selec
     assert environment(collector) == {"AOT_CONFIG_CONTENT": "${local.collector_config}"}
     config = terraform().locals["collector_config"]
     assert 'job_name = "payagg"' in config
-    assert 'targets = ["127.0.0.1:8080"]' in config
+    assert 'targets = ["127.0.0.1:9090"]' in config  # the admin port
     assert "api/v1/remote_write" in config
     assert "aws_prometheus_workspace.payagg.prometheus_endpoint" in config
 
