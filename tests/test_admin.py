@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from proxy.server.app import Gateway
 from proxy.settings.config import ConfigError, load_config
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, GatewayTestServer, gateway_yaml, make_config, payment
+from tests.processes import VENV_BIN
 from tests.test_workers import samples
 
 TOKEN = "admin-token-for-the-tests-0123456789"
@@ -394,3 +397,63 @@ def _build_info(text: str) -> list[Any]:
         for sample in family.samples
         if sample.name == "payagg_build_info" and sample.value == 1
     ]
+
+
+# --- the admin port and the token at start-up ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ("{port: 8080, admin_port: 8080}", "test.yaml:1: server: admin_port must differ from port"),
+        ("{admin_port: 70000}", "test.yaml:1: server.admin_port: must be <= 65535"),
+        ("{admin_port: -1}", "test.yaml:1: server.admin_port: must be >= 0"),
+    ],
+    ids=["same as the port", "too high", "negative"],
+)
+def test_a_bad_admin_port_is_a_config_error_with_its_line(server: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        make_config(f'server: {server}\nproviders:\n  P: {{url: "http://p/pay"}}\n')
+    assert any(line.startswith(problem) for line in error.value.problems), error.value.problems
+
+
+def test_the_admin_port_defaults_to_9090_and_0_turns_it_off() -> None:
+    providers = 'providers:\n  P: {url: "http://p/pay"}\n'
+    assert make_config(providers).server.admin_port == 9090
+    assert make_config("server: {admin_port: 0}\n" + providers).server.admin_port == 0
+
+
+def run_payagg(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "payagg"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def test_serve_refuses_an_admin_token_shorter_than_16_characters(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text('providers:\n  P: {url: "http://127.0.0.1:1/pay"}\n')
+    result = run_payagg("serve", "--config", str(config), **{ADMIN_TOKEN_ENV: "short"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"payagg: {ADMIN_TOKEN_ENV}: must be at least 16 characters, got 5"
+    )
+
+
+def test_serve_refuses_an_admin_port_equal_to_the_port(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text('providers:\n  P: {url: "http://127.0.0.1:1/pay"}\n')
+    result = run_payagg("serve", "--config", str(config), "--port", "9090")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "payagg: the port and the admin port are both 9090"
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_serve_refuses_an_admin_port_outside_0_to_65535(port: str) -> None:
+    result = run_payagg("serve", "--admin-port", port)
+    assert result.returncode == 2
+    assert "must be a port number in [1, 65535] or 0 (none)" in result.stderr
