@@ -46,7 +46,7 @@ class AdminTestServer(BaseTestServer):
         self.gateway = gateway
 
     async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
-        return web.ServerRunner(self.gateway.admin_server())
+        return web.ServerRunner(self.gateway.server(admin=True))
 
 
 class Ports:

@@ -225,10 +225,11 @@ class Gateway:
             for name in providers
         }
 
-    def admin_server(self) -> web.Server:
-        """The admin port's server: its own routes, the same connection limits."""
+    def server(self, admin: bool = False) -> web.Server:
+        """The public port's server, or (`admin`) the admin port's: its own routes, the same
+        connection limits."""
         return GatewayServer(
-            self.handle_admin,
+            self.handle_admin if admin else self.handle,
             self.config.server,
             answer_error=self.answer_unreadable,
             on_refused=self.metrics.connections_refused.inc,
@@ -258,14 +259,6 @@ class Gateway:
         except Exception:
             response = self._answer_error(_unexpected(request, request_id), request_id)
         return _logged(request, response, request_id, "", started)
-
-    def server(self) -> web.Server:
-        return GatewayServer(
-            self.handle,
-            self.config.server,
-            answer_error=self.answer_unreadable,
-            on_refused=self.metrics.connections_refused.inc,
-        )
 
     async def close(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for payments still settling, then close every connection."""

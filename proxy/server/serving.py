@@ -39,7 +39,7 @@ async def serve(
     timeout_s = config.server.shutdown_timeout_s
     runners = [web.ServerRunner(gateway.server(), shutdown_timeout=timeout_s)]
     if admin_port:
-        runners.append(web.ServerRunner(gateway.admin_server(), shutdown_timeout=timeout_s))
+        runners.append(web.ServerRunner(gateway.server(admin=True), shutdown_timeout=timeout_s))
     try:
         for runner, listen_on in zip(runners, (port, admin_port), strict=False):
             await runner.setup()
