@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin.errors import AdminStoreUnavailable
 from proxy.admin.reload import moved_providers
 from proxy.admin.token import ADMIN_TOKEN_ENV
 from proxy.observability.metrics import RELOAD_RESULTS
@@ -457,3 +458,25 @@ def test_serve_refuses_an_admin_port_outside_0_to_65535(port: str) -> None:
     result = run_payagg("serve", "--admin-port", port)
     assert result.returncode == 2
     assert "must be a port number in [1, 65535] or 0 (none)" in result.stderr
+
+
+async def test_a_redis_outage_keeps_the_last_known_forced_state(
+    upstream: tuple[UpstreamState, str],
+    start_redis: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    own_redis = start_redis()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_yaml(upstream[1], own_redis.url))
+    async with admin_gateway(config) as both:
+        await both.act("/admin/breakers/CANON", {"state": "open", "reason": "maintenance"})
+        own_redis.stop()
+        with pytest.raises(AdminStoreUnavailable):
+            await both.gateway.admin.sync.refresh()
+        assert both.gateway.breakers["CANON"].state is BreakerState.OPEN
+        assert (await both.provider("CANON"))["forced_reason"] == "maintenance"
+        status, body = await both.act("/admin/breakers/CANON", {"state": "auto", "reason": "x"})
+        assert (status, body["error"]) == (503, "store_unavailable")
+        assert both.gateway.breakers["CANON"].forced is BreakerState.OPEN

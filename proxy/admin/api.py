@@ -115,6 +115,9 @@ class AdminApi:
         try:
             answer = await self.reloader.reload(actor)
         except AdminError:
+            return  # counted and logged by the reload
+        except Exception:
+            log.exception("reload on SIGHUP failed; the running config stays")
             return
         if answer["status"] == "reloaded":
             await self._announce()
