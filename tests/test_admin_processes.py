@@ -32,7 +32,7 @@ from tests.processes import (
     wait_until,
 )
 from tests.test_providers_end_to_end import Reply, call
-from tests.test_workers import samples
+from tests.test_workers import request, samples
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "gateway.yaml"
@@ -171,6 +171,14 @@ def test_reloads_under_a_steady_stream_of_payments_fail_no_request(stack):
 
 def test_sighup_to_the_parent_reloads_every_worker(stack):
     proxy = stack.proxy("--workers", "2")
+    seen: set[str] = set()
+
+    def both_listen() -> bool:
+        # A worker answering on the admin port handles SIGHUP (installed before it listens).
+        seen.add(request(f"{proxy.admin}/healthz").worker)
+        return len(seen) == 2
+
+    wait_until(both_listen, BOUND_S, "both workers on the admin port")
     old_hash = next(s.labels["config_hash"] for s in _build_info(proxy.metrics()) if s.value == 1)
     stack.config.write_text(stack.config.read_text() + SPARE)
 
