@@ -129,6 +129,7 @@ class GatewayMetrics:
             for outcome in OUTCOMES
         }
 
+        self._build_labels: tuple[str, ...] | None = None  # the build_info series shown
         self._add_operations_metrics()
         self._add_webhook_metrics()
         self._add_lifecycle_metrics()
@@ -248,7 +249,7 @@ class GatewayMetrics:
             platform.python_version(),
             config_hash,
         )
-        shown = getattr(self, "_build_labels", None)
+        shown = self._build_labels
         if shown is not None and shown != labels:
             # Zeroed first: with --workers the value lives on in this process's file after
             # remove(), and a 0 never wins the livemax merge over another worker's 1.
