@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import textwrap
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from proxy.server.app import Gateway
 from proxy.settings.config import ConfigError, load_config
 from tests.canonical_upstream import UpstreamState
 from tests.conftest import GatewayClient, GatewayTestServer, gateway_yaml, make_config, payment
-from tests.processes import VENV_BIN
+from tests.processes import VENV_BIN, free_port
 from tests.test_workers import samples
 
 TOKEN = "admin-token-for-the-tests-0123456789"
@@ -480,3 +481,23 @@ async def test_a_redis_outage_keeps_the_last_known_forced_state(
         status, body = await both.act("/admin/breakers/CANON", {"state": "auto", "reason": "x"})
         assert (status, body["error"]) == (503, "store_unavailable")
         assert both.gateway.breakers["CANON"].forced is BreakerState.OPEN
+
+
+def test_a_busy_admin_port_is_a_one_line_error_and_the_process_exits(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text('providers:\n  P: {url: "http://127.0.0.1:1/pay"}\n')
+    port = free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        result = run_payagg(
+            "serve",
+            *("--config", str(config), "--host", "127.0.0.1"),
+            *("--port", str(port), "--admin-port", str(busy)),
+            REDIS_URL="redis://127.0.0.1:1/0",
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"payagg: cannot listen on 127.0.0.1:{port} or {busy}: address already in use"
+    )
