@@ -37,7 +37,7 @@ from tests.processes import VENV_BIN, free_port
 from tests.test_workers import samples
 
 TOKEN = "admin-token-for-the-tests-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Admin-Actor": "ops@example.com"}
+AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Admin-Actor": "ops_1@example.com"}
 
 
 class AdminTestServer(BaseTestServer):
@@ -207,8 +207,8 @@ async def test_every_admin_action_is_logged_with_who_and_why(
         if "admin_action" in getattr(record, "fields", {})
     ]
     assert [(a["admin_action"], a["actor"], a["reason"]) for a in actions] == [
-        ("breaker", "ops@example.com", "MTN maintenance 22:00"),
-        ("reload", "ops@example.com", "new timeouts"),
+        ("breaker", "ops_1@example.com", "MTN maintenance 22:00"),
+        ("reload", "ops_1@example.com", "new timeouts"),
     ]
     assert actions[0]["provider"] == "CANON"
     assert actions[0]["state"] == "open"
@@ -236,7 +236,7 @@ async def test_a_breaker_forced_open_answers_503_but_still_replays_and_says_who_
 
     shown = await ports.provider("CANON")
     assert (shown["state"], shown["forced"]) == ("open", True)
-    assert (shown["forced_reason"], shown["forced_by"]) == ("maint", "ops@example.com")
+    assert (shown["forced_reason"], shown["forced_by"]) == ("maint", "ops_1@example.com")
     text = await ports.metrics()
     assert samples(text, "payagg_circuit_breaker_state", provider="CANON", state="open") == [1]
     assert samples(text, "payagg_circuit_breaker_forced", provider="CANON", state="open") == [1]

@@ -37,7 +37,7 @@ log = logging.getLogger("payagg.admin")
 BREAKERS_PREFIX = "/admin/breakers/"
 RELOAD_PATH = "/admin/reload"
 ACTOR_HEADER = "X-Admin-Actor"
-_ACTOR = re.compile(r"[A-Za-z0-9._@+:/ -]{1,64}")
+_ACTOR = re.compile(r"[A-Za-z0-9._@+:/ _-]{1,64}")
 _MAX_REASON_CHARS = 500
 _STATES = {"open": BreakerState.OPEN, "closed": BreakerState.CLOSED, "auto": None}
 
@@ -152,9 +152,9 @@ class AdminApi:
         who = request.headers.get(ACTOR_HEADER, "")
         if not _ACTOR.fullmatch(who):
             problems[ACTOR_HEADER] = (
-                "is required: who acts, 1-64 letters, digits, spaces or ._@+:/-"
+                "is required: who acts, 1-64 letters, digits, spaces or _.@+:/-"
                 if not who
-                else f"must be 1-64 letters, digits, spaces or ._@+:/-, got {who[:80]!r}"
+                else f"must be 1-64 letters, digits, spaces or _.@+:/-, got {who[:80]!r}"
             )
         why = body.get("reason")
         if not isinstance(why, str) or not why.strip():
