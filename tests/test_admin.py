@@ -7,6 +7,7 @@ since a reload re-reads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -313,6 +314,25 @@ async def test_a_reload_of_the_same_text_changes_nothing_and_is_not_counted(port
     status, body = await ports.act("/admin/reload", {"reason": "just in case"})
     assert (status, body["status"]) == (200, "unchanged")
     assert samples(await ports.metrics(), "payagg_config_reloads_total", result="ok") == [0]
+
+
+async def test_a_reload_leaves_auth_and_clients_as_they_started_and_says_they_need_a_restart(
+    ports: Ports,
+) -> None:
+    # A client's scope fixes its payments' references: it never changes under a running payment.
+    key_hash = hashlib.sha256(b"a-key-of-the-tests").hexdigest()
+    ports.config.write_text(
+        ports.config.read_text()
+        + "auth: required\nclients:\n  - name: shop\n"
+        + f'    key_sha256: ["{key_hash}"]\n    providers: [CANON]\n'
+        + "    rate_per_s: 10\n    burst: 10\n"
+    )
+    status, body = await ports.act("/admin/reload", {"reason": "turn clients on"})
+
+    assert (status, body.get("status")) == (200, "reloaded"), body
+    assert {"auth", "clients"} <= set(body["needs_restart"])
+    assert (ports.gateway.config.auth, ports.gateway.config.clients) == ("off", ())
+    assert (await ports.public.post("/v1/pay", json=payment("ADM-STILL-OPEN"))).status == 200
 
 
 async def test_an_invalid_file_is_refused_with_every_error_and_nothing_changes(
