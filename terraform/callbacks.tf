@@ -37,7 +37,7 @@ resource "aws_vpc_security_group_egress_rule" "service_callbacks_http" {
   count = local.callback_port == 80 ? 1 : 0
 
   security_group_id = aws_security_group.service.id
-  description       = "The mocks' callbacks to the ALB's public address (HTTP public_url)"
+  description       = "Mock callbacks to the ALB public address (HTTP public_url)"
   ip_protocol       = "tcp"
   from_port         = 80
   to_port           = 80
@@ -50,7 +50,7 @@ resource "aws_vpc_security_group_ingress_rule" "alb_callbacks_from_nat" {
   count = contains(var.alb_ingress_cidrs, "0.0.0.0/0") ? 0 : (var.single_nat_gateway ? 1 : length(local.azs))
 
   security_group_id = aws_security_group.alb.id
-  description       = "The mocks' callbacks, from NAT gateway ${count.index}"
+  description       = "Mock callbacks from NAT gateway ${count.index}"
   ip_protocol       = "tcp"
   from_port         = local.callback_port
   to_port           = local.callback_port

@@ -316,3 +316,13 @@ def test_the_launcher_gives_the_mock_the_static_url_the_proxy_accepts_airtel_cal
     (airtel,) = [p for p in proxy.providers if p.name == "AIRTEL"]
     assert airtel.static_callback_url is not None
     assert done.stdout.strip() == airtel.static_callback_url
+
+
+# What EC2 accepts in a security group rule's description (no apostrophe, for one).
+RULE_DESCRIPTION = re.compile(r"[A-Za-z0-9 ._\-:/()#,@\[\]+=&;{}!$*]{0,255}")
+
+
+@pytest.mark.parametrize("name", sorted(security_group_rules()), ids=sorted(security_group_rules()))
+def test_every_security_group_rule_description_uses_only_characters_ec2_accepts(name: str) -> None:
+    description = security_group_rules()[name]["description"]
+    assert RULE_DESCRIPTION.fullmatch(description), description
