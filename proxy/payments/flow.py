@@ -81,14 +81,20 @@ class PaymentService:
             return _replay(request, stored)
         # Owned while the request is sent and answered; after that, the reconciler's.
         hold_s = provider.timeout_s + _SEND_MARGIN_S
-        callback_url = provider.callback_url(payment.provider_reference(provider.name))
+        # This request's reference and callback URL, each computed here only.
+        reference = payment.provider_reference(provider.name)
+        callback_url = provider.callback_url(reference)
         token = None if callback_url is None else callback_url.rsplit("/", 1)[1]
-        claimed = await self._store.claim(payment, provider.name, hold_s, token)
+        claimed = await self._store.claim(payment, provider.name, hold_s, token, reference)
         if isinstance(claimed, StoredResult):
             return _replay(request, claimed)
+        if claimed.reference != reference:  # a retry of a payment never created: its own
+            callback_url = provider.callback_url(claimed.reference)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
         # charging; the result is still stored, and the client's retry gets the replay.
-        task = request.task.get_loop().create_task(self._settle(provider, payment, claimed))
+        task = request.task.get_loop().create_task(
+            self._settle(provider, payment, claimed, callback_url)
+        )
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         response = await asyncio.shield(task)
@@ -96,14 +102,12 @@ class PaymentService:
         return response
 
     async def _settle(
-        self, provider: ProviderClient, payment: Payment, claim: Claim
+        self, provider: ProviderClient, payment: Payment, claim: Claim, callback_url: str | None
     ) -> web.Response:
         reference = claim.reference
         unknown: PaymentError | None = None
         try:
-            answer: ProviderAnswer | None = await provider.pay(
-                payment, reference, provider.callback_url(reference)
-            )
+            answer: ProviderAnswer | None = await provider.pay(payment, reference, callback_url)
         except _NOT_SENT as error:
             await claim.not_created(error)
             raise
