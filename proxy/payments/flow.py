@@ -31,6 +31,7 @@ from proxy.payments.lifecycle import (
     SETTLED,
     Record,
     Report,
+    compact_json,
     now_ms,
     payment_body,
     status_url,
@@ -290,4 +291,4 @@ def _final_answer(
             "provider": provider,
             "reason": answer.reason,
         }
-    return status, json.dumps(body, separators=(",", ":")).encode()
+    return status, compact_json(body)

@@ -36,6 +36,7 @@ from proxy.payments.lifecycle import (
     Lifecycle,
     Record,
     Report,
+    compact_json,
     count_field,
     now_ms,
     payment_body,
@@ -221,7 +222,6 @@ class IdempotencyStore:
     async def replay(self, payment: Payment, provider: str) -> StoredResult | None:
         """The stored answer, without claiming anything (the provider's breaker is open): None
         when there is none; raises RequestInProgress, KeyReused, StoreUnavailable."""
-        fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             with self.errors:
                 bound = await self._redis.execute(b"GET", self.binding_key(payment.idempotency_key))
@@ -236,6 +236,9 @@ class IdempotencyStore:
             )
         else:
             record = await self.find(payment.transaction_id)
+        if record is None and old is None and payment.idempotency_key is None:
+            return None  # nothing to judge (the usual fail-fast answer): no fingerprint needed
+        fingerprint = payment.fingerprint(provider)
         if record is not None:
             if record.name == "NOT_CREATED" and record.state.fingerprint == fingerprint:
                 return None  # nothing to replay: a retry starts again
@@ -538,7 +541,7 @@ class Claim:
 
     async def not_created(self, error: PaymentError) -> None:
         """The provider provably never received it; never raises."""
-        answer = (error.status, json.dumps(error.body(), separators=(",", ":")).encode())
+        answer = (error.status, compact_json(error.body()))
         await self.settle(Report("NOT_CREATED", reason=error.code, owner=self.token, answer=answer))
 
     async def forget(self) -> None:
