@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +36,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.devtools.devstack import DevOptions, plan
 from proxy.errors import ProviderFailed, RequestInProgress
 from proxy.observability.metrics import GatewayMetrics
+from proxy.payments import request as request_module
 from proxy.payments.idempotency import Claim, IdempotencyStore
 from proxy.payments.lifecycle import Report
 from proxy.payments.request import Payment, parse_payment, reference_for
+from proxy.providers import callbacks as callbacks_module
 from proxy.providers.breaker import ProviderBreaker
 from proxy.settings.config import GatewayConfig, IdempotencySettings, RedisSettings
 from proxy.store import records
@@ -47,6 +50,7 @@ from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,
     RedisServer,
+    gateway_yaml,
     make_config,
     payment,
     running_gateway,
@@ -333,6 +337,32 @@ async def test_a_header_changes_neither_the_identity_nor_the_provider_reference(
     stored = record(redis_server, "TXN-ref")
     assert (stored.transaction_id, stored.reference) == ("TXN-ref", provider_reference("TXN-ref"))
     assert state.requests == 1
+
+
+async def test_a_payment_computes_its_provider_reference_and_callback_token_once(
+    upstream: Upstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: Counter[str] = Counter()
+    for module, name in ((request_module, "reference_for"), (callbacks_module, "callback_token")):
+        real = getattr(module, name)
+
+        def counted(*args: Any, real: Callable[..., str] = real, name: str = name) -> str:
+            calls[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    callbacks_on = textwrap.dedent(
+        """\
+        server: {public_url: "https://pay.example.com", callback_secret: "0123456789abcdef0123"}
+        """
+    )
+    async with running_gateway(
+        make_config(gateway_yaml(upstream[1], redis_url, callbacks_on))
+    ) as client:
+        answer = await pay(client, payment("TXN-once-each"))
+
+    assert answer.status == 200
+    assert calls == {"reference_for": 1, "callback_token": 1}
 
 
 async def test_a_header_value_bound_to_another_transaction_id_is_refused_with_422(
