@@ -374,7 +374,9 @@ class IdempotencyStore:
         # Requests arriving together at start-up share one look instead of each making it; a
         # look Redis did not answer is made again by the next request.
         finding = self._finding_old_until
-        if finding is None or (finding.done() and finding.exception() is not None):
+        if finding is None or (
+            finding.done() and (finding.cancelled() or finding.exception() is not None)
+        ):
             finding = self._finding_old_until = asyncio.ensure_future(self._find_old_until())
             finding.add_done_callback(lambda done: done.cancelled() or done.exception())
         return await asyncio.shield(finding)
