@@ -658,6 +658,26 @@ async def test_records_of_a_version_before_found_at_the_first_start_are_still_ho
     assert not redis_server.client().exists(record_key("TXN-charging")), "never claimed"
 
 
+async def test_during_a_rolling_deploy_records_old_processes_write_later_are_honoured(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    """The store held an old process's record when the first new process started; the old
+    processes go on taking payments while the deploy runs: their later records count too."""
+    old_payment(redis_server, "TXN-earlier", payment("TXN-earlier"))
+    assert await store.ping()
+    later = payment("TXN-later")
+    later_answer = old_payment(redis_server, "TXN-later", later)
+    charging = payment("TXN-still-charging")
+    redis_server.client().set(redis_key("TXN-still-charging"), legacy_lock(charging), ex=10)
+
+    replayed = await store.claim(parsed(later), "CANON", hold_s=10)
+    with pytest.raises(RequestInProgress):
+        await store.replay(parsed(charging), "CANON")
+
+    assert replayed == StoredResult(200, later_answer)
+    assert not redis_server.client().exists(record_key("TXN-later")), "never claimed"
+
+
 async def test_twice_result_ttl_s_after_the_first_start_the_old_key_is_no_longer_read(
     store: IdempotencyStore, redis_server: RedisServer
 ) -> None:
