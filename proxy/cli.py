@@ -162,7 +162,19 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     print(config.summary())
+    for line in _static_callback_urls(config):
+        print(line)
     return 0
+
+
+def _static_callback_urls(config: GatewayConfig) -> list[str]:
+    """What an operator registers at a provider that calls one configured URL (Airtel)."""
+    return [
+        f"{provider.name} callback URL (register it on the merchant account): "
+        f"{provider.static_callback_url}"
+        for provider in config.providers
+        if provider.static_callback_url is not None
+    ]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -170,6 +182,9 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     configure_logging(worker=is_worker())
+    if not is_worker():
+        for line in _static_callback_urls(config):
+            log.info(line)
     host = args.host or config.server.host
     port = args.port or config.server.port
     if args.workers > 1:

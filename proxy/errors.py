@@ -1,8 +1,36 @@
-"""The gateway's error hierarchy: one class per row of the contract's status table."""
+"""The gateway's error hierarchy: one class per row of the contract's status table.
+
+What a provider error means for the breaker and for a retry is `proxy.providers.classification`'s
+to say, not these classes'.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
+
+# The `outcome` label of payagg_requests_total (CONTRACT §4): the metrics create one series per
+# value, so an error class can only name one of these (mypy, and the check below at import).
+RequestOutcome = Literal[
+    "success",
+    "declined",
+    "pending",
+    "provider_error",
+    "breaker_open",
+    "replayed",
+    "in_progress",
+    "key_reused",
+    "invalid",
+    "store_unavailable",
+    "overloaded",
+    "internal_error",
+    "request_timeout",
+    "malformed",
+    "client_closed",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+]
+REQUEST_OUTCOMES: tuple[RequestOutcome, ...] = get_args(RequestOutcome)
 
 
 class PaymentError(Exception):
@@ -10,12 +38,12 @@ class PaymentError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
-    outcome: ClassVar[str] = "internal_error"
-    # Whether the provider's breaker should count this as a sign the provider is down.
-    counts_against_breaker: ClassVar[bool] = False
-    # When it does not count against the breaker: whether it shows the provider serving, so a
-    # half-open trial that ends in it may close the breaker.
-    shows_provider_serving: ClassVar[bool] = True
+    outcome: ClassVar[RequestOutcome] = "internal_error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.outcome not in REQUEST_OUTCOMES:
+            raise TypeError(f"{cls.__name__}.outcome {cls.outcome!r} is no metrics outcome")
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -120,7 +148,6 @@ class ProviderFailed(PaymentError):
     status = 502
     code = "provider_error"
     outcome = "provider_error"
-    counts_against_breaker = True
 
     def __init__(self, provider: str, message: str) -> None:
         super().__init__(message, status="PROVIDER_ERROR", provider=provider)
@@ -129,27 +156,23 @@ class ProviderFailed(PaymentError):
 class ProviderRejected(ProviderFailed):
     """The provider refused our request as malformed (a 4xx that no rule calls a decline).
 
-    It proves the provider is up, so it does not count against the breaker; it usually means
-    the provider's mapping in the YAML is wrong.
+    It usually means the provider's mapping in the YAML is wrong.
     """
-
-    counts_against_breaker = False
 
 
 class ProviderBusy(ProviderRejected):
-    """The provider answered 408 or 429 and its `breaker.failure_statuses` does not count it:
-    no outage, but no sign it serves us either, so it never closes a half-open breaker."""
-
-    shows_provider_serving = False
+    """The provider answered 408 or 429 and its `breaker.failure_statuses` does not count it."""
 
 
 class ProviderTimeout(PaymentError):
-    """The provider did not answer within its `timeout_s`."""
+    """The provider did not answer within its `timeout_s`.
+
+    Never answered since the payment lifecycle: an unknown outcome becomes PENDING (202).
+    """
 
     status = 504
     code = "provider_timeout"
-    outcome = "timeout"
-    counts_against_breaker = True
+    outcome = "provider_error"
 
     def __init__(self, provider: str, timeout_s: float) -> None:
         super().__init__(
@@ -243,7 +266,7 @@ class OutcomeUnknown(ProviderTimeout):
     """The request was handed to the provider, in whole or in part, and no usable answer came back.
 
     The provider may have charged it: only the provider reference, reused by every retry, keeps a
-    retry from charging twice. (Answered as ProviderTimeout until the payment lifecycle lands.)
+    retry from charging twice. The payment becomes PENDING (202) and is reconciled.
     """
 
     def __init__(self, provider: str, message: str) -> None:
@@ -253,13 +276,8 @@ class OutcomeUnknown(ProviderTimeout):
 class PaymentAlreadyExists(OutcomeUnknown):
     """The provider already holds a payment under this reference (MTN: 409
     RESOURCE_ALREADY_EXIST), so it may have charged it: the outcome is unknown here, as after a
-    timeout, and is answered like one (504, key released, a retry sends the same reference)
-    until the payment lifecycle reads it from the provider's status endpoint.
-
-    The provider answered properly, so it does not count against the breaker.
+    timeout, and the payment is reconciled like one, from the provider's status endpoint.
     """
-
-    counts_against_breaker = False
 
     def __init__(self, provider: str) -> None:
         super().__init__(
@@ -289,3 +307,44 @@ class CallbackUnauthorized(PaymentError):
     status = 401
     code = "unauthorized"
     outcome = "unauthorized"
+
+
+# --- Clients: who is calling, what it may do, how often (proxy/clients/) ----------------------
+
+
+class Unauthorized(PaymentError):
+    """`auth: required` and the request carries no API key, or one no client has."""
+
+    status = 401
+    code = "unauthorized"
+    outcome = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("an API key is required: Authorization: Bearer <key>")
+        self.headers["WWW-Authenticate"] = 'Bearer realm="payagg"'
+
+
+class Forbidden(PaymentError):
+    """The client may not pay with this provider."""
+
+    status = 403
+    code = "forbidden"
+    outcome = "forbidden"
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(f"this client may not use {provider}", provider=provider)
+
+
+class RateLimited(PaymentError):
+    """The client is over its rate limit, shared by every process and task."""
+
+    status = 429
+    code = "rate_limited"
+    outcome = "rate_limited"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            f"over this client's rate limit; retry in {retry_after_s}s",
+            retry_after_s=retry_after_s,
+        )
+        self.headers["Retry-After"] = str(retry_after_s)

@@ -38,10 +38,18 @@ locals {
       { name = "LOG_LEVEL", value = var.log_level },
       # cluster for MemoryDB (cluster-only), standalone for ElastiCache; the config's redis.mode.
       { name = "REDIS_MODE", value = local.redis_mode },
+      # Every payment request needs a client's key; production refuses `auth: off`.
+      { name = "PAYAGG_AUTH", value = "required" },
+      { name = "PAYAGG_ENVIRONMENT", value = "production" },
+      { name = "PAYAGG_MERCHANT_RATE_PER_S", value = tostring(var.merchant_rate_per_s) },
+      { name = "PAYAGG_MERCHANT_BURST", value = tostring(var.merchant_burst) },
     ]
     # REDIS_URL carries the auth token: ECS resolves it from Secrets Manager when the task starts,
-    # so it never appears in the task definition.
-    secrets = [{ name = "REDIS_URL", valueFrom = "${aws_secretsmanager_secret.redis.arn}:url::" }]
+    # so it never appears in the task definition. The client key hashes come the same way.
+    secrets = [
+      { name = "REDIS_URL", valueFrom = "${aws_secretsmanager_secret.redis.arn}:url::" },
+      { name = "PAYAGG_MERCHANT_KEY_SHA256", valueFrom = "${aws_secretsmanager_secret.client_keys.arn}:merchant::" },
+    ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
       interval    = 10

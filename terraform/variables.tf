@@ -559,3 +559,37 @@ variable "mock_token_ttl_s" {
     error_message = "mock_token_ttl_s must be null or > 0."
   }
 }
+
+# --- Clients of the payment API (terraform/clients.tf) ----------------------------------------
+
+variable "merchant_key_sha256" {
+  description = "SHA-256 (64 lowercase hex) of each API key of the `merchant` client; two while a key is rotated. Generate a key and its hash as the README's Security section shows; the key itself never goes into Terraform."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.merchant_key_sha256) >= 1 && length(var.merchant_key_sha256) <= 2 && alltrue([for hash in var.merchant_key_sha256 : can(regex("^[0-9a-f]{64}$", hash))])
+    error_message = "merchant_key_sha256 must hold one or two SHA-256 hashes (64 lowercase hex digits), never a key."
+  }
+}
+
+variable "merchant_rate_per_s" {
+  description = "PAYAGG_MERCHANT_RATE_PER_S: POST /v1/pay per second the merchant may send on average, across every task (429 above it)."
+  type        = number
+  default     = 50
+
+  validation {
+    condition     = var.merchant_rate_per_s > 0 && var.merchant_rate_per_s <= 100000
+    error_message = "merchant_rate_per_s must be in (0, 100000]."
+  }
+}
+
+variable "merchant_burst" {
+  description = "PAYAGG_MERCHANT_BURST: requests the merchant may send at once above its rate."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.merchant_burst >= 1 && floor(var.merchant_burst) == var.merchant_burst
+    error_message = "merchant_burst must be a whole number >= 1."
+  }
+}

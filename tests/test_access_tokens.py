@@ -19,6 +19,7 @@ from proxy.observability.metrics import GatewayMetrics
 from proxy.payments.request import Payment
 from proxy.providers.access_tokens import AccessTokens, AuthSpec, IssuedToken, read_token
 from proxy.providers.breaker import ProviderBreaker
+from proxy.providers.classification import of_error
 from proxy.providers.upstream import ProviderClient
 from tests.conftest import make_config
 
@@ -187,7 +188,7 @@ async def test_a_401_to_a_fresh_token_is_a_provider_failure_without_a_third_atte
     finally:
         await client.close()
     assert type(failed.value) is ProviderFailed
-    assert failed.value.counts_against_breaker
+    assert of_error(failed.value).counts_against_breaker
     assert token_provider.issued == 2
     assert token_provider.payments == 2
     assert_no_token_in(failed.value, caplog)
@@ -210,7 +211,7 @@ async def test_a_failing_token_endpoint_is_not_reached_counted_by_the_breaker_an
             await client.pay(a_payment(1), "ref-1")
     finally:
         await client.close()
-    assert failed.value.counts_against_breaker
+    assert of_error(failed.value).counts_against_breaker
     assert client.breaker.window_counts().failures == 1
     assert token_provider.payments == 0, "no payment was sent"
     assert "no access token from TOK" in failed.value.message

@@ -334,3 +334,29 @@ def test_payagg_being_overloaded_is_neither_a_failure_nor_a_success_for_the_brea
     fail(breaker, Overloaded("pool full"))  # the trial never reached the provider
     assert breaker.state is BreakerState.HALF_OPEN
     assert not breaker.rejects_now(), "the trial slot is free again"
+
+
+def test_a_hook_reading_the_state_hears_each_transition_once_and_sees_the_new_state(clock):
+    """The hook (metrics, logs) reads the breaker while it is told of a change; with aiobreaker
+    that re-entered the open -> half-open move, once per read, nested."""
+    heard: list[tuple[str, str, str]] = []
+
+    def hook(provider: str, before: BreakerState, after: BreakerState) -> None:
+        heard.append((before.value, after.value, breaker.state.value))
+        breaker.rejects_now()
+        breaker.retry_after_s()
+        breaker.window_counts()
+
+    settings = BreakerSettings(
+        failure_rate_threshold=0.6, minimum_calls=1, window_s=5, open_s=30, half_open_max_calls=1
+    )
+    breaker = ProviderBreaker("P", settings, on_transition=hook, clock=clock)
+    fail(breaker)
+    clock.advance(30)
+    assert breaker.state is BreakerState.HALF_OPEN
+    succeed(breaker)
+    assert heard == [
+        ("closed", "open", "open"),
+        ("open", "half_open", "half_open"),
+        ("half_open", "closed", "closed"),
+    ]

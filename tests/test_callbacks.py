@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,15 @@ from mock_providers.ledger import Entry, Payment, State
 from proxy.observability.metrics import GatewayMetrics
 from proxy.payments.request import Payment as ProxyPayment
 from proxy.providers.breaker import ProviderBreaker
-from proxy.providers.callbacks import CallbackSpec, CallbackTarget, callback_token, token_matches
+from proxy.providers.callbacks import (
+    CallbackSpec,
+    CallbackTarget,
+    callback_token,
+    static_token,
+    token_matches,
+)
 from proxy.providers.upstream import ProviderClient
+from proxy.settings.config import ConfigError, load_config
 from tests.conftest import make_config
 
 SECRET = "callback-secret-0123456789"
@@ -190,3 +198,112 @@ def test_a_provider_without_a_callback_key_accepts_no_callback():
         provider, GatewayMetrics(["CANON"]), ProviderBreaker("CANON", provider.settings.breaker)
     )
     assert not client.authenticate_callback("POST", {}, b"{}")
+
+
+# Providers that call one configured URL (Airtel): `callback.reference` and the static URL -------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "gateway.yaml"
+
+
+def static_provider(callback: str, secret: str | None = SECRET) -> str:
+    """A provider that calls one configured URL, with `callback` as its YAML `callback:`."""
+    keyed = f', callback_secret: "{secret}"' if secret else ""
+    return (
+        f'server: {{public_url: "https://pay.example.com"{keyed}}}\n'
+        + """\
+providers:
+  AIRTELISH:
+    url: "http://127.0.0.1:9/pay"
+    status:
+      url: "http://127.0.0.1:9/pay/{reference}"
+      success: [{status: 200, field: s, equals: TS}]
+"""
+        + f"    callback: {callback}\n"
+    )
+
+
+def test_the_static_token_is_the_hmac_of_provider_nul_and_no_payments_token():
+    expected = hmac.new(SECRET.encode(), b"AIRTEL\x00", hashlib.sha256).hexdigest()
+    assert static_token(SECRET, "AIRTEL") == expected
+    target = CallbackTarget("https://pay.example.com", SECRET)
+    assert (
+        target.static_url_for("AIRTEL") == f"https://pay.example.com/v1/callbacks/AIRTEL/{expected}"
+    )
+    assert target.static_url_for("AIRTEL") != target.url_for("AIRTEL", "ref-1")
+
+
+@pytest.mark.parametrize(
+    ("callback", "problem"),
+    [
+        (
+            "{reference: id, verify: none}",
+            "providers.AIRTELISH.callback.reference: a static callback URL authenticates no "
+            "payment: it needs the provider's HMAC of the body",
+        ),
+        (
+            "{reference: id, verify: shared_token, header: X-Token, secret: s}",
+            "providers.AIRTELISH.callback.reference: a static callback URL authenticates no "
+            "payment",
+        ),
+        (
+            "{reference: id, verify: hmac_field, field: hash, signed: transaction, secret: s}",
+            "providers.AIRTELISH.callback.reference: must lie inside the signed field "
+            "`transaction`",
+        ),
+        (
+            "{reference: transactionid, verify: hmac_field, field: hash, signed: transaction,"
+            " secret: s}",
+            "providers.AIRTELISH.callback.reference: must lie inside the signed field",
+        ),
+    ],
+    ids=["unsigned", "shared-token", "outside-the-signed-field", "a-prefix-is-not-inside"],
+)
+def test_a_static_callback_url_without_the_providers_hmac_of_the_reference_is_refused(
+    callback, problem
+):
+    with pytest.raises(ConfigError) as refused:
+        make_config(static_provider(callback))
+    assert any(problem in line for line in refused.value.problems), refused.value.problems
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        "{reference: transaction.id, verify: hmac_field, field: hash, signed: transaction,"
+        " secret: s}",
+        "{reference: data.id, verify: hmac_header, header: X-Signature, secret: s}",
+    ],
+    ids=["inside-the-signed-field", "whole-body-hmac"],
+)
+def test_a_static_callback_url_signed_by_the_provider_is_accepted_and_has_its_url(callback):
+    (provider,) = make_config(static_provider(callback)).providers
+    token = static_token(SECRET, "AIRTELISH")
+    assert provider.static_callback_url == f"https://pay.example.com/v1/callbacks/AIRTELISH/{token}"
+
+
+def test_a_static_callback_url_needs_the_callback_secret_once_public_url_is_set():
+    text = static_provider("{reference: d.id, verify: hmac_header, header: X-S, secret: s}", None)
+    with pytest.raises(ConfigError) as refused:
+        make_config(text)
+    assert any(
+        "server.callback_secret: is required" in line and "callback.reference" in line
+        for line in refused.value.problems
+    ), refused.value.problems
+
+
+def test_the_shipped_airtel_takes_callbacks_on_its_static_url_and_reads_the_reference():
+    environment = {"PAYAGG_PUBLIC_URL": "https://pay.example.com", "PAYAGG_CALLBACK_SECRET": SECRET}
+    config = load_config(SHIPPED, environment)
+    urls = {provider.name: provider.static_callback_url for provider in config.providers}
+    token = static_token(SECRET, "AIRTEL")
+    assert urls == {"MTN": None, "AIRTEL": f"https://pay.example.com/v1/callbacks/AIRTEL/{token}"}
+    (airtel_provider,) = [p for p in config.providers if p.name == "AIRTEL"]
+    client = ProviderClient(
+        airtel_provider,
+        GatewayMetrics(["AIRTEL"]),
+        ProviderBreaker("AIRTEL", airtel_provider.settings.breaker),
+    )
+    # The reference the mock echoes is the {reference} payagg sent as transaction.id.
+    assert client.callback_reference(airtel_callback("payagg-dev-callback-secret")) == "ref-1"
+    assert client.static_callback_url() == urls["AIRTEL"]
+    assert load_config(SHIPPED, {}).providers[1].static_callback_url is None

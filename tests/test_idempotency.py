@@ -1109,6 +1109,39 @@ async def test_a_result_whose_store_is_unconfirmed_is_logged_as_unknown_counted_
     assert unknown == 1
 
 
+async def test_a_lookup_first_undoes_a_claim_redis_ran_but_never_answered(
+    upstream: Upstream, redis_url: str, redis_server: RedisServer
+) -> None:
+    state, url = upstream
+    # A long provider timeout: the reconciler would take the record over only after it.
+    async with running_gateway(config(url, redis_url, timeout_s=30, lock_ttl_s=60)) as client:
+        # A payment first: Redis then knows the claim's script (EVALSHA finds it).
+        assert (await pay(client, payment("TXN-before"))).status == 200
+        # Redis stops answering writes (scripts included) and still answers reads: the claim
+        # waits in Redis past payagg's bound, and Redis runs it once the pause ends.
+        await asyncio.to_thread(
+            redis_server.client().execute_command, "CLIENT", "PAUSE", 1500, "WRITE"
+        )
+        refused = await pay(client, payment("TXN-unanswered"))
+
+        async def ran_late() -> bool:
+            return bool(
+                await asyncio.to_thread(redis_server.client().exists, record_key("TXN-unanswered"))
+            )
+
+        await eventually(ran_late, "Redis to run the claim it never answered")
+        assert record(redis_server, "TXN-unanswered").state == "PROCESSING"
+        looked_up = await get(client, "/v1/payments/TXN-unanswered")
+        left = await asyncio.to_thread(redis_server.client().exists, record_key("TXN-unanswered"))
+
+    assert refused.status == 503
+    assert refused.json()["error"] == "idempotency_store_unavailable"
+    # Nobody sends that payment: the lookup undoes it first and says it does not exist.
+    assert looked_up.status == 404, looked_up.json()
+    assert left == 0
+    assert state.requests == 1
+
+
 # 8. Client hang-ups ----------------------------------------------------------------------------
 
 

@@ -5,11 +5,14 @@ canonical upstream (`tests/canonical_upstream.py`) whose payments can stay PENDI
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import json
 import random
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import cli
 from proxy.payments.lifecycle import compact_json, now_ms
 from proxy.payments.request import reference_for
-from proxy.providers.callbacks import callback_token
+from proxy.providers.callbacks import callback_token, static_token
 from proxy.settings.config import ConfigError, GatewayConfig, RedisSettings
 from proxy.store.client import StoreClient
 from proxy.store.keys import all_shards, payment_sha, shard_for
@@ -39,6 +42,7 @@ def config_text(
     give_up_after_s: float = 3600,
     result_ttl_s: int = 600,
     public_url: str | None = None,
+    callback: str = "{verify: none, state: status}",
 ) -> str:
     server = (
         f'server: {{public_url: "{public_url}", callback_secret: "{SECRET}"}}\n'
@@ -57,7 +61,7 @@ def config_text(
           CANON:
             url: "{upstream_url}"
             sync_wait_s: {sync_wait_s}
-            callback: {{verify: none, state: status}}
+            callback: {callback}
         """
     )
 
@@ -127,8 +131,11 @@ async def test_every_lifecycle_series_is_there_from_start_up(upstream: Upstream,
     for result in ("success", "declined", "pending", "not_found", "failed", "busy", "breaker_open"):
         key = ("payagg_reconcile_polls_total", (("provider", "CANON"), ("result", result)))
         assert found[key] == 0
-    assert found["payagg_requests_total", (("outcome", "pending"), ("provider", "CANON"))] == 0
-    assert ("payagg_requests_total", (("outcome", "timeout"), ("provider", "CANON"))) not in found
+    open_client = ("client", "open")
+    pending = (open_client, ("outcome", "pending"), ("provider", "CANON"))
+    assert found["payagg_requests_total", pending] == 0
+    timeout = (open_client, ("outcome", "timeout"), ("provider", "CANON"))
+    assert ("payagg_requests_total", timeout) not in found
 
 
 async def test_a_payment_not_final_after_give_up_after_s_is_unresolved_and_a_late_report_settles_it(
@@ -299,6 +306,78 @@ async def test_a_callback_for_an_unknown_payment_or_with_a_bad_token_is_401_and_
         await asyncio.sleep(0.6)  # a reconciler pass would have asked by now, had it been due
     assert state.status_queries == 0
     assert state.requests == 0
+
+
+STATIC = f"{{reference: reference, verify: hmac_header, header: X-Signature, secret: {SECRET}}}"
+
+
+def signed(body: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """A callback body as the provider sends it to the static URL, and its signature header."""
+    raw = json.dumps(body).encode()
+    return raw, {"X-Signature": hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()}
+
+
+@contextlib.asynccontextmanager
+async def given_up_on(
+    upstream: Upstream, redis_url: str, port: int, transaction_id: str
+) -> AsyncIterator[GatewayClient]:
+    """A gateway whose provider calls back on its static URL, with `transaction_id` given up on
+    (UNRESOLVED: off the schedule, so only a callback brings it to a status query again) and
+    approved by the payer since."""
+    state, url = upstream
+    stay_pending(state)
+    knobs = {"public_url": f"http://127.0.0.1:{port}", "callback": STATIC, "give_up_after_s": 0.1}
+    async with running_gateway(config(url, redis_url, **knobs)) as client:
+        assert (await pay(client, transaction_id))[0] == 202
+        await in_state(client, transaction_id, "UNRESOLVED")
+        settle(state, transaction_id)
+        yield client
+
+
+STATIC_PATH = f"/v1/callbacks/CANON/{static_token(SECRET, 'CANON')}"
+
+
+async def test_a_callback_on_the_static_url_finds_the_payment_by_the_signed_reference_in_its_body(
+    upstream: Upstream, redis_url: str, unused_tcp_port: int
+):
+    async with given_up_on(upstream, redis_url, unused_tcp_port, "TXN-STATIC") as client:
+        raw, headers = signed({"reference": reference_for("CANON", "TXN-STATIC"), "status": "OK"})
+        async with client.post(STATIC_PATH, data=raw, headers=headers) as hint:
+            assert hint.status == 200, await hint.text()
+        settled = await in_state(client, "TXN-STATIC", "SUCCESS")
+    assert settled["status_code"] == 200
+    assert upstream[0].requests == 1
+
+
+async def test_a_static_url_callback_unsigned_or_for_an_unknown_reference_changes_nothing(
+    upstream: Upstream, redis_url: str, unused_tcp_port: int
+):
+    state, _ = upstream
+    async with given_up_on(upstream, redis_url, unused_tcp_port, "TXN-STATIC-NO") as client:
+        queries = state.status_queries
+        raw, headers = signed({"reference": reference_for("CANON", "TXN-STATIC-NO")})
+        answers = {}
+        for case, path, body, sent_headers in [
+            ("unsigned", STATIC_PATH, raw, {}),
+            ("forged", STATIC_PATH, raw, {"X-Signature": "0" * 64}),
+            ("another-body", STATIC_PATH, raw + b" ", headers),
+            ("wrong-token", f"/v1/callbacks/CANON/{'0' * 64}", raw, headers),
+            ("unknown", STATIC_PATH, *signed({"reference": reference_for("CANON", "TXN-NEVER")})),
+            ("no-reference", STATIC_PATH, *signed({"status": "TS"})),
+        ]:
+            async with client.post(path, data=body, headers=sent_headers) as reply:
+                answers[case] = (reply.status, (await reply.json())["error"])
+        await asyncio.sleep(0.6)  # a reconciler pass would have asked by now, had it been due
+        assert (await looked_up(client, "TXN-STATIC-NO"))["state"] == "UNRESOLVED"
+    assert answers == {
+        "unsigned": (401, "unauthorized"),
+        "forged": (401, "unauthorized"),
+        "another-body": (401, "unauthorized"),
+        "wrong-token": (401, "unauthorized"),
+        "unknown": (404, "not_found"),
+        "no-reference": (400, "invalid_request"),
+    }
+    assert state.status_queries == queries
 
 
 async def _true(value: bool) -> bool:

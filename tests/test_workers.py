@@ -177,9 +177,9 @@ def test_the_workers_share_the_port_and_metrics_add_up_whichever_worker_is_scrap
         scrape = request(f"{workers.base}/metrics")
         text = scrape.body.decode()
         scraped_by.add(scrape.worker)
-        assert samples(text, "payagg_requests_total", provider="CANON", outcome="success") == [
-            PAYMENTS
-        ]
+        assert samples(
+            text, "payagg_requests_total", client="open", provider="CANON", outcome="success"
+        ) == [PAYMENTS]
         assert samples(text, "payagg_circuit_breaker_state", provider="CANON", state="closed") == [
             WORKERS
         ]
@@ -197,8 +197,12 @@ def test_a_replay_answered_by_the_other_worker_is_counted_as_replayed(workers: W
     assert {(answer.status, answer.body) for answer in replays} == {(200, first.body)}
     assert any(answer.worker != first.worker for answer in replays), "no replay by the other"
     text = request(f"{workers.base}/metrics").body.decode()
-    assert samples(text, "payagg_requests_total", provider="CANON", outcome="success") == [1]
-    assert samples(text, "payagg_requests_total", provider="CANON", outcome="replayed") == [20]
+    assert samples(
+        text, "payagg_requests_total", client="open", provider="CANON", outcome="success"
+    ) == [1]
+    assert samples(
+        text, "payagg_requests_total", client="open", provider="CANON", outcome="replayed"
+    ) == [20]
 
 
 def test_sigterm_stops_every_worker_and_the_parent_exits_zero(workers: Workers) -> None:

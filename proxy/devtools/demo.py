@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -18,6 +19,8 @@ DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
 PROVIDER_ANSWERS = {200, 402, 502, 504}
 REQUEST_TIMEOUT_S = 30.0
 COLOURS = {200: "32", 402: "33"}  # green, yellow; every 5xx is red ("31")
+# A client's API key for a proxy that runs `auth: required` (the local stack runs `auth: off`).
+API_KEY_ENV = "PAYAGG_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def pay(base: str, transaction_id: str, provider: str) -> ProxyReply:
     request = urllib.request.Request(
         f"{base}/v1/pay",
         data=json.dumps(payment).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **_authorization()},
         method="POST",
     )
     started = time.perf_counter()
@@ -102,6 +105,11 @@ def pay(base: str, transaction_id: str, provider: str) -> ProxyReply:
     if reason:
         detail += f" ({reason})"
     return ProxyReply(status, error_code, f"{detail:<34} {latency_ms:7.1f} ms", latency_ms)
+
+
+def _authorization() -> dict[str, str]:
+    key = os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def reason_text(reason: object) -> str:

@@ -19,6 +19,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxy.errors import REQUEST_OUTCOMES
+from proxy.observability.labels import OPEN_CLIENT, UNKNOWN_CLIENT
 from proxy.observability.process_metrics import WorkerProcessCollector
 from proxy.providers.breaker import BreakerState
 
@@ -26,23 +28,8 @@ from proxy.providers.breaker import BreakerState
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNKNOWN_PROVIDER = "unknown"
-OUTCOMES = (
-    "success",
-    "declined",
-    "pending",
-    "provider_error",
-    "breaker_open",
-    "replayed",
-    "in_progress",
-    "key_reused",
-    "invalid",
-    "store_unavailable",
-    "overloaded",
-    "internal_error",
-    "request_timeout",
-    "malformed",
-    "client_closed",
-)
+# One series per outcome an answer can carry: the error classes can name no other.
+OUTCOMES: tuple[str, ...] = REQUEST_OUTCOMES
 WEBHOOK_RESULTS = ("delivered", "failed", "expired")
 # payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
 _ANSWER_BUCKETS = (
@@ -62,12 +49,17 @@ _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 class GatewayMetrics:
     """Every series is created up front, so a scrape shows zeros rather than missing series."""
 
-    def __init__(self, providers: Iterable[str], registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        providers: Iterable[str],
+        registry: CollectorRegistry | None = None,
+        clients: Iterable[str] = (OPEN_CLIENT,),
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "payagg_requests_total",
-            "Payment requests answered, by provider and outcome.",
-            ["provider", "outcome"],
+            "Payment requests answered, by provider, outcome and client.",
+            ["provider", "outcome", "client"],
             registry=self.registry,
         )
         self.upstream_duration = Histogram(
@@ -124,9 +116,10 @@ class GatewayMetrics:
             self.unknown_store_outcomes.labels(action)
         # Children resolved once: `labels()` on every request costs more than the increment.
         self._request_counters = {
-            (provider, outcome): self.requests.labels(provider, outcome)
+            (provider, outcome, client): self.requests.labels(provider, outcome, client)
             for provider in (*providers, UNKNOWN_PROVIDER)
             for outcome in OUTCOMES
+            for client in (*clients, UNKNOWN_CLIENT)
         }
         for provider in (*providers, UNKNOWN_PROVIDER):
             if provider != UNKNOWN_PROVIDER:
@@ -139,8 +132,8 @@ class GatewayMetrics:
         self._add_webhook_metrics()
         self._add_lifecycle_metrics(providers)
 
-    def count(self, provider: str, outcome: str) -> None:
-        self._request_counters[provider, outcome].inc()
+    def count(self, provider: str, outcome: str, client: str) -> None:
+        self._request_counters[provider, outcome, client].inc()
 
     def show_state(self, provider: str, current: BreakerState) -> None:
         for state in BreakerState:

@@ -2,9 +2,12 @@
 
 The URL's token (an HMAC of the provider reference, `proxy/providers/callbacks.py`) finds the
 payment and proves the caller was given its URL; the provider's own check (YAML `callback:`)
-comes on top: 401 otherwise, nothing changed. A callback never sets a state: it only makes the
-payment due for a status query now (or tells whoever holds it to look again at once) and wakes a
-handler of this process waiting for it, so a forged or replayed callback cannot mark it paid.
+comes on top: 401 otherwise, nothing changed. A provider that calls one configured URL (Airtel:
+`callback.reference`) calls its static URL instead, and the payment is found by the reference in
+the body, which the provider's HMAC authenticates. A callback never sets a state: it only makes
+the payment due for a status query now (or tells whoever holds it to look again at once) and
+wakes a handler of this process waiting for it, so a forged or replayed callback cannot mark it
+paid.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from proxy.errors import CallbackUnauthorized, NotFound
+from proxy.errors import CallbackUnauthorized, InvalidRequest, NotFound
+from proxy.payments.json_answer import json_answer
 from proxy.payments.lifecycle import SETTLED, Lifecycle, now_ms
 from proxy.payments.wakeups import Wakeups
 from proxy.providers.upstream import ProviderClient
@@ -45,27 +49,48 @@ class CallbackService:
         if provider is None:
             raise NotFound("no such provider")
         raw = await request.read()
-        lifecycle = self._lifecycle
-        with lifecycle.errors:
-            found = await lifecycle.records.find_callback(
-                reference_key(lifecycle.prefix, provider.name, token)
-            )
-        if found is None:
-            raise CallbackUnauthorized("no payment has this callback URL")
-        sha, number, reference = found
-        expected = provider.callback_url(reference)
-        given = expected.rsplit("/", 1)[1] if expected is not None else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise CallbackUnauthorized("the callback URL's token does not match")
         if not provider.authenticate_callback(request.method, request.headers, raw):
             raise CallbackUnauthorized(f"the callback does not pass {provider.name}'s own check")
+        sha, number = await self._find(provider, token, raw)
+        lifecycle = self._lifecycle
         shard = Shard(lifecycle.prefix, number)
         with lifecycle.errors:
             poked = await lifecycle.records.poke(shard, sha, now_ms())
             if poked:
                 await self._log_contradiction(provider, shard, sha, raw)
         self._wakeups.wake(sha)
-        return web.json_response({"status": "accepted"})
+        return json_answer({"status": "accepted"})
+
+    async def _find(self, provider: ProviderClient, token: str, raw: bytes) -> tuple[str, int]:
+        """(sha, shard number) of the payment a callback is about: by the URL's token, or, on
+        the provider's static URL, by the reference its (authenticated) body names."""
+        static = provider.static_callback_url()
+        if static is None or not _same(_token_of(static), token):
+            found = await self._lookup(provider, token)
+            if found is None:
+                raise CallbackUnauthorized("no payment has this callback URL")
+            return found
+        reference = provider.callback_reference(raw)
+        if reference is None:
+            raise InvalidRequest({"body": "names no payment"}, f"{provider.name}'s callback")
+        # The lookup the payment's own callback URL would make.
+        found = await self._lookup(provider, _token_of(provider.callback_url(reference) or ""))
+        if found is None:
+            raise NotFound(f"{provider.name} has no payment with this reference")
+        return found
+
+    async def _lookup(self, provider: ProviderClient, token: str) -> tuple[str, int] | None:
+        lifecycle = self._lifecycle
+        with lifecycle.errors:
+            found = await lifecycle.records.find_callback(
+                reference_key(lifecycle.prefix, provider.name, token)
+            )
+        if found is None:
+            return None
+        sha, number, reference = found
+        if not _same(_token_of(provider.callback_url(reference) or ""), token):
+            raise CallbackUnauthorized("the callback URL's token does not match")
+        return sha, number
 
     async def _log_contradiction(
         self, provider: ProviderClient, shard: Shard, sha: str, raw: bytes
@@ -77,3 +102,11 @@ class CallbackService:
         record = await self._lifecycle.read(sha, shard)
         if record is not None and record.name in SETTLED and record.name != says:
             self._lifecycle.conflict(record, says, f"callback says {said}")
+
+
+def _token_of(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())

@@ -10,21 +10,21 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
+from proxy.clients.gate import Gate
+from proxy.clients.keys import Client
 from proxy.errors import (
+    Forbidden,
     NotFound,
-    OutcomeUnknown,
-    Overloaded,
     PayloadTooLarge,
     PaymentAlreadyExists,
     PaymentError,
     ProviderFailed,
     ProviderMismatch,
-    ProviderNotReached,
-    ProviderRejected,
     ProviderUnavailable,
     UnsupportedMediaType,
 )
 from proxy.payments.idempotency import Claim, IdempotencyStore, describe, describe_old
+from proxy.payments.json_answer import json_answer
 from proxy.payments.lifecycle import (
     NOT_FINAL,
     OUTCOME_UNKNOWN,
@@ -39,6 +39,7 @@ from proxy.payments.lifecycle import (
 from proxy.payments.reconciler import AnotherPayment, settle_from_status
 from proxy.payments.request import Payment, parse_payment
 from proxy.payments.wakeups import Wakeups
+from proxy.providers.classification import of_error
 from proxy.providers.mapping import ProviderAnswer
 from proxy.providers.upstream import ProviderClient
 from proxy.store.records import StoredResult
@@ -49,8 +50,6 @@ _SEND_MARGIN_S = 5.0
 _FIRST_POLL_S = 0.05
 _MAX_POLL_S = 1.0
 _RETRY_PENDING_S = "2"
-# Nothing reached the provider, or it refused the request itself: never created.
-_NOT_SENT = (ProviderNotReached, ProviderRejected, ProviderUnavailable, Overloaded)
 _OUTCOMES = {200: "success", 402: "declined", 202: "pending"}
 PROVIDER = web.RequestKey("provider", str)
 OUTCOME = web.RequestKey("outcome", str)
@@ -59,20 +58,35 @@ _REPLAY_HEADERS = {"Content-Type": _JSON, "Idempotent-Replayed": "true"}
 
 
 class PaymentService:
-    def __init__(self, providers: Mapping[str, ProviderClient], store: IdempotencyStore) -> None:
+    def __init__(
+        self, providers: Mapping[str, ProviderClient], store: IdempotencyStore, gate: Gate
+    ) -> None:
         self._providers = {name.lower(): client for name, client in providers.items()}
         self._known = set(self._providers)
         self._store = store
+        self._gate = gate
         self.wakeups = Wakeups()
         # Payments still settling; kept so shutdown can wait for them and the GC cannot drop them.
         self.settling: set[asyncio.Task[web.Response]] = set()
 
     async def pay(self, request: web.BaseRequest) -> web.Response:
-        payment = parse_payment(
-            await _json_body(request), request.headers.get("Idempotency-Key"), self._known
+        # 401 before anything else; then 429 before the body is read: a limited request
+        # takes no lock and calls no provider.
+        client = await self._gate.admit(request, limited=True)
+        payment = _of_client(
+            parse_payment(
+                await _json_body(request), request.headers.get("Idempotency-Key"), self._known
+            ),
+            client,
         )
         provider = self._providers[payment.provider_key.lower()]
         request[PROVIDER] = provider.name
+        if not client.may_use(provider.name):
+            # A payment the client made while it could is answered, never refused.
+            stored = await self._store.replay(payment, provider.name)
+            if stored is None:
+                raise Forbidden(provider.name)
+            return _replay(request, stored)
         provider.check(payment)
         if provider.breaker.rejects_now():
             # Fail fast without taking a lock: only a stored answer may still be served.
@@ -109,15 +123,17 @@ class PaymentService:
         unknown: PaymentError | None = None
         try:
             answer: ProviderAnswer | None = await provider.pay(payment, reference, callback_url)
-        except _NOT_SENT as error:
-            await claim.not_created(error)
-            raise
-        except ProviderMismatch:
-            # The provider holds another payment under this reference (a record payagg lost):
-            # this request made none, and the one it holds is the real client's to retry.
-            await claim.forget()
-            raise
-        except (OutcomeUnknown, ProviderFailed) as error:
+        except PaymentError as error:
+            meaning = of_error(error)
+            if meaning.retry_allowed:
+                # Nothing reached the provider, or it refused the request itself.
+                await claim.not_created(error)
+                raise
+            if meaning.outcome == "mismatch":
+                # The provider holds another payment under this reference (a record payagg
+                # lost): this request made none, and the one it holds is the real client's.
+                await claim.forget()
+                raise
             answer, unknown = None, error
         if answer is not None and answer.outcome in ("success", "declined"):
             status, body = _final_answer(provider.name, payment, reference, answer)
@@ -196,15 +212,24 @@ class PaymentService:
                         await woken.wait()
                 delay_s = min(delay_s * 2, _MAX_POLL_S)
 
-    async def lookup(self, transaction_id: str) -> web.Response:
-        record = await self._store.find(transaction_id)
+    async def lookup(self, request: web.BaseRequest, transaction_id: str) -> web.Response:
+        # Not rate limited: polling a 202's status_url is how a client learns the outcome.
+        client = await self._gate.admit(request, limited=False)
+        # Another client's payment is not found: its existence is not this client's to know.
+        record = await self._store.find(transaction_id, client.scope)
         if record is not None:
-            return web.json_response(describe(record))
+            return json_answer(describe(record))
         # A record of the versions before under this TransactionID's old key.
-        old = await self._store.peek_old(transaction_id)
+        old = await self._store.peek_old(transaction_id, client.scope)
         if old is None:
             raise NotFound("no payment with this TransactionID")
-        return web.json_response(describe_old(old))
+        return json_answer(describe_old(old))
+
+
+def _of_client(payment: Payment, client: Client) -> Payment:
+    if client.record_name is None and not client.scope:
+        return payment  # the open API: the payment as it always was
+    return payment._replace(client=client.record_name, scope=client.scope)
 
 
 async def _json_body(request: web.BaseRequest) -> bytes:

@@ -41,7 +41,7 @@ from proxy.payments.lifecycle import (
     now_ms,
     payment_body,
 )
-from proxy.payments.request import Payment, reference_for
+from proxy.payments.request import Payment, reference_for, scoped
 from proxy.settings.config import IdempotencySettings, RedisSettings
 from proxy.store import records
 from proxy.store.client import RedisReplyError, RedisUnavailable, Script, StoreClient
@@ -101,6 +101,7 @@ class IdempotencyStore:
         ttl: IdempotencySettings,
         metrics: GatewayMetrics,
         enqueue_webhooks: bool = False,
+        webhook_clients: frozenset[str] = frozenset(),
     ) -> None:
         self._prefix = settings.key_prefix.encode()
         self._ttl = ttl
@@ -114,6 +115,7 @@ class IdempotencyStore:
             metrics,
             self.errors,
             enqueue_webhooks,
+            webhook_clients,
         )
         self._legacy_until: float | None = None
         # Until when a record of the versions before may be under a TransactionID's old key
@@ -129,17 +131,17 @@ class IdempotencyStore:
                 "from Redis, so no process answers what Redis no longer holds; remove the key"
             )
 
-    def redis_key(self, transaction_id: str) -> bytes:
+    def redis_key(self, transaction_id: str, scope: str = "") -> bytes:
         """Where this version keeps the payment's record."""
-        sha, shard = self.lifecycle.locate(transaction_id)
+        sha, shard = self.lifecycle.locate(transaction_id, scope)
         return shard.payment(sha)
 
     def old_key(self, identity: str) -> bytes:
         """Where the versions before kept a record keyed by this TransactionID or header."""
         return self._prefix + _hashed(identity)
 
-    def binding_key(self, idempotency_key: str) -> bytes:
-        return self._prefix + _BINDING + _hashed(idempotency_key)
+    def binding_key(self, idempotency_key: str, scope: str = "") -> bytes:
+        return self._prefix + _BINDING + _hashed(scoped(scope, idempotency_key))
 
     async def claim(
         self,
@@ -160,12 +162,13 @@ class IdempotencyStore:
             await self._old_records_until()
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
-            await self._bind(payment.idempotency_key, payment.transaction_id)
-        old = await self._old_answer(payment, provider, fingerprint)
+            await self._bind(payment.idempotency_key, payment.transaction_id, payment.scope)
+        # Versions before clients kept open-scope records only.
+        old = None if payment.scope else await self._old_answer(payment, provider, fingerprint)
         if old is not None:
             return old
         lifecycle = self.lifecycle
-        sha, shard = lifecycle.locate(payment.transaction_id)
+        sha, shard = lifecycle.locate(payment.transaction_id, payment.scope)
         token = _new_lock_token()
         clock = now_ms()
         reference = reference or payment.provider_reference(provider)
@@ -224,19 +227,22 @@ class IdempotencyStore:
         when there is none; raises RequestInProgress, KeyReused, StoreUnavailable."""
         if payment.idempotency_key is not None:
             with self.errors:
-                bound = await self._redis.execute(b"GET", self.binding_key(payment.idempotency_key))
+                bound = await self._redis.execute(
+                    b"GET", self.binding_key(payment.idempotency_key, payment.scope)
+                )
             if bound is not None and bound != payment.transaction_id.encode():
                 raise _key_bound_elsewhere()
         old: KeyState | None = None
-        if await self._reads_old_keys():
+        if not payment.scope and await self._reads_old_keys():
             # Both reads at once: they go to Redis in one pipeline, so a fail-fast answer costs
             # one round trip, not two, while records of the versions before may still exist.
             record, old = await asyncio.gather(
-                self.find(payment.transaction_id), self._peek_old(payment.transaction_id)
+                self.find(payment.transaction_id, payment.scope),
+                self._peek_old(payment.transaction_id),
             )
         else:
-            record = await self.find(payment.transaction_id)
-        if record is None and old is None and payment.idempotency_key is None:
+            record = await self.find(payment.transaction_id, payment.scope)
+        if record is None and old is None and (payment.scope or payment.idempotency_key is None):
             return None  # nothing to judge (the usual fail-fast answer): no fingerprint needed
         fingerprint = payment.fingerprint(provider)
         if record is not None:
@@ -247,13 +253,18 @@ class IdempotencyStore:
             return judge(old, fingerprint)
         return await self._old_header_answer(payment, provider, fingerprint, guard=False)
 
-    async def find(self, transaction_id: str) -> Record | None:
+    async def find(self, transaction_id: str, scope: str = "") -> Record | None:
+        # A claim this process knows nobody sends is undone first, so that a lookup or a
+        # fail-fast replay never shows it as a payment in flight (the claim does the same).
+        if self._unanswered:
+            await self._release_unanswered()
         with self.errors:
-            return await self.lifecycle.find(transaction_id)
+            return await self.lifecycle.find(transaction_id, scope)
 
-    async def peek_old(self, transaction_id: str) -> KeyState | None:
-        """A record of the versions before under this TransactionID's old key."""
-        if not await self._reads_old_keys():
+    async def peek_old(self, transaction_id: str, scope: str = "") -> KeyState | None:
+        """A record of the versions before under this TransactionID's old key (which knew no
+        clients: only the open scope has them)."""
+        if scope or not await self._reads_old_keys():
             return None
         return await self._peek_old(transaction_id)
 
@@ -332,11 +343,11 @@ class IdempotencyStore:
             adopted = Record(sha, shard, value, records.decode(value))
             await lifecycle.apply(adopted, Report(state, answer=(answer.status, answer.body)))
 
-    async def _bind(self, idempotency_key: str, transaction_id: str) -> None:
+    async def _bind(self, idempotency_key: str, transaction_id: str, scope: str = "") -> None:
         ttl_s = self._ttl.result_ttl_s + self._ttl.lock_ttl_s  # never shorter than the record's
         with self.errors:
             bound = await self._redis.run_script(
-                _BIND, [self.binding_key(idempotency_key)], [transaction_id, ttl_s]
+                _BIND, [self.binding_key(idempotency_key, scope)], [transaction_id, ttl_s]
             )
         if bound is not None and bound != transaction_id.encode():
             raise _key_bound_elsewhere()
@@ -633,4 +644,7 @@ def _processing_record(
         "updated_ms": clock,
         "sent_ms": clock,
     }
+    if payment.client is not None:
+        # Whose payment it is, for its webhook target; open-API records stay as they were.
+        facts["client"] = payment.client
     return records.lifecycle(facts, fingerprint)

@@ -196,6 +196,7 @@ class Lifecycle:
         metrics: GatewayMetrics,
         errors: AbstractContextManager[None],
         enqueue_webhooks: bool = False,
+        webhook_clients: frozenset[str] = frozenset(),
     ) -> None:
         self.records = records_store
         self.prefix = prefix
@@ -205,17 +206,19 @@ class Lifecycle:
         self.errors = errors
         # Without `webhooks.url` nothing delivers them: the outbox would only grow.
         self._enqueue_webhooks = enqueue_webhooks
+        # Clients with a webhook target of their own (enqueued even without `webhooks.url`).
+        self._webhook_clients = webhook_clients
 
-    def locate(self, transaction_id: str) -> tuple[str, Shard]:
-        sha = payment_sha(transaction_id)
+    def locate(self, transaction_id: str, scope: str = "") -> tuple[str, Shard]:
+        sha = payment_sha(transaction_id, scope)
         return sha, shard_for(self.prefix, sha)
 
     async def read(self, sha: str, shard: Shard) -> Record | None:
         value = await self.records.read(shard, sha)
         return None if value is None else Record(sha, shard, value, records.decode(value))
 
-    async def find(self, transaction_id: str) -> Record | None:
-        return await self.read(*self.locate(transaction_id))
+    async def find(self, transaction_id: str, scope: str = "") -> Record | None:
+        return await self.read(*self.locate(transaction_id, scope))
 
     async def apply(self, record: Record, report: Report) -> Record | None:
         """Record `report`, judged against the record as it is when the swap runs; the record as
@@ -292,7 +295,8 @@ class Lifecycle:
             tombstone=tombstone(facts, record.state.fingerprint),
             tombstone_ttl_ms=result_ttl_ms + idem.tombstone_ttl_s * 1000,
         )
-        if not self._enqueue_webhooks:
+        client = facts.get("client")
+        if not (self._enqueue_webhooks or client in self._webhook_clients):
             return final
         return _with(
             final,
@@ -301,7 +305,7 @@ class Lifecycle:
                     "body": webhook_body(facts).decode(),
                     "created_ms": clock,
                     "attempts": 0,
-                    "target": None,
+                    "target": client,
                 },
                 separators=(",", ":"),
             ).encode(),

@@ -39,6 +39,11 @@ class Payment(NamedTuple):
     # The `Idempotency-Key` header as sent (None without one): recorded with the payment, never
     # its identity, which is the TransactionID alone.
     idempotency_key: str | None
+    # The client's name, written in the record (None: the open API, `auth: off`).
+    client: str | None = None
+    # What its TransactionID is unique within: "" for the open API (and the client that owns
+    # its payments), else the client's name.
+    scope: str = ""
 
     def fingerprint(self, provider: str) -> str:
         """Hash of the request's meaning: what a reused key must match to be a replay.
@@ -62,7 +67,17 @@ class Payment(NamedTuple):
         Computed once, at the first claim, and stored with the record; every later use reads the
         stored one (`IdempotencyStore`), so no change of this formula reaches a live payment.
         """
-        return reference_for(provider, self.transaction_id)
+        return reference_for(provider, scoped(self.scope, self.transaction_id))
+
+
+def scoped(scope: str, identity: str) -> str:
+    """A TransactionID or `Idempotency-Key` within its client's scope.
+
+    The open scope ("") leaves it as it was before clients existed, so the references and keys
+    of payments made then are the ones still computed; a client's is `scope NUL identity`, which
+    no open one can equal (neither may contain NUL).
+    """
+    return f"{scope}\x00{identity}" if scope else identity
 
 
 def reference_for(provider: str, identity: str) -> str:

@@ -20,12 +20,13 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 
 from proxy.observability.metrics import GatewayMetrics
+from proxy.settings.clients import ClientWebhook
 from proxy.settings.config import WebhookSettings
 from proxy.store.client import RedisReplyError, RedisUnavailable
 from proxy.store.outbox import HookRecord, Lease, Outbox
@@ -71,8 +72,11 @@ class WebhookDelivery:
         timing: DeliveryTiming = DeliveryTiming(),
         clock: Callable[[], float] = time.time,
         jitter: random.Random | None = None,
+        client_targets: Mapping[str, ClientWebhook] | None = None,
     ) -> None:
         self.settings = settings
+        # Clients with a webhook target of their own; the others' payments go to `settings`.
+        self._client_targets = dict(client_targets or {})
         self._outbox = outbox
         self._metrics = metrics
         self._timing = timing
@@ -85,8 +89,9 @@ class WebhookDelivery:
 
     @property
     def enabled(self) -> bool:
-        """False without `webhooks.url`: nothing is enqueued then, nor delivered."""
-        return bool(self.settings.url)
+        """False without `webhooks.url` or a client's webhook: nothing is enqueued then, nor
+        delivered."""
+        return bool(self.settings.url or self._client_targets)
 
     def start(self) -> None:
         """Starts the loop in the running event loop (no-op without a webhook URL)."""
@@ -170,7 +175,7 @@ class WebhookDelivery:
         # Whatever goes wrong here, the delivery stays in Redis: its lease ends and it is
         # attempted again (at least once, perhaps twice).
         try:
-            failure = await self._post(lease.record.body)
+            failure = await self._post(lease.record)
             if failure is None:
                 await self._outbox.delivered(lease)
                 self._metrics.webhook_deliveries.labels("delivered").inc()
@@ -183,16 +188,20 @@ class WebhookDelivery:
         except Exception:
             log.exception("webhook attempt failed", extra={"fields": _about(lease.record)})
 
-    async def _post(self, body: bytes) -> str | None:
+    async def _post(self, record: HookRecord) -> str | None:
         """None when the receiver answered 2xx, else what went wrong."""
         assert self._session is not None
+        url, secret = self._target(record.target)
+        if not url:
+            return f"no webhook target for client {record.target!r} (nor a `webhooks.url`)"
+        body = record.body
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: signature(self.settings.secret, int(self._clock()), body),
+            SIGNATURE_HEADER: signature(secret, int(self._clock()), body),
         }
         try:
             async with self._session.post(
-                self.settings.url, data=body, headers=headers, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False
             ) as answer:
                 # A redirect is not followed: the signed body goes to the configured URL only.
                 return None if 200 <= answer.status < 300 else f"answered {answer.status}"
@@ -230,6 +239,13 @@ class WebhookDelivery:
             failure,
             extra={"fields": fields},
         )
+
+    def _target(self, client: str | None) -> tuple[str, str]:
+        """URL and secret for a payment of `client`: its own target, else `webhooks:`."""
+        own = self._client_targets.get(client) if client is not None else None
+        if own is not None:
+            return own.url, own.secret
+        return self.settings.url, self.settings.secret
 
     def _backoff_ms(self, failed_before: int) -> int:
         """Doubling from `first_retry_s` up to `max_retry_interval_s`, each 50-100% of it.

@@ -1,10 +1,13 @@
-"""Per-provider circuit breaker: aiobreaker's state machine driven by a failure-rate window.
+"""Per-provider circuit breaker: a failure rate over a time window, on a monotonic clock.
 
-aiobreaker 1.2.0 only counts consecutive failures, lets every concurrent call through while
-half-open, raises CircuitBreakerError from the call that trips it, and times its reopening with a
-mix of utcnow() and now() on the wall clock. So it is used here as the state holder and listener
-bus only: this module decides every transition itself, from a rate window on a monotonic clock,
-and never routes a call through `CircuitBreaker.call_async`.
+The state machine is this module's own (closed -> open -> half-open -> closed or open again),
+in one small class: aiobreaker, used before, counts consecutive failures only, admits every
+call while half-open, replaces the tripping call's error with its own, times its reopening on
+the wall clock, and calls its listeners before its stored state changes, so a listener that read
+the state re-entered the open -> half-open move (docs/dependencies.md says more).
+
+Each state change is made in full (state, timers, window, trial slots) before the transition
+hook runs, so the hook (metrics, logs) may read anything here and sees the new state.
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import StrEnum
 
-from aiobreaker import CircuitBreaker, CircuitBreakerListener, CircuitBreakerState
-
-from proxy.errors import Overloaded, PaymentError, ProviderUnavailable
+from proxy.errors import ProviderUnavailable
+from proxy.providers.classification import BreakerVote, of_error
 from proxy.settings.config import BreakerSettings
 
 
@@ -30,41 +31,16 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-_FROM_AIOBREAKER = {
-    CircuitBreakerState.CLOSED: BreakerState.CLOSED,
-    CircuitBreakerState.OPEN: BreakerState.OPEN,
-    CircuitBreakerState.HALF_OPEN: BreakerState.HALF_OPEN,
-}
-
 # A provider's Retry-After is honoured up to this: a bogus day-long value must not shut it out.
 MAX_RETRY_AFTER_S = 3600.0
 
 TransitionHook = Callable[[str, BreakerState, BreakerState], None]
 
 
-class _TransitionRelay(CircuitBreakerListener):  # type: ignore[misc]
-    """Forwards aiobreaker's state changes to the gateway's hook (metrics, logs)."""
-
-    def __init__(self, provider: str, hook: TransitionHook) -> None:
-        self._provider = provider
-        self._hook = hook
-
-    def state_change(self, breaker: object, old: object, new: object) -> None:
-        before = _FROM_AIOBREAKER[old.state] if old is not None else BreakerState.CLOSED  # type: ignore[attr-defined]
-        after = _FROM_AIOBREAKER[new.state]  # type: ignore[attr-defined]
-        if before != after:
-            self._hook(self._provider, before, after)
-
-
 @dataclass(slots=True)
 class CallVerdict:
-    """Set by the caller inside `ProviderBreaker.call()`: did the provider prove it is up?"""
+    """Set by the caller inside `ProviderBreaker.call()`."""
 
-    provider_is_up: bool = True
-    # Up but not serving us (a 429 the YAML does not count): a half-open trial stays undecided.
-    provider_serves: bool = True
-    # False when payagg never got as far as the provider (Overloaded): the call proves nothing.
-    about_provider: bool = True
     # The provider's own Retry-After on a failed answer: if this call opens the breaker, it stays
     # open that long when it is longer than `open_s`.
     retry_after_s: float = 0.0
@@ -89,14 +65,8 @@ class ProviderBreaker:
         self.provider = provider
         self.settings = settings
         self._clock = clock
-        listeners = [_TransitionRelay(provider, on_transition)] if on_transition else []
-        self._machine = CircuitBreaker(
-            # Never reached: this class trips the machine itself, from the rate window.
-            fail_max=2**62,
-            timeout_duration=timedelta(seconds=settings.open_s),
-            listeners=listeners,
-            name=provider,
-        )
+        self._on_transition = on_transition
+        self._state = BreakerState.CLOSED
         self._window: deque[tuple[float, bool]] = deque()
         self._window_failures = 0
         self._opened_at = 0.0
@@ -109,12 +79,10 @@ class ProviderBreaker:
 
     @property
     def state(self) -> BreakerState:
-        """The current state, moving open -> half-open once `open_s` has passed."""
-        state = _FROM_AIOBREAKER[self._machine.current_state]
-        if state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for_s:
+        """The current state, moving open -> half-open once the open period has passed."""
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for_s:
             self._enter(BreakerState.HALF_OPEN)
-            return BreakerState.HALF_OPEN
-        return state
+        return self._state
 
     def retry_after_s(self) -> int:
         """Whole seconds until a trial call may be admitted (at least 1)."""
@@ -139,13 +107,12 @@ class ProviderBreaker:
 
     @contextmanager
     def call(self) -> Iterator[CallVerdict]:
-        """Admit one call or raise ProviderUnavailable; the call's outcome drives the state.
+        """Admit one call or raise ProviderUnavailable; the call's end drives the state.
 
-        The body ends normally when the provider answered (success or decline), raises a
-        PaymentError whose `counts_against_breaker` says whether it was an outage (and
-        `shows_provider_serving` whether a trial ending in it may close the breaker), or raises
-        anything else (cancellation included), which counts as a failure: a trial call must
-        always free its slot, or the breaker would stick half-open.
+        A body that ends normally is an answer about the payment (success, decline, pending);
+        one that raises is judged by `classification.of_error`, which counts anything it does
+        not know (cancellation included) as a failure: a trial call must always free its
+        slot, or the breaker would stick half-open.
         """
         state = self.state
         if self.rejects_now():
@@ -154,46 +121,43 @@ class ProviderBreaker:
         if is_trial:
             self._trials_in_flight += 1
         verdict = CallVerdict()
+        vote = BreakerVote.UP
         try:
             yield verdict
-        except PaymentError as error:
-            verdict.provider_is_up = not error.counts_against_breaker
-            verdict.provider_serves = error.shows_provider_serving
-            verdict.about_provider = not isinstance(error, Overloaded)
-            raise
-        except BaseException:
-            verdict.provider_is_up = False
+        except BaseException as error:
+            vote = of_error(error).vote
             raise
         finally:
-            if is_trial and generation == self._generation:
-                self._trials_in_flight -= 1
-            if generation == self._generation and verdict.about_provider:
-                self._record(verdict, is_trial)
+            if generation == self._generation:
+                if is_trial:
+                    self._trials_in_flight -= 1
+                self._record(vote, verdict.retry_after_s, is_trial)
 
-    def _record(self, verdict: CallVerdict, is_trial: bool) -> None:
-        provider_is_up = verdict.provider_is_up
+    def _record(self, vote: BreakerVote, retry_after_s: float, is_trial: bool) -> None:
+        if vote is BreakerVote.NONE:
+            return
+        failed = vote is BreakerVote.DOWN
         if is_trial:
-            if not provider_is_up:
-                self._enter(BreakerState.OPEN, verdict.retry_after_s)
-                return
-            if not verdict.provider_serves:
-                return  # its slot is free again: the next trial decides
-            self._trial_successes += 1
-            # As gobreaker does: close after `half_open_max_calls` successful trials in a row.
-            if self._trial_successes >= self.settings.half_open_max_calls:
-                self._enter(BreakerState.CLOSED)
+            if failed:
+                self._enter(BreakerState.OPEN, retry_after_s)
+            elif vote is BreakerVote.UP:
+                self._trial_successes += 1
+                # As gobreaker does: close after `half_open_max_calls` successful trials in a row.
+                if self._trial_successes >= self.settings.half_open_max_calls:
+                    self._enter(BreakerState.CLOSED)
+            # BUSY: its slot is free again and the next trial decides.
             return
         now = self._clock()
-        self._window.append((now, not provider_is_up))
-        self._window_failures += not provider_is_up
+        self._window.append((now, failed))
+        self._window_failures += failed
         self._forget_old_calls(now)
         calls = len(self._window)
         if (
-            not provider_is_up
+            failed
             and calls >= self.settings.minimum_calls
             and self._window_failures / calls >= self.settings.failure_rate_threshold
         ):
-            self._enter(BreakerState.OPEN, verdict.retry_after_s)
+            self._enter(BreakerState.OPEN, retry_after_s)
 
     def _forget_old_calls(self, now: float) -> None:
         horizon = now - self.settings.window_s
@@ -202,6 +166,8 @@ class ProviderBreaker:
             self._window_failures -= failed
 
     def _enter(self, state: BreakerState, retry_after_s: float = 0.0) -> None:
+        """The one place the state changes; the hook hears of it once the change is complete."""
+        before, self._state = self._state, state
         self._generation += 1
         self._trials_in_flight = 0
         self._trial_successes = 0
@@ -210,8 +176,5 @@ class ProviderBreaker:
         if state is BreakerState.OPEN:
             self._opened_at = self._clock()
             self._open_for_s = max(self.settings.open_s, min(retry_after_s, MAX_RETRY_AFTER_S))
-            self._machine.open()
-        elif state is BreakerState.HALF_OPEN:
-            self._machine.half_open()
-        else:
-            self._machine.close()
+        if self._on_transition is not None and before is not state:
+            self._on_transition(self.provider, before, state)

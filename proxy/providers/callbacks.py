@@ -4,6 +4,11 @@ The URL is `{server.public_url}/v1/callbacks/{provider}/{token}`, where the toke
 the provider reference under payagg's callback secret: it finds the payment and proves the
 caller was given the URL, so a provider that signs nothing (MTN) is covered too. The provider's
 own check (YAML `callback:`) comes on top. Every secret is compared in constant time.
+
+A provider that calls one URL configured on the merchant account (Airtel) instead gets a static
+URL per provider, whose token is the HMAC of the provider and an empty reference (which no
+payment has); `callback.reference` says where the body carries the payment's reference, and only
+the provider's HMAC of the body authenticates it (`CallbackSpec.problems` insists on one).
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ class CallbackTarget:
         token = callback_token(self.secret, provider, reference)
         return f"{self.public_url}/v1/callbacks/{provider}/{token}"
 
+    def static_url_for(self, provider: str) -> str:
+        """The one URL a provider that names the payment in the body is given (`reference`)."""
+        return f"{self.public_url}/v1/callbacks/{provider}/{static_token(self.secret, provider)}"
+
+
+def static_token(secret: str, provider: str) -> str:
+    """The token of a provider's static callback URL: the HMAC of provider NUL (no reference),
+    so it is no payment's token."""
+    return callback_token(secret, provider, "")
+
 
 def token_matches(secret: str, provider: str, reference: str, token: str) -> bool:
     """Whether a callback URL's token is this payment's, in constant time."""
@@ -70,6 +85,10 @@ class CallbackSpec(BaseModel):
 
     # Dotted path of the payment's state in the body (logged; the status query is the truth).
     state: str | None = None
+    # Dotted path of payagg's provider reference (the `{reference}` it sent) in the body, for a
+    # provider that calls one configured URL, not one per payment: its callbacks come to the
+    # provider's static URL and are found by this; only a body HMAC can authenticate them.
+    reference: str | None = None
     # none: the provider signs nothing (the URL's token still authenticates the caller);
     # hmac_header: an HMAC-SHA256 of the raw body in `header`;
     # hmac_field: an HMAC-SHA256 of the compact JSON of the body field `signed`, in `field`;
@@ -91,7 +110,32 @@ class CallbackSpec(BaseModel):
                 found.append(Problem((*path, key), f"is not used by `verify: {self.verify}`"))
         if self.verify == "shared_token" and (self.header is None) == (self.field is None):
             found.append(Problem(path, "`verify: shared_token` needs one of `header` or `field`"))
+        found.extend(self._reference_problems(path))
         return found
+
+    def _reference_problems(self, path: Path) -> list[Problem]:
+        # A static URL is the same for every payment and, once known, for anyone: only the
+        # provider's HMAC of the body (reference included) says the provider sent it.
+        if self.reference is None:
+            return []
+        if self.verify not in ("hmac_header", "hmac_field"):
+            return [
+                Problem(
+                    (*path, "reference"),
+                    "a static callback URL authenticates no payment: it needs the provider's "
+                    "HMAC of the body (`verify: hmac_header` or `hmac_field`), "
+                    f"not `{self.verify}`",
+                )
+            ]
+        signed = self.signed
+        if signed and not (self.reference == signed or self.reference.startswith(f"{signed}.")):
+            return [
+                Problem(
+                    (*path, "reference"),
+                    f"must lie inside the signed field `{signed}`, else nothing authenticates it",
+                )
+            ]
+        return []
 
     def authenticate(self, headers: Mapping[str, str], raw: bytes) -> bool:
         """True when the callback carries the provider's own proof (always, for `none`)."""
@@ -113,9 +157,16 @@ class CallbackSpec(BaseModel):
         return isinstance(given, str) and hmac.compare_digest(given.encode(), secret)
 
     def state_of(self, raw: bytes) -> str | None:
-        if self.state is None:
+        return self._text_at(self.state, raw)
+
+    def reference_of(self, raw: bytes) -> str | None:
+        """The provider reference a callback to the static URL names (`reference`), if any."""
+        return self._text_at(self.reference, raw)
+
+    def _text_at(self, path: str | None, raw: bytes) -> str | None:
+        if path is None:
             return None
-        value = lookup_path(_document(raw), self.state)
+        value = lookup_path(_document(raw), path)
         return None if value is None else str(value)
 
     def _digest(self, secret: bytes, message: bytes) -> str:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from proxy.providers.classification import BUSY_STATUSES as BUSY_STATUSES  # the config's default
+from proxy.providers.classification import AnswerOutcome, unmatched
 from proxy.settings.yaml_source import Path, Problem
 
 JsonValue = Any
@@ -329,21 +331,8 @@ CANONICAL_STATUS_RULES = {
     "amount": "amount",
     "currency": "currency",
 }
-# Answers that mean the provider cannot serve us right now (rate limited, or it gave up waiting
-# for our request). By default they count as breaker failures (`breaker.failure_statuses`); in
-# any case they never show a half-open breaker that the provider serves again.
-BUSY_STATUSES = (408, 429)
-
-Outcome = Literal[
-    "success",
-    "declined",
-    "pending",
-    "not_found",
-    "already_exists",
-    "failure",
-    "busy",
-    "rejected",
-]
+# What an answer means (and which statuses are busy) is classification's to say.
+Outcome = AnswerOutcome
 _NO_VALUE = object()
 
 
@@ -525,18 +514,9 @@ def _parse(raw: bytes) -> JsonValue:
 def _unmatched(
     status: int, document: JsonValue, failure_statuses: frozenset[int]
 ) -> ProviderAnswer:
-    """An answer no rule describes: what it says about the provider, for the breaker."""
-    if status in failure_statuses:
-        return ProviderAnswer(
-            "failure", detail=f"provider answered HTTP {status} (breaker.failure_statuses)"
-        )
-    if status in BUSY_STATUSES:
-        return ProviderAnswer("busy", detail=f"provider cannot serve us now (HTTP {status})")
-    if 400 <= status < 500:
-        return ProviderAnswer("rejected", detail=f"provider refused the request with HTTP {status}")
-    if document is _NO_VALUE:
-        return ProviderAnswer("failure", detail=f"unreadable answer (HTTP {status}, not JSON)")
-    return ProviderAnswer("failure", detail=f"provider answered HTTP {status}")
+    """An answer no rule describes, as classification reads it."""
+    outcome, detail = unmatched(status, document is not _NO_VALUE, failure_statuses)
+    return ProviderAnswer(outcome, detail=detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +555,7 @@ class ProviderMapping:
         return json.dumps(self.body.render(fields), separators=(",", ":")).encode()
 
     def classify(self, status: int, raw: bytes) -> ProviderAnswer:
-        """The one place that says what an answer means, the breaker's view included."""
+        """What an answer says, by the provider's rules; `classification` says what it means."""
         document = _parse(raw)
         for outcome, rules in (
             ("success", self.success),

@@ -1,9 +1,8 @@
-"""Calls to one provider: breaker, mapping, one aiohttp exchange, errors mapped once here.
+"""Calls to one provider: breaker, mapping, one aiohttp exchange, errors raised once here.
 
-Where a failed call stopped decides what it means, never the exception's type: until a
-connection is handed out, nothing of the request can have reached the provider (ProviderNotReached,
-or Overloaded when payagg itself ran out of file descriptors or pool slots); from then on, the
-provider may have read it (OutcomeUnknown).
+What an answer or a failed exchange means is `classification`'s to say; this module tracks how
+far each exchange got (until a connection is handed out, nothing of the request can have reached
+the provider; from then on, it may have read it) and raises the error each outcome names.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from contextvars import ContextVar
 from dataclasses import replace
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from enum import Enum
 from functools import partial
 from typing import Any
 from urllib.parse import quote
@@ -57,6 +55,7 @@ from proxy.providers.access_tokens import (
     read_token,
 )
 from proxy.providers.breaker import CallVerdict, ProviderBreaker
+from proxy.providers.classification import Phase, of_answer, of_transport
 from proxy.providers.mapping import PaymentFields, ProviderAnswer, StatusAnswer
 from proxy.settings.config import Provider
 
@@ -67,18 +66,9 @@ MAX_ANSWER_BYTES = 1024 * 1024
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Only these answers carry a Retry-After that speaks about the provider's availability.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
-# What an egress proxy answers when it could not get an answer from the provider; it may have
-# forwarded the request first.
-_PROXY_GAVE_UP = frozenset({502, 504})
 
 
 Exchange = tuple[int, CIMultiDictProxy[str], bytes]
-
-
-class Phase(Enum):
-    POOL = "waiting for a pool slot"
-    CONNECT = "connecting"
-    SENT = "sent"
 
 
 class _Call:
@@ -212,6 +202,14 @@ class ProviderClient:
         if self._callbacks is None:
             return None
         return self._callbacks.url_for(self.name, reference)
+
+    def static_callback_url(self) -> str | None:
+        """The one callback URL of a provider that names the payment in the body."""
+        return self.provider.static_callback_url
+
+    def callback_reference(self, raw: bytes) -> str | None:
+        """The provider reference a callback's body names (YAML `callback.reference`)."""
+        return self._callback.reference_of(raw) if self._callback is not None else None
 
     async def pay(
         self, payment: Payment, reference: str, callback_url: str | None = None
@@ -395,19 +393,20 @@ class ProviderClient:
         verdict: CallVerdict | None,
     ) -> None:
         """Raises for an answer that is not about a payment: a failure, busy or a refusal."""
-        if answer.outcome == "failure":
-            if verdict is not None and status in _RETRY_AFTER_STATUSES:
-                verdict.retry_after_s = retry_after_s(headers.get("Retry-After"))
-            if self._proxy is not None and status in _PROXY_GAVE_UP:
-                raise OutcomeUnknown(
-                    self.name,
-                    f"the egress proxy answered HTTP {status} for {self.name}; it may have "
-                    "forwarded the payment",
-                )
+        outcome = of_answer(answer.outcome, status, self._proxy is not None).outcome
+        if outcome == "failure" and verdict is not None and status in _RETRY_AFTER_STATUSES:
+            verdict.retry_after_s = retry_after_s(headers.get("Retry-After"))
+        if outcome == "unknown":
+            raise OutcomeUnknown(
+                self.name,
+                f"the egress proxy answered HTTP {status} for {self.name}; it may have "
+                "forwarded the payment",
+            )
+        if outcome == "failure":
             raise ProviderFailed(self.name, f"{self.name} failed: {answer.detail}")
-        if answer.outcome == "busy":
+        if outcome == "busy":
             raise ProviderBusy(self.name, answer.detail)
-        if answer.outcome == "rejected":
+        if outcome == "rejected":
             raise ProviderRejected(self.name, answer.detail)
 
     async def _take_slot(self, call: _Call) -> None:
@@ -444,9 +443,10 @@ class ProviderClient:
             raise
 
     def _timed_out(self, call: _Call) -> Exception:
-        if call.phase is Phase.POOL:
+        outcome = of_transport(call.phase, timed_out=True, out_of_resources=False).outcome
+        if outcome == "overloaded":
             return Overloaded(f"no connection to {self.name} became free in time")
-        if call.phase is Phase.CONNECT:
+        if outcome == "not_sent":
             connect_s = self._client_timeout.connect
             return ProviderNotReached(
                 self.name, f"cannot reach {self.name}: no connection within {connect_s:g}s"
@@ -454,12 +454,14 @@ class ProviderClient:
         return OutcomeUnknown(self.name, f"{self.name} did not answer within {self._timeout_s:g}s")
 
     def _failed(self, call: _Call, error: BaseException) -> Exception:
-        if call.phase is not Phase.SENT:
-            if _out_of_resources(error):
-                return Overloaded(f"payagg is out of resources: {_describe(error)}")
-            return ProviderNotReached(self.name, f"cannot reach {self.name}: {_describe(error)}")
+        described = _describe(error)
+        outcome = of_transport(call.phase, False, _out_of_resources(error)).outcome
+        if outcome == "overloaded":
+            return Overloaded(f"payagg is out of resources: {described}")
+        if outcome == "not_sent":
+            return ProviderNotReached(self.name, f"cannot reach {self.name}: {described}")
         return OutcomeUnknown(
-            self.name, f"{self.name} sent no usable answer after the request: {_describe(error)}"
+            self.name, f"{self.name} sent no usable answer after the request: {described}"
         )
 
     def _client(self) -> aiohttp.ClientSession:

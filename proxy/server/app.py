@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
-import orjson
 from aiohttp import web
 
+from proxy.clients.gate import CLIENT, Gate
 from proxy.errors import (
     ClientClosed,
     ConnectionEnding,
@@ -28,11 +28,13 @@ from proxy.errors import (
     PaymentError,
     StoreUnavailable,
 )
+from proxy.observability.labels import OPEN_CLIENT, UNKNOWN_CLIENT
 from proxy.observability.logs import log_request
 from proxy.observability.metrics import UNKNOWN_PROVIDER, GatewayMetrics
 from proxy.payments.callbacks_in import CALLBACK_PREFIX, CALLBACK_ROUTE, CallbackService
 from proxy.payments.flow import OUTCOME, PROVIDER, PaymentService
 from proxy.payments.idempotency import IdempotencyStore
+from proxy.payments.json_answer import json_answer
 from proxy.payments.reconciler import Reconciler
 from proxy.payments.webhooks import WebhookDelivery
 from proxy.providers.breaker import BreakerState, ProviderBreaker
@@ -43,6 +45,7 @@ from proxy.settings.config import GatewayConfig
 from proxy.store.client import StoreClient
 from proxy.store.keys import all_shards
 from proxy.store.outbox import Outbox
+from proxy.store.rate_limits import RateLimits
 from proxy.store.tokens import unique_tokens
 
 log = logging.getLogger("payagg")
@@ -67,7 +70,9 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.metrics = GatewayMetrics([provider.name for provider in config.providers])
+        self.metrics = GatewayMetrics(
+            [provider.name for provider in config.providers], clients=_client_labels(config)
+        )
         self.metrics.show_build(config.content_sha256)
         self.breakers = {
             provider.name: ProviderBreaker(
@@ -82,6 +87,7 @@ class Gateway:
             config.idempotency,
             self.metrics,
             enqueue_webhooks=bool(config.webhooks.url),
+            webhook_clients=frozenset(c.name for c in config.clients if c.webhook is not None),
         )
         # Each provider has its own HTTP session (created on its first call, inside the loop):
         # its keep-alive pool, TLS settings and egress proxy.
@@ -89,12 +95,14 @@ class Gateway:
             provider.name: ProviderClient(provider, self.metrics, self.breakers[provider.name])
             for provider in config.providers
         }
-        self.payments = PaymentService(self._clients, self.store)
+        self.gate = _gate(config, self.metrics)
+        self.payments = PaymentService(self._clients, self.store, self.gate)
         # Its own Redis connection: deliveries never queue behind payments' commands.
         self.webhooks = WebhookDelivery(
             config.webhooks,
             Outbox(StoreClient(config.redis), config.redis.key_prefix),
             self.metrics,
+            client_targets={c.name: c.webhook for c in config.clients if c.webhook is not None},
         )
         self.callbacks = CallbackService(self._clients, self.store.lifecycle, self.payments.wakeups)
         self.reconciler = Reconciler(self.store.lifecycle, self._clients, config.reconcile)
@@ -142,6 +150,7 @@ class Gateway:
         await asyncio.gather(self._settle_payments(timeout_s), self.webhooks.close(timeout_s))
         for client in self._clients.values():
             await client.close()
+        await self.gate.close()
         await self.store.close()
 
     async def _settle_payments(self, timeout_s: float) -> None:
@@ -168,7 +177,11 @@ class Gateway:
             answered = _unreadable(request, unexpected) or _unexpected(request, request_id)
             response, outcome = self._answer_error(answered, request_id), answered.outcome
         if path == PAY_PATH and outcome:
-            self.metrics.count(request.get(PROVIDER) or UNKNOWN_PROVIDER, outcome)
+            self.metrics.count(
+                request.get(PROVIDER) or UNKNOWN_PROVIDER,
+                outcome,
+                request.get(CLIENT) or UNKNOWN_CLIENT,
+            )
         self.metrics.observe_answer(
             self._route_label(path), outcome or "ok", time.perf_counter() - started
         )
@@ -182,7 +195,7 @@ class Gateway:
         started = time.perf_counter()
         request_id = _request_id(request)
         response = self._answer_error(error, request_id)
-        self.metrics.count(UNKNOWN_PROVIDER, error.outcome)
+        self.metrics.count(UNKNOWN_PROVIDER, error.outcome, UNKNOWN_CLIENT)
         self.metrics.observe_answer("unmatched", error.outcome, time.perf_counter() - started)
         _logged(request, response, request_id, error.outcome, started)
         return response
@@ -225,7 +238,7 @@ class Gateway:
         return LOOKUP_ROUTE if path.startswith(LOOKUP_PREFIX) else "unmatched"
 
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
-        return await self.payments.lookup(_lookup_transaction_id(request))
+        return await self.payments.lookup(request, _lookup_transaction_id(request))
 
     async def _callback(self, request: web.BaseRequest) -> web.Response:
         provider, token = _callback_parts(request)
@@ -247,10 +260,10 @@ class Gateway:
                     "timeout_s": provider.settings.timeout_s,
                 }
             )
-        return web.json_response({"providers": answer})
+        return json_answer({"providers": answer})
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return json_answer({"status": "ok"})
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         try:
@@ -258,8 +271,8 @@ class Gateway:
         except StoreUnavailable as error:
             # Ready means a payment could be taken now: Redis must accept a write, not only PING.
             reason = f"redis cannot take a write: {error.__cause__ or error}"
-            return web.json_response({"status": "not_ready", "reason": reason}, status=503)
-        return web.json_response({"status": "ready"})
+            return json_answer({"status": "not_ready", "reason": reason}, status=503)
+        return json_answer({"status": "ready"})
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         for breaker in self.breakers.values():
@@ -287,7 +300,21 @@ class Gateway:
             self.metrics.unresolved_payments.labels(name).set(totals.get(f"unresolved:{name}", 0))
 
     async def _openapi(self, request: web.BaseRequest) -> web.Response:
-        return web.json_response(self._openapi_document)
+        return json_answer(self._openapi_document)
+
+
+def _client_labels(config: GatewayConfig) -> list[str]:
+    if config.auth == "off":
+        return [OPEN_CLIENT]
+    return [client.name for client in config.clients]
+
+
+def _gate(config: GatewayConfig, metrics: GatewayMetrics) -> Gate:
+    """The gate, with its own Redis connection for the rate limits when clients have them."""
+    limits = None
+    if config.auth == "required":
+        limits = RateLimits(StoreClient(config.redis), config.redis.key_prefix)
+    return Gate(config.auth, config.clients, limits, metrics)
 
 
 def _request_id(request: web.BaseRequest) -> str:
@@ -380,8 +407,4 @@ def _callback_parts(request: web.BaseRequest) -> tuple[str, str]:
 
 def _error_response(error: PaymentError) -> web.Response:
     # orjson: a fail-fast 503 is mostly this serialisation (json_response uses json.dumps).
-    return web.Response(
-        body=orjson.dumps(error.body()),
-        status=error.status,
-        headers={**error.headers, "Content-Type": "application/json"},
-    )
+    return json_answer(error.body(), error.status, error.headers)

@@ -35,6 +35,7 @@ from proxy.providers.mapping import (
     compile_status,
     http_url,
 )
+from proxy.settings.clients import AuthMode, ClientSettings, client_problems
 from proxy.settings.redis_address import RedisAddress, check_pem_file, parse_redis_url
 from proxy.settings.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
@@ -62,6 +63,8 @@ class ServerSettings(_Section):
     public_url: str | None = None
     # Keys the callback URLs' tokens (HMAC-SHA256); needed once public_url is set.
     callback_secret: str | None = Field(None, repr=False)
+    # production refuses `auth: off`.
+    environment: Literal["development", "staging", "production"] = "development"
 
     @field_validator("public_url", "callback_secret")
     @classmethod
@@ -283,6 +286,8 @@ class _FileShape(_Section):
     defaults: ProviderDefaults = ProviderDefaults()
     # Each provider is validated on its own, so one bad provider hides no other's problems.
     providers: dict[str, Any]
+    auth: AuthMode = "off"
+    clients: list[ClientSettings] = Field(default_factory=list)
 
     @field_validator("providers")
     @classmethod
@@ -317,6 +322,15 @@ class Provider:
             host = f"[{host}]"
         return f"{host}:{parts.port}" if parts.port else host
 
+    @property
+    def static_callback_url(self) -> str | None:
+        """The one URL to register at a provider that names the payment in its callback's body
+        (`callback.reference`, Airtel); None for the others, or without `server.public_url`."""
+        callback = self.settings.callback
+        if self.callbacks is None or callback is None or callback.reference is None:
+            return None
+        return self.callbacks.static_url_for(self.name)
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -331,6 +345,8 @@ class GatewayConfig:
     # SHA-256 of the file's text as read, before ${VAR} substitution: which file a process runs.
     content_sha256: str = ""
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    auth: AuthMode = "off"
+    clients: tuple[ClientSettings, ...] = ()
 
     def summary(self) -> str:
         names = ", ".join(provider.name for provider in self.providers)
@@ -382,6 +398,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
     server = shape.server if shape is not None else ServerSettings()
     providers, provider_problems = _build_providers(settings, server)
     problems.extend(provider_problems)
+    problems.extend(client_problems(raw, settings))
     idempotency = shape.idempotency if shape is not None else _idempotency_alone(raw)
     if idempotency is not None:
         problems.extend(_lock_ttl_problems(idempotency, settings))
@@ -398,6 +415,8 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> GatewayC
         reconcile=shape.reconcile,
         content_sha256=hashlib.sha256(text.encode()).hexdigest(),
         webhooks=shape.webhooks,
+        auth=shape.auth,
+        clients=tuple(shape.clients),
     )
 
 
@@ -486,6 +505,9 @@ def _model_at(path: Path) -> type[BaseModel] | None:
     position = 0
     while position < len(path):
         part = path[position]
+        if isinstance(part, int):  # an item of a list of sections (`clients`)
+            position += 1
+            continue
         if model is _FileShape and part == "providers":
             model, position = ProviderSettings, position + 2
             continue
@@ -572,15 +594,17 @@ def _protocol_problems(
                     "a callback is only a hint to query the status: it needs `status:`",
                 )
             )
+    static = settings.callback is not None and settings.callback.reference is not None
     if (
-        "callback_url" in mapping.names_used
+        ("callback_url" in mapping.names_used or static)
         and server.public_url is not None
         and server.callback_secret is None
     ):
         problems.append(
             Problem(
                 ("server", "callback_secret"),
-                "is required once server.public_url is set and a provider sends {callback_url}",
+                "is required once server.public_url is set and a provider sends {callback_url}"
+                " or has a static callback URL (`callback.reference`)",
             )
         )
     return problems

