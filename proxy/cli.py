@@ -1,4 +1,4 @@
-"""The `payagg` command: serve, check-config, reconcile (and the local-stack helpers)."""
+"""The `payagg` command: serve, check-config, reconcile, admin (and the local-stack helpers)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import uvloop
 
+from proxy.admin.client import DEFAULT_ADMIN_URL, AdminCallFailed, call_admin, default_actor
+from proxy.admin.token import ADMIN_TOKEN_ENV, admin_token, admin_token_problem
 from proxy.devtools.demo import DEFAULT_PROXY_URL, proxy_url, run_demo
 from proxy.errors import StoreUnavailable
 from proxy.observability.logs import configure_logging, log_level_problem
@@ -45,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="processes sharing the port with SO_REUSEPORT, e.g. one per vCPU (default 1)",
     )
+    serve.add_argument(
+        "--admin-port",
+        type=_port_or_off,
+        help="port of /metrics and the admin API, 0: none (default: server.admin_port)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
@@ -69,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--seed", type=int, metavar="N", help="both mocks' --seed, for a reproducible run"
+    )
+    dev.add_argument(
+        "--admin-port", type=_port, default=9090, help="the proxy's admin port (default 9090)"
     )
     dev.add_argument("--config", help=CONFIG_HELP)
     dev.set_defaults(run=_dev)
@@ -96,13 +107,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--config", help=CONFIG_HELP)
     reconcile.set_defaults(run=_reconcile)
+    _add_admin_commands(commands)
     return parser
+
+
+def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    admin = commands.add_parser(
+        "admin", help=f"call the admin API (the token comes from ${ADMIN_TOKEN_ENV})"
+    )
+    actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+    breaker = actions.add_parser("breaker", help="hold a provider's breaker open or closed")
+    breaker.add_argument("provider", help="the provider, as named under providers:")
+    breaker.add_argument("state", choices=["open", "closed", "auto"], help="auto: release it")
+    breaker.add_argument("--reason", required=True, help="why (logged with the action)")
+    breaker.set_defaults(run=_admin_breaker)
+    reload = actions.add_parser("reload", help="re-read the config file in every process")
+    reload.add_argument(
+        "--reason", default="payagg admin reload", help="why (logged with the action)"
+    )
+    reload.set_defaults(run=_admin_reload)
+    for action in (breaker, reload):
+        action.add_argument(
+            "--url",
+            default=DEFAULT_ADMIN_URL,
+            help=f"the admin port of a proxy (default {DEFAULT_ADMIN_URL})",
+        )
+        action.add_argument("--actor", help="who acts (default: user@host)")
 
 
 def _port(text: str) -> int:
     if not text.isdecimal() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {text!r}")
     return int(text)
+
+
+def _port_or_off(text: str) -> int:
+    if text == "0":
+        return 0
+    try:
+        return _port(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number in [1, 65535] or 0 (none), got {text!r}"
+        ) from None
 
 
 def _rate(text: str) -> float:
@@ -147,7 +194,8 @@ def _config_path(args: argparse.Namespace) -> str:
 
 def _load_or_report(path: str) -> GatewayConfig | None:
     """The config, or None after printing every problem with it and with the environment."""
-    problems = [f"payagg: {problem}" for problem in [log_level_problem(os.environ)] if problem]
+    environment = [log_level_problem(os.environ), admin_token_problem(os.environ)]
+    problems = [f"payagg: {problem}" for problem in environment if problem]
     try:
         config = load_config(path)
     except ConfigError as error:
@@ -187,18 +235,24 @@ def _serve(args: argparse.Namespace) -> int:
             log.info(line)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    admin_port = config.server.admin_port if args.admin_port is None else args.admin_port
+    if admin_port == port:
+        print(f"payagg: the port and the admin port are both {port}", file=sys.stderr)
+        return 1
     if args.workers > 1:
         serve_args = ["--config", config.source, "--host", host, "--port", str(port)]
+        serve_args += ["--admin-port", str(admin_port)]
         return run_workers(args.workers, serve_args, config.server.shutdown_timeout_s + 5)
     _tune_garbage_collector()
     try:
-        uvloop.run(serve(config, host, port, reuse_port=is_worker()))
+        uvloop.run(serve(config, host, port, reuse_port=is_worker(), admin_port=admin_port))
     except OSError as error:
         # asyncio rewords a bind error into a sentence repeating the address; the errno is enough.
         problem = error.strerror or error
         if error.errno is not None and error.errno > 0:  # resolver errors are negative
             problem = os.strerror(error.errno).lower()
-        print(f"payagg: cannot listen on {host}:{port}: {problem}", file=sys.stderr)
+        ports = f"{port} or {admin_port}" if admin_port else str(port)
+        print(f"payagg: cannot listen on {host}:{ports}: {problem}", file=sys.stderr)
         return 1
     log.info("payagg stopped")
     return 0
@@ -228,6 +282,7 @@ def _dev(args: argparse.Namespace) -> int:
         airtel_port=args.airtel_port,
         failure_rate=args.failure_rate,
         seed=args.seed,
+        admin_port=args.admin_port,
     )
     return run_dev(options)
 
@@ -252,3 +307,26 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.url, args.provider, args.count)
+
+
+def _admin_breaker(args: argparse.Namespace) -> int:
+    body = {"state": args.state, "reason": args.reason}
+    return _call_admin(args, f"/admin/breakers/{quote(args.provider, safe='')}", body)
+
+
+def _admin_reload(args: argparse.Namespace) -> int:
+    return _call_admin(args, "/admin/reload", {"reason": args.reason})
+
+
+def _call_admin(args: argparse.Namespace, path: str, body: dict[str, str]) -> int:
+    token = admin_token(os.environ)
+    if token is None:
+        print(f"payagg: {ADMIN_TOKEN_ENV} is not set: the admin API needs it", file=sys.stderr)
+        return 1
+    try:
+        answer = call_admin(args.url, path, body, token, args.actor or default_actor())
+    except AdminCallFailed as failed:
+        print(f"payagg: {failed}", file=sys.stderr)
+        return 1
+    print(answer)
+    return 0

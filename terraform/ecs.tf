@@ -18,10 +18,12 @@ locals {
     readonlyRootFilesystem = true
     stopTimeout            = 30
     linuxParameters        = { initProcessEnabled = true }
-    # Only the public port. The admin port (server.admin_port, 9090) is for the collector beside it,
-    # over the task's loopback: awsvpc needs no mapping for that, and the security group admits
-    # nothing but 8080 from the ALB.
-    portMappings = [{ containerPort = 8080, protocol = "tcp" }]
+    # 8080 for the ALB; 9090, the admin port (admin.tf), for metrics collectors: the one beside it
+    # over loopback, others only from the security groups admin.tf admits. The ALB never sends to it.
+    portMappings = [
+      { containerPort = 8080, protocol = "tcp" },
+      { containerPort = 9090, protocol = "tcp" },
+    ]
     dependsOn = [
       { containerName = "mtn", condition = "HEALTHY" },
       { containerName = "airtel", condition = "HEALTHY" },
@@ -44,11 +46,13 @@ locals {
       { name = "PAYAGG_MERCHANT_RATE_PER_S", value = tostring(var.merchant_rate_per_s) },
       { name = "PAYAGG_MERCHANT_BURST", value = tostring(var.merchant_burst) },
     ]
-    # REDIS_URL carries the auth token: ECS resolves it from Secrets Manager when the task starts,
-    # so it never appears in the task definition. The client key hashes come the same way.
+    # REDIS_URL carries the auth token, PAYAGG_ADMIN_TOKEN opens the admin API: ECS resolves them
+    # from Secrets Manager when the task starts, so none appears in the task definition. The client
+    # key hashes come the same way.
     secrets = [
       { name = "REDIS_URL", valueFrom = "${aws_secretsmanager_secret.redis.arn}:url::" },
       { name = "PAYAGG_MERCHANT_KEY_SHA256", valueFrom = "${aws_secretsmanager_secret.client_keys.arn}:merchant::" },
+      { name = "PAYAGG_ADMIN_TOKEN", valueFrom = "${aws_secretsmanager_secret.admin_token.arn}:token::" },
     ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

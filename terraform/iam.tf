@@ -47,9 +47,9 @@ data "aws_iam_policy_document" "execution" {
   }
 
   statement {
-    sid       = "ReadTheRedisAndClientKeySecrets"
+    sid       = "ReadTheRedisClientKeyAndAdminSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [aws_secretsmanager_secret.redis.arn, aws_secretsmanager_secret.client_keys.arn]
+    resources = [aws_secretsmanager_secret.redis.arn, aws_secretsmanager_secret.client_keys.arn, aws_secretsmanager_secret.admin_token.arn]
   }
 
   statement {

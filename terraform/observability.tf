@@ -43,7 +43,7 @@ variable "alarm_store_memory_percent" {
 
 locals {
   # The collector's configuration, given to it in AOT_CONFIG_CONTENT. `instance` becomes the ECS
-  # task id (every task scrapes 127.0.0.1:8080, which would merge their series).
+  # task id (every task scrapes 127.0.0.1:9090, which would merge their series).
   collector_config = yamlencode({
     extensions = {
       sigv4auth    = { region = data.aws_region.current.name, service = "aps" }
@@ -53,13 +53,12 @@ locals {
       prometheus = {
         config = {
           scrape_configs = [{
-            # The alert rules select job="payagg". Once `server.admin_port` exists, this target
-            # becomes 127.0.0.1:9090 (the admin port) and the main port stops serving /metrics;
-            # the collector shares the task's loopback, so no port mapping or rule is needed.
+            # The alert rules select job="payagg". The admin port (server.admin_port): the
+            # collector shares the task's loopback, so no port mapping or rule is needed.
             job_name        = "payagg"
             scrape_interval = "${var.metrics_scrape_interval_s}s"
             metrics_path    = "/metrics"
-            static_configs  = [{ targets = ["127.0.0.1:8080"] }]
+            static_configs  = [{ targets = ["127.0.0.1:9090"] }]
           }]
         }
       }

@@ -1,6 +1,7 @@
 # Three groups, each rule naming the group at its other end: internet -> ALB -> proxy (8080) ->
-# Redis (6379). The only CIDR rules are the ALB's public listeners and the tasks' HTTPS egress,
-# which reaches ECR, CloudWatch Logs and Secrets Manager through the NAT gateway.
+# Redis (6379); the admin port (9090) only from metrics collectors' groups (admin.tf). The only
+# CIDR rules are the ALB's public listeners and the tasks' HTTPS egress, which reaches ECR,
+# CloudWatch Logs and Secrets Manager through the NAT gateway.
 
 resource "aws_security_group" "alb" {
   name_prefix = "${var.name}-alb-"

@@ -111,8 +111,9 @@ def running(
         service.stop()
 
 
-def payagg_serve(config: object, port: int, *extra: str) -> list[str]:
-    """argv of the proxy (`payagg serve`) with `config` on 127.0.0.1:`port`."""
+def payagg_serve(config: object, port: int, *extra: str, admin_port: int = 0) -> list[str]:
+    """argv of the proxy (`payagg serve`) with `config` on 127.0.0.1:`port`; no admin port
+    unless asked for (two proxies of one test session would both want 9090)."""
     return [
         str(VENV_BIN / "payagg"),
         "serve",
@@ -122,6 +123,8 @@ def payagg_serve(config: object, port: int, *extra: str) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--admin-port",
+        str(admin_port),
         *extra,
     ]
 

@@ -116,6 +116,7 @@ def test_the_packaged_default_config_is_the_shipped_file_itself() -> None:
 def test_serve_outside_the_repository_uses_the_packaged_config(tmp_path: Path) -> None:
     port = free_port()
     argv = [str(VENV_BIN / "payagg"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--admin-port", "0"]
     service = ServiceProcess(argv, env={"REDIS_URL": "redis://127.0.0.1:1/0"}, cwd=tmp_path)
     try:
         service.wait_ready(f"http://127.0.0.1:{port}/healthz")

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from mock_providers import cli as mock_cli
+from proxy.settings.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -30,7 +31,7 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 
 CONFIG_REFERENCE = re.compile(r"\$\{([A-Z0-9_]+)(:-[^}]*)?\}")
 URL = re.compile(r"https?://[^\s'\"]+")
-PROXY_ENV_OUTSIDE_THE_CONFIG = {"PAYAGG_CONFIG", "LOG_LEVEL"}
+PROXY_ENV_OUTSIDE_THE_CONFIG = {"PAYAGG_CONFIG", "LOG_LEVEL", "PAYAGG_ADMIN_TOKEN"}
 MOCK_ENV = {option.env for option in mock_cli.OPTIONS}
 SERVICES = ["redis", "proxy", "mtn", "airtel"]
 PAYAGG_SERVICES = ["proxy", "mtn", "airtel"]
@@ -427,12 +428,14 @@ def test_every_file_the_observability_services_mount_exists(name: str) -> None:
             assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
 
 
-def test_prometheus_scrapes_the_proxy_where_it_serves_metrics_and_loads_the_alerts() -> None:
+def test_prometheus_scrapes_the_proxy_on_its_admin_port_and_loads_the_alerts() -> None:
     scrape = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
     (job,) = scrape["scrape_configs"]
     (targets,) = [group["targets"] for group in job["static_configs"]]
-    published = str(service("proxy")["ports"][0]).split(":")[-1]
-    assert targets == [f"proxy:{published}"]
+    admin_port = load_config(ROOT / "config" / "gateway.yaml", {}).server.admin_port
+    assert targets == [f"proxy:{admin_port}"]
+    published = [str(port).split(":")[-1] for port in service("proxy")["ports"]]
+    assert str(admin_port) not in published
     mounted = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("prometheus")["volumes"]}
     assert [mounted[path] for path in scrape["rule_files"]] == ["./ops/prometheus/alerts.yml"]
 

@@ -29,6 +29,7 @@ class DevStackProcess:
     def __init__(self, *extra: str) -> None:
         self.ports = {name: free_port() for name in SERVICES}
         self.proxy = f"http://127.0.0.1:{self.ports['proxy']}"
+        self.admin = f"http://127.0.0.1:{free_port()}"
         self.process = ServiceProcess(
             [
                 str(VENV_BIN / "payagg"),
@@ -41,6 +42,8 @@ class DevStackProcess:
                 str(self.ports["mtn"]),
                 "--airtel-port",
                 str(self.ports["airtel"]),
+                "--admin-port",
+                self.admin.rsplit(":", 1)[1],
                 *extra,
             ]
         )
@@ -126,6 +129,7 @@ def test_dev_serves_payments_through_both_providers_and_ctrl_c_stops_every_proce
         assert "curl" in output
         assert '"TransactionID":"TXN-ID-022-1","Amount":20.00' in output
         assert f"payagg demo --url {stack.proxy}" in output
+        assert f"admin        {stack.admin}" in output
 
         os.killpg(stack.process.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert stack.exit_code() == 0, stack.process.log()
@@ -230,7 +234,7 @@ def mock_faults(port: int) -> dict[str, object]:
 def test_make_dev_passes_its_args_and_sigterm_to_make_stops_the_stack():
     ports = {name: free_port() for name in SERVICES}
     args = " ".join(f"--{name}-port {port}" for name, port in ports.items() if name != "proxy")
-    args += f" --port {ports['proxy']} --failure-rate 0.8 --seed 7"
+    args += f" --port {ports['proxy']} --admin-port {free_port()} --failure-rate 0.8 --seed 7"
     venv = VENV_BIN.parent
     make = ServiceProcess(["make", "-s", "-C", str(ROOT), "dev", f"VENV={venv}", f"ARGS={args}"])
     try:

@@ -348,7 +348,7 @@ def live(
     redis_server.client().flushall()
     work = tmp_path_factory.mktemp("observability")
     ports = {"MTN": free_port(), "AIRTEL": free_port()}
-    proxy_port, prometheus_port = free_port(), free_port()
+    proxy_port, admin_port, prometheus_port = free_port(), free_port(), free_port()
     env = {
         "MTN_URL": f"http://127.0.0.1:{ports['MTN']}",
         "AIRTEL_URL": f"http://127.0.0.1:{ports['AIRTEL']}",
@@ -369,7 +369,8 @@ def live(
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
         "scrape_configs": [
-            {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{proxy_port}"]}]}
+            # The admin port, as the deployment's collector and compose's Prometheus scrape it.
+            {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{admin_port}"]}]}
         ],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(scrape), encoding="utf-8")
@@ -389,7 +390,7 @@ def live(
             processes.enter_context(running(argv, f"{url}/healthz"))
             mocks[name] = url
         proxy = f"http://127.0.0.1:{proxy_port}"
-        argv = payagg_serve(SHIPPED_CONFIG, proxy_port, "--workers", "2")
+        argv = payagg_serve(SHIPPED_CONFIG, proxy_port, "--workers", "2", admin_port=admin_port)
         processes.enter_context(running(argv, f"{proxy}/readyz", env=env))
         prometheus_url = f"http://127.0.0.1:{prometheus_port}"
         processes.enter_context(running(prometheus_argv, f"{prometheus_url}/-/ready"))

@@ -50,6 +50,7 @@ OUTPUTS = ["alb_dns_name", "pay_url", "ecr_repository_url", "log_group_name"]
 CHECKOV_SKIP = re.compile(r"#\s*checkov:skip=(?P<check>[A-Z0-9_]+)(?::(?P<reason>.*))?")
 # The variables without a default: the image, and the merchant's key hash (the clients work).
 REQUIRED_VARIABLES = {"image_tag": "v1", "merchant_key_sha256": ["a" * 64]}
+ADMIN_PORT = 9090  # server.admin_port: the collector scrapes it inside the task
 A_CERTIFICATE = "arn:aws:acm:eu-west-1:123456789012:certificate/0f1e2d3c"
 
 
@@ -283,9 +284,9 @@ def test_the_proxy_starts_only_after_both_mocks_are_healthy() -> None:
     ]
 
 
-def test_only_the_proxy_publishes_a_port_and_it_is_8080() -> None:
+def test_only_the_proxy_publishes_ports_8080_and_its_admin_port_9090() -> None:
     published = {name: c.get("portMappings", []) for name, c in containers().items()}
-    assert [m["containerPort"] for m in published.pop("proxy")] == [8080]
+    assert [m["containerPort"] for m in published.pop("proxy")] == [8080, ADMIN_PORT]
     assert all(not mappings for mappings in published.values())
 
 
@@ -299,11 +300,15 @@ def test_every_variable_the_task_gives_the_proxy_is_one_the_shipped_config_reads
     assert given <= set(config_references()), sorted(given - set(config_references()))
 
 
-def test_redis_url_comes_from_secrets_manager_and_never_from_the_environment() -> None:
+def test_redis_url_and_admin_token_come_from_secrets_manager_never_from_the_environment() -> None:
     for container in containers().values():
         assert "REDIS_URL" not in environment(container)
+        assert "PAYAGG_ADMIN_TOKEN" not in environment(container)
     secrets = {s["name"]: s["valueFrom"] for s in containers()["proxy"]["secrets"]}
     assert_secret_reference(secrets["REDIS_URL"], "redis", "local.redis_url")
+    assert_secret_reference(
+        secrets["PAYAGG_ADMIN_TOKEN"], "admin_token", "random_password.admin_token.result"
+    )
 
 
 def assert_secret_reference(value_from: str, secret: str, stored_expression: str) -> None:
@@ -323,11 +328,20 @@ def test_the_deployment_requires_client_keys_whose_hashes_come_from_secrets_mana
     assert env["PAYAGG_ENVIRONMENT"] == "production", "so that the proxy refuses `auth: off`"
     assert "PAYAGG_MERCHANT_KEY_SHA256" not in env
     secrets = {s["name"]: s["valueFrom"] for s in proxy["secrets"]}
-    assert set(secrets) == {"REDIS_URL", "PAYAGG_MERCHANT_KEY_SHA256"}
+    assert set(secrets) == {"REDIS_URL", "PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_ADMIN_TOKEN"}
     assert_secret_reference(
         secrets["PAYAGG_MERCHANT_KEY_SHA256"], "client_keys", 'join(",", var.merchant_key_sha256)'
     )
     assert {"PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_AUTH"} <= set(config_references())
+
+
+def test_the_admin_token_is_generated_encrypted_and_long() -> None:
+    password = terraform().resource("random_password", "admin_token")
+    assert password["length"] >= 32
+    secret = terraform().resource("aws_secretsmanager_secret", "admin_token")
+    assert expression(secret["kms_key_id"]) == "aws_kms_key.payagg.arn"
+    version = terraform().resource("aws_secretsmanager_secret_version", "admin_token")
+    assert "random_password.admin_token.result" in str(version["secret_string"])
 
 
 @pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
@@ -448,6 +462,10 @@ def test_security_group_rules_reference_groups_not_cidrs(name: str) -> None:
         return
     assert "cidr_ipv4" not in rule
     assert "cidr_ipv6" not in rule
+    if "for_each" in rule:  # groups given by id (sg-..., validated), e.g. metrics collectors'
+        assert expression(rule["referenced_security_group_id"]) == "each.value"
+        assert re.fullmatch(r"\$\{toset\(var\.\w+_security_group_ids\)\}", rule["for_each"])
+        return
     assert re.fullmatch(
         r"aws_security_group\.\w+\.id", expression(rule["referenced_security_group_id"])
     )
@@ -481,7 +499,12 @@ def test_each_hop_is_open_only_between_its_two_groups(
 def test_each_group_has_exactly_the_expected_rules(group: str) -> None:
     expected = {
         "alb": {"alb_http", "alb_https", "alb_to_service"},
-        "service": {"service_from_alb", "service_to_redis", "service_https"},
+        "service": {
+            "service_from_alb",
+            "service_admin_from_collectors",
+            "service_to_redis",
+            "service_https",
+        },
         "redis": {"redis_from_service"},
     }[group]
     rules = {
@@ -678,6 +701,7 @@ def test_the_execution_role_reads_exactly_the_two_secrets() -> None:
         [
             "${aws_secretsmanager_secret.redis.arn}",
             "${aws_secretsmanager_secret.client_keys.arn}",
+            "${aws_secretsmanager_secret.admin_token.arn}",
         ]
     ]
     assert all(
@@ -825,8 +849,9 @@ def test_the_collector_scrapes_the_proxy_on_loopback_as_the_job_the_alerts_selec
     (scrape,) = config["receivers"]["prometheus"]["config"]["scrape_configs"]
     selected = set(re.findall(r'job="(\w+)"', ALERT_RULES.read_text()))
     assert selected == {scrape["job_name"]}
-    (proxy_port,) = [m["containerPort"] for m in containers()["proxy"]["portMappings"]]
-    assert scrape["static_configs"] == [{"targets": [f"127.0.0.1:{proxy_port}"]}]
+    ports = [m["containerPort"] for m in containers()["proxy"]["portMappings"]]
+    assert ADMIN_PORT in ports
+    assert scrape["static_configs"] == [{"targets": [f"127.0.0.1:{ADMIN_PORT}"]}]
     assert scrape["metrics_path"] == "/metrics"
     pipeline = config["service"]["pipelines"]["metrics"]
     assert pipeline["receivers"] == ["prometheus"]

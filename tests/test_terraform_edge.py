@@ -345,18 +345,25 @@ def test_every_listener_port_is_admitted_by_an_ingress_rule() -> None:
     assert {(body["port"], body["port"]) for body in listeners().values()} <= admitted
 
 
-def test_nothing_reaches_the_tasks_but_the_alb_on_the_proxy_port() -> None:
-    """The admin port (server.admin_port) is reachable only inside the task, over loopback."""
+def test_nothing_reaches_the_tasks_but_the_alb_on_the_proxy_port_and_collectors_on_9090() -> None:
+    """The admin port (server.admin_port) is reachable inside the task, over loopback, and from
+    the metrics collectors' security groups only; the ALB sends to the proxy port only."""
     port = terraform().resource("aws_lb_target_group", "proxy")["port"]
-    into_tasks = [
-        rule
-        for rule in terraform().resources_of("aws_vpc_security_group_ingress_rule").values()
+    into_tasks = {
+        name: rule
+        for name, rule in terraform().resources_of("aws_vpc_security_group_ingress_rule").items()
         if expression(rule["security_group_id"]) == "aws_security_group.service.id"
-    ]
-    assert into_tasks
-    for rule in into_tasks:
-        assert (rule["from_port"], rule["to_port"]) == (port, port)
-        assert expression(rule.get("referenced_security_group_id")) == "aws_security_group.alb.id"
+    }
+    assert set(into_tasks) == {"service_from_alb", "service_admin_from_collectors"}
+    from_alb = into_tasks["service_from_alb"]
+    assert (from_alb["from_port"], from_alb["to_port"]) == (port, port)
+    assert expression(from_alb["referenced_security_group_id"]) == "aws_security_group.alb.id"
+    admin = into_tasks["service_admin_from_collectors"]
+    assert (admin["from_port"], admin["to_port"]) == (9090, 9090)
+    assert expression(admin["referenced_security_group_id"]) == "each.value"
+    assert "var.metrics_collector_security_group_ids" in str(admin["for_each"])
+    assert "cidr_ipv4" not in admin
+    assert port != 9090
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.admin.token import ADMIN_TOKEN_ENV
 from proxy.devtools.demo import DEFAULT_PROXY_URL
 from proxy.server.children import stop_with_parent
 from proxy.settings.config import ConfigError, RedisSettings, load_config
@@ -28,6 +29,8 @@ STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
 LOG_TAIL_LINES = 20
 # The original service's own example payment, written as its users pasted it.
+# Only for the local stack, which listens on 127.0.0.1; a deployment sets its own secret.
+DEV_ADMIN_TOKEN = "payagg-dev-admin-token"
 SEED_PAYMENT_BODY = (
     '{"TransactionID":"TXN-ID-022-1","Amount":20.00,"Currency":"ZAR","ProviderKey":"AIRTEL"}'
 )
@@ -44,10 +47,15 @@ class DevOptions:
     airtel_port: int = 9102
     failure_rate: float = 0.2
     seed: int | None = None
+    admin_port: int = 9090
 
     @property
     def proxy_url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.admin_port}"
 
     @property
     def redis_url(self) -> str:
@@ -62,7 +70,17 @@ class DevOptions:
         return f"http://{HOST}:{self.airtel_port}"
 
     def proxy_env(self) -> dict[str, str]:
-        return {"REDIS_URL": self.redis_url, "MTN_URL": self.mtn_url, "AIRTEL_URL": self.airtel_url}
+        return {
+            "REDIS_URL": self.redis_url,
+            "MTN_URL": self.mtn_url,
+            "AIRTEL_URL": self.airtel_url,
+            ADMIN_TOKEN_ENV: dev_admin_token(),
+        }
+
+
+def dev_admin_token() -> str:
+    """$PAYAGG_ADMIN_TOKEN when set, else a fixed local one: the local stack is not exposed."""
+    return os.environ.get(ADMIN_TOKEN_ENV) or DEV_ADMIN_TOKEN
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,7 @@ class Service:
     argv: list[str]
     healthy: Callable[[], Awaitable[bool]]
     env: dict[str, str] = field(default_factory=dict)
+    admin_url: str = ""  # the proxy's admin port
 
 
 @dataclass
@@ -191,10 +210,15 @@ def plan(options: DevOptions, log_dir: Path) -> list[Service]:
             option="--port",
             port=options.port,
             url=options.proxy_url,
-            argv=[*proxy, "--host", HOST, "--port", str(options.port)],
+            argv=[
+                *proxy,
+                *("--host", HOST, "--port", str(options.port)),
+                *("--admin-port", str(options.admin_port)),
+            ],
             # /readyz, not /healthz: the proxy is only useful once it reaches Redis.
             healthy=lambda: http_ok(f"{options.proxy_url}/readyz"),
             env=options.proxy_env(),
+            admin_url=options.admin_url,
         ),
     ]
 
@@ -399,10 +423,13 @@ def announce_ready(services: list[Service], log_dir: Path) -> None:
     by_name = {service.name: service for service in services}
     proxy = by_name["proxy"].url
     demo = "payagg demo" if proxy == DEFAULT_PROXY_URL else f"payagg demo --url {proxy}"
+    admin_url = by_name["proxy"].admin_url
     print(
         f"""
 payagg dev stack is ready (each process's output: {log_dir}/<name>.log)
   proxy        {proxy}   (/v1/pay /v1/providers /metrics /readyz /openapi.json)
+  admin        {admin_url}   (/metrics /v1/providers, POST /admin/...; payagg admin --help)
+               {ADMIN_TOKEN_ENV}={dev_admin_token()}
   MTN mock     {by_name["mtn"].url}   (/__mock/stats, PUT /__mock/config)
   Airtel mock  {by_name["airtel"].url}   (/__mock/stats, PUT /__mock/config)
   redis        {by_name["redis"].url}

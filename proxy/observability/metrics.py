@@ -31,6 +31,7 @@ UNKNOWN_PROVIDER = "unknown"
 # One series per outcome an answer can carry: the error classes can name no other.
 OUTCOMES: tuple[str, ...] = REQUEST_OUTCOMES
 WEBHOOK_RESULTS = ("delivered", "failed", "expired")
+RELOAD_RESULTS = ("ok", "invalid", "refused")
 # payagg's own answers: from a sub-millisecond replay or 503 to a payment on a slow provider.
 _ANSWER_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30,
@@ -115,22 +116,52 @@ class GatewayMetrics:
         for action in ("store", "release"):
             self.unknown_store_outcomes.labels(action)
         # Children resolved once: `labels()` on every request costs more than the increment.
-        self._request_counters = {
-            (provider, outcome, client): self.requests.labels(provider, outcome, client)
-            for provider in (*providers, UNKNOWN_PROVIDER)
-            for outcome in OUTCOMES
-            for client in (*clients, UNKNOWN_CLIENT)
-        }
-        for provider in (*providers, UNKNOWN_PROVIDER):
-            if provider != UNKNOWN_PROVIDER:
-                self.upstream_duration.labels(provider)
-                self.provider_mismatches.labels(provider)
-                self.unrecognised_status.labels(provider)
-                self.show_state(provider, BreakerState.CLOSED)
+        self._request_counters: dict[tuple[str, str, str], Counter] = {}
+        self._providers: list[str] = [UNKNOWN_PROVIDER]
+        self._clients: list[str] = []
+        self.add_clients((*clients, UNKNOWN_CLIENT))
 
-        self._add_operations_metrics(providers)
+        self._build_labels: tuple[str, ...] | None = None  # the build_info series shown
+        self._add_operations_metrics()
         self._add_webhook_metrics()
-        self._add_lifecycle_metrics(providers)
+        self._add_lifecycle_metrics()
+        self._add_admin_metrics()
+        self.add_providers(providers)
+
+    def add_providers(self, providers: Iterable[str]) -> None:
+        """Every series of these providers, created before their first request (at start-up,
+        and for the providers a config reload adds)."""
+        for provider in providers:
+            if provider in self._providers:
+                continue
+            self._providers.append(provider)
+            self._add_request_counters([provider], self._clients)
+            self.upstream_duration.labels(provider)
+            self.provider_mismatches.labels(provider)
+            self.unrecognised_status.labels(provider)
+            self.show_state(provider, BreakerState.CLOSED)
+            for before, after in itertools.permutations(BreakerState, 2):
+                self.breaker_transitions.labels(provider, before.value, after.value)
+            self.payments_pending.labels(provider)
+            self.unresolved_payments.labels(provider)
+            self.time_to_final.labels(provider)
+            self.reconcile_conflicts.labels(provider)
+            for result in POLL_RESULTS:
+                self.reconcile_polls.labels(provider, result)
+            self.show_forced(provider, None)
+
+    def add_clients(self, clients: Iterable[str]) -> None:
+        """The request counters of these clients (at start-up, and for clients a reload adds)."""
+        added = [client for client in clients if client not in self._clients]
+        self._clients += added
+        self._add_request_counters(self._providers, added)
+
+    def _add_request_counters(self, providers: Iterable[str], clients: list[str]) -> None:
+        for provider in providers:
+            for outcome in OUTCOMES:
+                for client in clients:
+                    key = (provider, outcome, client)
+                    self._request_counters[key] = self.requests.labels(*key)
 
     def count(self, provider: str, outcome: str, client: str) -> None:
         self._request_counters[provider, outcome, client].inc()
@@ -154,7 +185,7 @@ class GatewayMetrics:
 
     # --- operations: what the dashboard and the alert rules in ops/ read ----------------------
 
-    def _add_operations_metrics(self, providers: Iterable[str]) -> None:
+    def _add_operations_metrics(self) -> None:
         self.request_duration = Histogram(
             "payagg_request_duration_seconds",
             "Time from a request's arrival to payagg's answer, by route and outcome.",
@@ -165,9 +196,6 @@ class GatewayMetrics:
         self._answer_histograms: dict[tuple[str, str], Histogram] = {}
         for outcome in OUTCOMES:
             self.observe_answer(PAY_ROUTE, outcome, None)
-        for provider in providers:
-            for before, after in itertools.permutations(BreakerState, 2):
-                self.breaker_transitions.labels(provider, before.value, after.value)
         self.build_info = Gauge(
             "payagg_build_info",
             "Always 1; the labels say which build and which config file answer.",
@@ -182,7 +210,7 @@ class GatewayMetrics:
 
     # --- the payment lifecycle ---------------------------------------------------------------
 
-    def _add_lifecycle_metrics(self, providers: Iterable[str]) -> None:
+    def _add_lifecycle_metrics(self) -> None:
         # Read from the store at scrape: every process shows the same, right, value.
         self.payments_pending = Gauge(
             "payagg_payments_pending",
@@ -217,21 +245,23 @@ class GatewayMetrics:
             ["provider"],
             registry=self.registry,
         )
-        for provider in providers:
-            self.payments_pending.labels(provider)
-            self.unresolved_payments.labels(provider)
-            self.time_to_final.labels(provider)
-            self.reconcile_conflicts.labels(provider)
-            for result in POLL_RESULTS:
-                self.reconcile_polls.labels(provider, result)
 
     def show_build(self, config_hash: str) -> None:
-        self.build_info.labels(
+        """Say which config file this process runs; after a reload, the old one's series goes."""
+        labels = (
             package_version(),
             os.environ.get(REVISION_ENV) or "unknown",
             platform.python_version(),
             config_hash,
-        ).set(1)
+        )
+        shown = self._build_labels
+        if shown is not None and shown != labels:
+            # Zeroed first: with --workers the value lives on in this process's file after
+            # remove(), and a 0 never wins the livemax merge over another worker's 1.
+            self.build_info.labels(*shown).set(0)
+            self.build_info.remove(*shown)
+        self._build_labels = labels
+        self.build_info.labels(*labels).set(1)
 
     def observe_answer(self, route: str, outcome: str, seconds: float | None) -> None:
         """Record one answer's latency; `seconds=None` only creates the series."""
@@ -241,6 +271,31 @@ class GatewayMetrics:
             self._answer_histograms[route, outcome] = histogram
         if seconds is not None:
             histogram.observe(seconds)
+
+    # --- the admin API (proxy/admin/) ---------------------------------------------------------
+
+    def _add_admin_metrics(self) -> None:
+        self.config_reloads = Counter(
+            "payagg_config_reloads_total",
+            "Config reloads by result: ok (applied), invalid (errors in the file), refused "
+            "(pending payments at a provider it removes or re-targets); counted by each process.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+        self.breaker_forced = Gauge(
+            "payagg_circuit_breaker_forced",
+            "1 while an operator holds the provider's breaker in this state, else 0.",
+            ["provider", "state"],
+            registry=self.registry,
+            # Every process reads the same forced states from Redis.
+            multiprocess_mode="livemax",
+        )
+
+    def show_forced(self, provider: str, forced: BreakerState | None) -> None:
+        for state in (BreakerState.OPEN, BreakerState.CLOSED):
+            self.breaker_forced.labels(provider, state.value).set(1 if state is forced else 0)
 
     # --- merchant webhooks ----------------------------------------------------------------------
 

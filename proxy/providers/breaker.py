@@ -76,16 +76,23 @@ class ProviderBreaker:
         self._generation = 0
         self._trials_in_flight = 0
         self._trial_successes = 0
+        # An operator's override (the admin API, proxy/admin/): while set, it is the state every
+        # caller sees; the window keeps counting underneath and decides again once it is lifted.
+        self.forced: BreakerState | None = None
 
     @property
     def state(self) -> BreakerState:
         """The current state, moving open -> half-open once the open period has passed."""
+        if self.forced is not None:
+            return self.forced
         if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for_s:
             self._enter(BreakerState.HALF_OPEN)
         return self._state
 
     def retry_after_s(self) -> int:
         """Whole seconds until a trial call may be admitted (at least 1)."""
+        if self.forced is BreakerState.OPEN:
+            return max(1, math.ceil(self.settings.open_s))  # held open: no trial is coming
         if self.state is BreakerState.OPEN:
             remaining = self._open_for_s - (self._clock() - self._opened_at)
             return max(1, math.ceil(remaining))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy.admin.api import BREAKERS_PREFIX, RELOAD_PATH, AdminApi
+from proxy.admin.token import admin_token
 from proxy.clients.gate import CLIENT, Gate
 from proxy.errors import (
     ClientClosed,
@@ -55,6 +58,8 @@ LOOKUP_PREFIX = "/v1/payments/"
 LOOKUP_ROUTE = LOOKUP_PREFIX + "{TransactionID}"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _new_request_id = unique_tokens()
+# After the payments that started with a client a reload replaced are done.
+_RETIRED_CLIENT_GRACE_S = 5.0
 
 
 _HTTP_ERRORS: dict[int, Callable[[str], PaymentError]] = {
@@ -96,7 +101,17 @@ class Gateway:
             for provider in config.providers
         }
         self.gate = _gate(config, self.metrics)
-        self.payments = PaymentService(self._clients, self.store, self.gate)
+        # Clients a reload replaced, closed once the payments that started with them are done.
+        self._retired_clients: list[ProviderClient] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.admin = AdminApi(
+            self,
+            lambda: self.breakers,
+            self.metrics,
+            StoreClient(config.redis),  # its own connection, as the webhooks have
+            config.redis.key_prefix,
+            admin_token(os.environ),
+        )
         # Its own Redis connection: deliveries never queue behind payments' commands.
         self.webhooks = WebhookDelivery(
             config.webhooks,
@@ -104,10 +119,8 @@ class Gateway:
             self.metrics,
             client_targets={c.name: c.webhook for c in config.clients if c.webhook is not None},
         )
-        self.callbacks = CallbackService(self._clients, self.store.lifecycle, self.payments.wakeups)
-        self.reconciler = Reconciler(self.store.lifecycle, self._clients, config.reconcile)
         self._reconciling: asyncio.Task[None] | None = None
-        self._openapi_document = build_document([provider.name for provider in config.providers])
+        self._use_clients(self._clients, previous=None)
         get_routes: dict[str, Handler] = {
             "/v1/providers": self._providers,
             "/healthz": self._healthz,
@@ -116,39 +129,157 @@ class Gateway:
             "/openapi.json": self._openapi,
         }
         self._routes: dict[str, dict[str, Handler]] = {
-            PAY_PATH: {"POST": self.payments.pay},
+            PAY_PATH: {"POST": self._pay},
             **{path: {"GET": handler, "HEAD": handler} for path, handler in get_routes.items()},
         }
         self._lookup_route: dict[str, Handler] = {"GET": self._lookup, "HEAD": self._lookup}
         self._callback_route: dict[str, Handler] = {"PUT": self._callback, "POST": self._callback}
+        # The admin port: what the ALB never forwards, and the admin API, served nowhere else.
+        self._admin_routes: dict[str, dict[str, Handler]] = {
+            path: {"GET": handler, "HEAD": handler}
+            for path, handler in get_routes.items()
+            if path in ("/metrics", "/v1/providers", "/openapi.json", "/healthz")
+        }
+        self._admin_routes[RELOAD_PATH] = {"POST": self.admin.reload}
 
     def paths(self) -> list[str]:
         """Every route this gateway serves, in the OpenAPI document's notation."""
         return [*self._routes, LOOKUP_ROUTE, CALLBACK_ROUTE]
 
     def start(self) -> None:
-        """Start this process's reconciler and webhook delivery (inside the running loop)."""
+        """Start this process's reconciler, webhook delivery and admin state refresh (inside
+        the running loop)."""
         if self._reconciling is None:
             self._reconciling = asyncio.get_running_loop().create_task(self.reconciler.run())
         self.webhooks.start()
+        self.admin.sync.start()
 
-    def server(self) -> web.Server:
+    def use_config(self, config: GatewayConfig) -> None:
+        """Serve `config`'s providers from now on (an admin reload), in one step.
+
+        A provider whose settings are unchanged keeps its client (pool, token) and breaker; one
+        whose breaker settings are unchanged keeps its breaker's state; new ones start closed.
+        Payments in flight finish with the clients they started with.
+        """
+        clients = {}
+        for provider in config.providers:
+            old = self._clients.get(provider.name)
+            if old is not None and (old.provider.settings, old.provider.callbacks) == (
+                provider.settings,
+                provider.callbacks,
+            ):
+                clients[provider.name] = old
+                continue
+            breaker = self.breakers.get(provider.name)
+            if breaker is None or breaker.settings != provider.settings.breaker:
+                breaker = ProviderBreaker(
+                    provider.name,
+                    provider.settings.breaker,
+                    on_transition=_transition_hook(self.metrics),
+                )
+            clients[provider.name] = ProviderClient(provider, self.metrics, breaker)
+        self.metrics.add_providers(clients)
+        retired = [client for client in self._clients.values() if client not in clients.values()]
+        self.config = config
+        self._use_clients(clients, previous=self.payments)
+        self.admin.sync.apply()  # a provider's new breaker is held as its old one was
+        if retired:
+            self._retire(retired)
+
+    def _use_clients(
+        self, clients: dict[str, ProviderClient], previous: PaymentService | None
+    ) -> None:
+        """Everything built from the providers: payments, callbacks, reconciler, OpenAPI."""
+        self._clients = clients
+        self.breakers = {name: client.breaker for name, client in clients.items()}
+        self.payments = PaymentService(clients, self.store, self.gate)
+        if previous is not None:
+            # One set of payments settling and of waiters for callbacks, across reloads.
+            self.payments.settling, self.payments.wakeups = previous.settling, previous.wakeups
+        self.callbacks = CallbackService(clients, self.store.lifecycle, self.payments.wakeups)
+        self.reconciler = Reconciler(self.store.lifecycle, clients, self.config.reconcile)
+        if self._reconciling is not None:
+            # A pass cut short leaves its leases to expire: those payments are asked again then.
+            self._reconciling.cancel()
+            self._reconciling = asyncio.get_running_loop().create_task(self.reconciler.run())
+        self._openapi_document = build_document(
+            [provider.name for provider in self.config.providers]
+        )
+
+    def _retire(self, clients: list[ProviderClient]) -> None:
+        settling = set(self.payments.settling)
+        self._retired_clients.extend(clients)
+
+        async def close_when_unused() -> None:
+            if settling:
+                await asyncio.wait(settling)
+            # A payment that looked its client up just before the reload is past its claim by now.
+            await asyncio.sleep(_RETIRED_CLIENT_GRACE_S)
+            for client in clients:
+                self._retired_clients.remove(client)
+                await client.close()
+
+        task = asyncio.get_running_loop().create_task(close_when_unused())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def pending_payments(self) -> dict[str, int]:
+        """Payments not final (PROCESSING, PENDING, UNRESOLVED) per provider, from the store;
+        raises StoreUnavailable."""
+        totals = await self._store_counts()
+        providers = {field.split(":", 1)[1] for field in totals if ":" in field}
+        return {
+            name: totals.get(f"pending:{name}", 0) + totals.get(f"unresolved:{name}", 0)
+            for name in providers
+        }
+
+    def server(self, admin: bool = False) -> web.Server:
+        """The public port's server, or (`admin`) the admin port's: its own routes, the same
+        connection limits."""
         return GatewayServer(
-            self.handle,
+            self.handle_admin if admin else self.handle,
             self.config.server,
             answer_error=self.answer_unreadable,
             on_refused=self.metrics.connections_refused.inc,
         )
 
+    async def handle_admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The admin port's routes, errors as JSON, each request logged."""
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        path = request.path
+        try:
+            if path.startswith(BREAKERS_PREFIX) and request.method == "POST":
+                response: web.StreamResponse = await self.admin.force_breaker(
+                    request, unquote(path[len(BREAKERS_PREFIX) :])
+                )
+            else:
+                methods = self._admin_routes.get(path)
+                handler = None if methods is None else methods.get(request.method)
+                if handler is None:
+                    raise NotFound(f"no such route on the admin port: {request.method} {path}")
+                response = await handler(request)
+        except PaymentError as error:
+            response = self._answer_error(error, request_id)
+        except web.HTTPException as http_error:  # 413 from reading an oversized body
+            mapped = _HTTP_ERRORS.get(http_error.status, PaymentError)(http_error.reason)
+            response = self._answer_error(mapped, request_id)
+        except Exception:
+            response = self._answer_error(_unexpected(request, request_id), request_id)
+        return _logged(request, response, request_id, "", started)
+
     async def close(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for payments still settling, then close every connection."""
+        await self.admin.close()
+        for retiring in self._retiring:
+            retiring.cancel()
         if self._reconciling is not None:
             self._reconciling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciling
             self._reconciling = None
         await asyncio.gather(self._settle_payments(timeout_s), self.webhooks.close(timeout_s))
-        for client in self._clients.values():
+        for client in [*self._clients.values(), *self._retired_clients]:
             await client.close()
         await self.gate.close()
         await self.store.close()
@@ -237,6 +368,10 @@ class Gateway:
             return CALLBACK_ROUTE
         return LOOKUP_ROUTE if path.startswith(LOOKUP_PREFIX) else "unmatched"
 
+    def _pay(self, request: web.BaseRequest) -> Awaitable[web.Response]:
+        # Looked up at each request: a reload replaces the payment service.
+        return self.payments.pay(request)
+
     async def _lookup(self, request: web.BaseRequest) -> web.Response:
         return await self.payments.lookup(request, _lookup_transaction_id(request))
 
@@ -258,6 +393,7 @@ class Gateway:
                     "retry_after_s": breaker.retry_after_s() if state is BreakerState.OPEN else 0,
                     "window": {"calls": counts.calls, "failures": counts.failures},
                     "timeout_s": provider.settings.timeout_s,
+                    **self.admin.describe_forced(provider.name),
                 }
             )
         return json_answer({"providers": answer})
@@ -275,8 +411,9 @@ class Gateway:
         return json_answer({"status": "ready"})
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
-        for breaker in self.breakers.values():
-            _ = breaker.state  # applies a due open -> half_open move before the gauges are read
+        for name, breaker in self.breakers.items():
+            # The state callers see (forced or not), after a due open -> half_open move.
+            self.metrics.show_state(name, breaker.state)
         await self.webhooks.refresh_backlog()
         with contextlib.suppress(StoreUnavailable):
             await self._show_store_gauges()
@@ -288,16 +425,21 @@ class Gateway:
     async def _show_store_gauges(self) -> None:
         """The pending and unresolved gauges, from the store's counters: every process shows
         the same, right, values."""
+        totals = await self._store_counts()
+        for provider in self.config.providers:
+            name = provider.name
+            self.metrics.payments_pending.labels(name).set(totals.get(f"pending:{name}", 0))
+            self.metrics.unresolved_payments.labels(name).set(totals.get(f"unresolved:{name}", 0))
+
+    async def _store_counts(self) -> dict[str, int]:
+        """`pending:<PROVIDER>` and `unresolved:<PROVIDER>` summed over the shards."""
         totals: dict[str, int] = {}
         lifecycle = self.store.lifecycle
         with lifecycle.errors:
             for shard in all_shards(lifecycle.prefix):
                 for field, count in (await lifecycle.records.counts(shard)).items():
                     totals[field] = totals.get(field, 0) + count
-        for provider in self.config.providers:
-            name = provider.name
-            self.metrics.payments_pending.labels(name).set(totals.get(f"pending:{name}", 0))
-            self.metrics.unresolved_payments.labels(name).set(totals.get(f"unresolved:{name}", 0))
+        return totals
 
     async def _openapi(self, request: web.BaseRequest) -> web.Response:
         return json_answer(self._openapi_document)

@@ -17,37 +17,48 @@ from proxy.settings.config import GatewayConfig
 log = logging.getLogger("payagg")
 
 
-async def serve(config: GatewayConfig, host: str, port: int, reuse_port: bool) -> None:
-    """Serve until a stop signal; raises OSError when the address cannot be listened on.
+async def serve(
+    config: GatewayConfig, host: str, port: int, reuse_port: bool, admin_port: int = 0
+) -> None:
+    """Serve until a stop signal; raises OSError when an address cannot be listened on.
 
-    On SIGTERM (what ECS sends) the listening socket closes at once, requests in flight get
+    On SIGTERM (what ECS sends) the listening sockets close at once, requests in flight get
     `server.shutdown_timeout_s` to finish, and payments still settling with their provider get
-    whatever remains of it, so the process exits 0 within the timeout as ECS expects.
+    whatever remains of it, so the process exits 0 within the timeout as ECS expects. SIGHUP
+    reloads the config file (proxy/admin/). `admin_port` 0: no admin listener.
+
+    With `--workers N` every worker listens on both ports (SO_REUSEPORT): any worker's /metrics
+    shows every worker's merged values, and admin actions reach the others through Redis.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     gateway = Gateway(config)
+    loop.add_signal_handler(signal.SIGHUP, gateway.admin.reload_on_signal)
     timeout_s = config.server.shutdown_timeout_s
-    runner = web.ServerRunner(gateway.server(), shutdown_timeout=timeout_s)
-    await runner.setup()
+    runners = [web.ServerRunner(gateway.server(), shutdown_timeout=timeout_s)]
+    if admin_port:
+        runners.append(web.ServerRunner(gateway.server(admin=True), shutdown_timeout=timeout_s))
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
-        gateway.start()  # the reconciler and the webhook delivery
+        for runner, listen_on in zip(runners, (port, admin_port), strict=False):
+            await runner.setup()
+            await web.TCPSite(runner, host, listen_on, reuse_port=reuse_port).start()
+        gateway.start()  # the reconciler, the webhook delivery, the admin state refresh
         log.info(
             "payagg serving on http://%s:%d with %s",
             host,
             port,
             config.summary(),
-            extra={"fields": {"host": host, "port": port}},
+            extra={"fields": {"host": host, "port": port, "admin_port": admin_port or None}},
         )
         store_check = asyncio.create_task(_warn_if_store_unreachable(gateway, config))
         await stop.wait()
         store_check.cancel()
     finally:
         stopping_at = time.monotonic()
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         await gateway.close(max(0.0, timeout_s - (time.monotonic() - stopping_at)))
 
 

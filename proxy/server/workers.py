@@ -4,8 +4,9 @@ Each worker is a full `payagg serve` with its own breakers, Redis connection and
 pools; the kernel spreads connections across them. prometheus-client's multiprocess mode merges
 their metrics: any worker's `/metrics` shows the sums (the breaker state gauge then counts the
 workers in each state). The parent only supervises: SIGTERM or SIGINT is passed on to every
-worker, which drains as a single process does; a worker that dies on its own stops the others
-and the parent exits non-zero, so the orchestrator (ECS) replaces the whole task.
+worker, which drains as a single process does, and so is SIGHUP (each worker reloads its config
+file); a worker that dies on its own stops the others and the parent exits non-zero, so the
+orchestrator (ECS) replaces the whole task. Every worker also listens on the admin port.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from prometheus_client import multiprocess
@@ -53,13 +54,19 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: FrameType | None) -> None:
+        for worker in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGHUP)
+
     # Handlers first: a SIGTERM that arrives while workers start still reaches every one.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for _ in range(count):
         if stopping:
             break
-        started = subprocess.Popen(argv, env=env, preexec_fn=stop_with_parent())
+        started = subprocess.Popen(argv, env=env, preexec_fn=_worker_setup())
         workers[started.pid] = started
     log.info("started %d workers: %s", count, " ".join(str(pid) for pid in workers))
     failed = False
@@ -80,6 +87,18 @@ def run_workers(count: int, serve_args: Sequence[str], shutdown_timeout_s: float
     finally:
         _kill_stragglers(list(workers.values()), shutdown_timeout_s)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _worker_setup() -> Callable[[], None]:
+    """The worker stops with the parent, and ignores SIGHUP until its event loop handles it
+    (an ignored signal stays ignored across exec): a reload during start-up cannot kill it."""
+    with_parent = stop_with_parent()
+
+    def preexec() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with_parent()
+
+    return preexec
 
 
 def _kill_stragglers(workers: list[subprocess.Popen[bytes]], grace_s: float) -> None:

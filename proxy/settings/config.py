@@ -65,6 +65,8 @@ class ServerSettings(_Section):
     callback_secret: str | None = Field(None, repr=False)
     # production refuses `auth: off`.
     environment: Literal["development", "staging", "production"] = "development"
+    # /metrics, /v1/providers, /openapi.json and the admin API (proxy/admin/); 0: no admin port.
+    admin_port: int = Field(9090, ge=0, le=65535)
 
     @field_validator("public_url", "callback_secret")
     @classmethod
@@ -88,6 +90,15 @@ class ServerSettings(_Section):
         if secret is not None and len(secret) < 16:
             raise ValueError(f"must be at least 16 characters, got {len(secret)}")
         return secret
+
+    @model_validator(mode="after")
+    def _admin_port_apart(self) -> ServerSettings:
+        if self.admin_port == self.port:
+            raise ValueError(
+                f"admin_port must differ from port ({self.port}): the admin API is never served "
+                "where payments are"
+            )
+        return self
 
     def callback_target(self) -> CallbackTarget | None:
         if self.public_url is None or self.callback_secret is None:

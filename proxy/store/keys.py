@@ -98,3 +98,11 @@ def reference_key(prefix: str, provider: str, token: str) -> bytes:
 
 def outbox_member(sha: str, state: str) -> str:
     return f"{sha}:{state}"
+
+
+def admin_key(prefix: str) -> bytes:
+    """hash: `breaker:<PROVIDER>` -> a forced state as JSON, `config_generation` -> a counter.
+
+    One key, so one HGETALL per refresh reads it all, on any node of a cluster.
+    """
+    return f"{prefix}admin".encode()
