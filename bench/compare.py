@@ -63,7 +63,7 @@ def main() -> int:
             )
             argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
             pid = start(
-                [*argv, "--host", "127.0.0.1", "--port", str(port)],
+                [*argv, "--host", "127.0.0.1", "--port", str(port), *no_admin_port(directory)],
                 f"{name}.log",
                 {"PYTHONPATH": str(Path(directory).resolve())},
             )
@@ -119,6 +119,13 @@ def main() -> int:
     finally:
         run.stop(children)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def no_admin_port(directory: str) -> list[str]:
+    """The option that serves no admin port, where the checkout has one: two checkouts cannot
+    both listen on its default (9090)."""
+    cli = (Path(directory) / "proxy" / "cli.py").read_text()
+    return ["--admin-port", "0"] if "--admin-port" in cli else []
 
 
 if __name__ == "__main__":
