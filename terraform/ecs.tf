@@ -4,6 +4,12 @@
 locals {
   image = "${aws_ecr_repository.payagg.repository_url}:${var.image_tag}"
 
+  # Each task has mocks of its own, but any task's reconciler may ask about any payment: another
+  # task's mock answering "not found" proves nothing. With more than one task a not-found never
+  # makes a payment NOT_CREATED (it stays pending, then UNRESOLVED after give_up_after_s: never
+  # guessed); with one task the mocks answer at once, as locally.
+  not_found_grace_s = var.max_tasks > 1 ? "86400" : "0"
+
   # Each container is written out in full rather than merged from shared defaults, so that what ECS
   # receives can be read (and is checked by tests/test_terraform.py) key by key. All three run as
   # uid 10001 on a read-only root filesystem with a scratch /tmp, and get 30 s between SIGTERM and
@@ -45,6 +51,10 @@ locals {
       { name = "PAYAGG_ENVIRONMENT", value = "production" },
       { name = "PAYAGG_MERCHANT_RATE_PER_S", value = tostring(var.merchant_rate_per_s) },
       { name = "PAYAGG_MERCHANT_BURST", value = tostring(var.merchant_burst) },
+      { name = "MTN_NOT_FOUND_GRACE_S", value = local.not_found_grace_s },
+      { name = "AIRTEL_NOT_FOUND_GRACE_S", value = local.not_found_grace_s },
+      # Providers call back here (callbacks.tf); the mocks beside the proxy do, through the ALB.
+      { name = "PAYAGG_PUBLIC_URL", value = local.public_url },
     ]
     # REDIS_URL carries the auth token, PAYAGG_ADMIN_TOKEN opens the admin API: ECS resolves them
     # from Secrets Manager when the task starts, so none appears in the task definition. The client
@@ -53,6 +63,14 @@ locals {
       { name = "REDIS_URL", valueFrom = "${aws_secretsmanager_secret.redis.arn}:url::" },
       { name = "PAYAGG_MERCHANT_KEY_SHA256", valueFrom = "${aws_secretsmanager_secret.client_keys.arn}:merchant::" },
       { name = "PAYAGG_ADMIN_TOKEN", valueFrom = "${aws_secretsmanager_secret.admin_token.arn}:token::" },
+      # The providers' credentials and the callback secrets (provider_secrets.tf): the mocks get the same.
+      { name = "PAYAGG_CALLBACK_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:callback_secret::" },
+      { name = "MTN_API_USER", valueFrom = "${aws_secretsmanager_secret.providers.arn}:mtn_api_user::" },
+      { name = "MTN_API_KEY", valueFrom = "${aws_secretsmanager_secret.providers.arn}:mtn_api_key::" },
+      { name = "MTN_SUBSCRIPTION_KEY", valueFrom = "${aws_secretsmanager_secret.providers.arn}:mtn_subscription_key::" },
+      { name = "AIRTEL_CLIENT_ID", valueFrom = "${aws_secretsmanager_secret.providers.arn}:airtel_client_id::" },
+      { name = "AIRTEL_CLIENT_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:airtel_client_secret::" },
+      { name = "AIRTEL_CALLBACK_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:airtel_callback_secret::" },
     ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
@@ -94,6 +112,12 @@ locals {
       { name = "MOCK_SYNC_DECLINES", value = tostring(var.mock_sync_declines) },
       { name = "MOCK_TOKEN_TTL_S", value = var.mock_token_ttl_s == null ? "" : tostring(var.mock_token_ttl_s) },
     ]
+    # The only API user, key and subscription key the mock accepts: the proxy's (provider_secrets.tf).
+    secrets = [
+      { name = "MOCK_CLIENT_ID", valueFrom = "${aws_secretsmanager_secret.providers.arn}:mtn_api_user::" },
+      { name = "MOCK_CLIENT_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:mtn_api_key::" },
+      { name = "MOCK_SUBSCRIPTION_KEY", valueFrom = "${aws_secretsmanager_secret.providers.arn}:mtn_subscription_key::" },
+    ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9101/healthz', timeout=2)"]
       interval    = 10
@@ -116,6 +140,7 @@ locals {
     name                   = "airtel"
     image                  = local.image
     essential              = true
+    entryPoint             = ["python", "-c", local.airtel_mock_launcher] # MOCK_CALLBACK_URL, then the command (callbacks.tf)
     command                = ["payagg-mock", "--provider", "airtel", "--host", "127.0.0.1", "--port", "9102"]
     user                   = "10001"
     readonlyRootFilesystem = true
@@ -133,6 +158,16 @@ locals {
       { name = "MOCK_STATUS_FAILURE_RATE", value = tostring(var.mock_status_failure_rate) },
       { name = "MOCK_SYNC_DECLINES", value = tostring(var.mock_sync_declines) },
       { name = "MOCK_TOKEN_TTL_S", value = var.mock_token_ttl_s == null ? "" : tostring(var.mock_token_ttl_s) },
+      # The base of the static callback URL the launcher (callbacks.tf) computes as MOCK_CALLBACK_URL.
+      { name = "PAYAGG_PUBLIC_URL", value = local.public_url },
+    ]
+    # The proxy's client id and secret, Airtel's callback HMAC key (the proxy checks the `hash`
+    # with it), and payagg's callback secret, which keys the static URL's token.
+    secrets = [
+      { name = "MOCK_CLIENT_ID", valueFrom = "${aws_secretsmanager_secret.providers.arn}:airtel_client_id::" },
+      { name = "MOCK_CLIENT_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:airtel_client_secret::" },
+      { name = "MOCK_CALLBACK_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:airtel_callback_secret::" },
+      { name = "PAYAGG_CALLBACK_SECRET", valueFrom = "${aws_secretsmanager_secret.providers.arn}:callback_secret::" },
     ]
     healthCheck = {
       command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9102/healthz', timeout=2)"]
@@ -259,6 +294,6 @@ resource "aws_ecs_service" "payagg" {
   }
 
   # ECS refuses a target group that no listener rule forwards to yet, and the proxy cannot start
-  # before the secret holds the Redis URL.
-  depends_on = [aws_lb_listener_rule.http, aws_lb_listener_rule.https, aws_secretsmanager_secret_version.redis]
+  # before the secrets hold the Redis URL and the provider credentials.
+  depends_on = [aws_lb_listener_rule.http, aws_lb_listener_rule.https, aws_secretsmanager_secret_version.redis, aws_secretsmanager_secret_version.providers]
 }

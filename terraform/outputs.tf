@@ -37,3 +37,13 @@ output "redis_mode" {
   description = "REDIS_MODE the proxy gets: cluster (MemoryDB) or standalone (ElastiCache)."
   value       = local.redis_mode
 }
+
+output "public_url" {
+  description = "PAYAGG_PUBLIC_URL: where providers reach payagg; the base of the callback URLs."
+  value       = local.public_url
+
+  precondition {
+    condition     = var.certificate_arn == "" || startswith(coalesce(var.public_url, "http://"), "https://")
+    error_message = "With certificate_arn set, set public_url to https://<the certificate's domain>: the ALB's own name fails TLS verification, and HTTP only redirects."
+  }
+}

@@ -243,6 +243,18 @@ variable "waf_rate_limit_per_5min" {
   }
 }
 
+variable "public_url" {
+  description = "PAYAGG_PUBLIC_URL: where providers reach payagg (server.public_url), the base of every callback URL. null: http://<the ALB's DNS name>; with certificate_arn, set it to https://<the certificate's domain> (a name pointing at the ALB)."
+  type        = string
+  default     = null
+
+  validation {
+    # No port and no query: the callbacks' security-group rules open 80 or 443 by the scheme.
+    condition     = var.public_url == null || can(regex("^https?://[A-Za-z0-9.-]+(/[^?#:]*)?$", var.public_url))
+    error_message = "public_url must be null or an http:// or https:// URL without a port or query, e.g. https://pay.example.com."
+  }
+}
+
 # --- The store (Redis protocol: MemoryDB or ElastiCache) -------------------------------------
 
 variable "store" {

@@ -42,10 +42,19 @@ MOCK_ENVIRONMENT = {
     "MOCK_SYNC_DECLINES",
     "MOCK_TOKEN_TTL_S",
 }
+# Beside the faults: what the Airtel container's launcher reads to compute its callback URL.
+MOCK_CALLBACK_ENVIRONMENT = {"PAYAGG_PUBLIC_URL"}
 STOP_TIMEOUT_S = 30  # SIGTERM -> SIGKILL; the proxy drains in-flight requests for up to 20 s
 PROXY_DRAIN_S = 20
-# The only rules allowed to name CIDR blocks: the public listeners and the tasks' HTTPS egress.
-CIDR_RULES = {"alb_http", "alb_https", "service_https"}
+# The only rules allowed to name CIDR blocks: the public listeners, the tasks' HTTPS egress, and
+# the way the mocks' callbacks go out to the ALB's public address and come back in from the NAT.
+CIDR_RULES = {
+    "alb_http",
+    "alb_https",
+    "service_https",
+    "service_callbacks_http",
+    "alb_callbacks_from_nat",
+}
 OUTPUTS = ["alb_dns_name", "pay_url", "ecr_repository_url", "log_group_name"]
 CHECKOV_SKIP = re.compile(r"#\s*checkov:skip=(?P<check>[A-Z0-9_]+)(?::(?P<reason>.*))?")
 # The variables without a default: the image, and the merchant's key hash (the clients work).
@@ -328,7 +337,7 @@ def test_the_deployment_requires_client_keys_whose_hashes_come_from_secrets_mana
     assert env["PAYAGG_ENVIRONMENT"] == "production", "so that the proxy refuses `auth: off`"
     assert "PAYAGG_MERCHANT_KEY_SHA256" not in env
     secrets = {s["name"]: s["valueFrom"] for s in proxy["secrets"]}
-    assert set(secrets) == {"REDIS_URL", "PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_ADMIN_TOKEN"}
+    assert {"REDIS_URL", "PAYAGG_MERCHANT_KEY_SHA256", "PAYAGG_ADMIN_TOKEN"} <= set(secrets)
     assert_secret_reference(
         secrets["PAYAGG_MERCHANT_KEY_SHA256"], "client_keys", 'join(",", var.merchant_key_sha256)'
     )
@@ -347,9 +356,10 @@ def test_the_admin_token_is_generated_encrypted_and_long() -> None:
 @pytest.mark.parametrize("mock", list(MOCKS), ids=list(MOCKS))
 def test_each_mock_takes_its_faults_from_variables(mock: str) -> None:
     env = environment(containers()[mock])
-    assert set(env) == MOCK_ENVIRONMENT
+    faults = {name: value for name, value in env.items() if name not in MOCK_CALLBACK_ENVIRONMENT}
+    assert set(faults) == MOCK_ENVIRONMENT
     assert variable_reference(env["MOCK_FAILURE_RATE"]) == f"{mock}_failure_rate"
-    for name, value in env.items():
+    for name, value in faults.items():
         assert variable_reference(value), f"{mock}: {name} is not set from a variable"
 
 
@@ -457,8 +467,9 @@ def test_security_groups_carry_no_inline_rules() -> None:
 def test_security_group_rules_reference_groups_not_cidrs(name: str) -> None:
     rule = security_group_rules()[name]
     if name in CIDR_RULES:
-        assert rule["from_port"] in (80, 443)
-        assert rule["to_port"] == rule["from_port"]
+        ports = evaluated({}, {"from": rule["from_port"], "to": rule["to_port"]})
+        assert ports["from"] in (80, 443)
+        assert ports["to"] == ports["from"]
         return
     assert "cidr_ipv4" not in rule
     assert "cidr_ipv6" not in rule
@@ -498,12 +509,13 @@ def test_each_hop_is_open_only_between_its_two_groups(
 @pytest.mark.parametrize("group", ["alb", "service", "redis"], ids=["alb", "service", "redis"])
 def test_each_group_has_exactly_the_expected_rules(group: str) -> None:
     expected = {
-        "alb": {"alb_http", "alb_https", "alb_to_service"},
+        "alb": {"alb_http", "alb_https", "alb_to_service", "alb_callbacks_from_nat"},
         "service": {
             "service_from_alb",
             "service_admin_from_collectors",
             "service_to_redis",
             "service_https",
+            "service_callbacks_http",
         },
         "redis": {"redis_from_service"},
     }[group]
@@ -632,6 +644,17 @@ def test_the_task_reaches_the_chosen_store_over_tls_in_the_matching_mode(choice:
     mode = evaluated({"store": choice}, {"mode": config.locals["redis_mode"]})["mode"]
     assert mode == {"memorydb": "cluster", "elasticache": "standalone"}[choice]
     assert expression(environment(containers()["proxy"])["REDIS_MODE"]) == "local.redis_mode"
+
+
+@pytest.mark.parametrize(("tasks", "grace_s"), [(1, "0"), (2, "86400")])
+def test_with_mocks_per_task_another_tasks_not_found_never_makes_a_payment_not_created(
+    tasks: int, grace_s: str
+) -> None:
+    env = environment(containers()["proxy"])
+    for provider in ("MTN", "AIRTEL"):
+        assert expression(env[f"{provider}_NOT_FOUND_GRACE_S"]) == "local.not_found_grace_s"
+    grace = terraform().locals["not_found_grace_s"]
+    assert evaluated({"min_tasks": 1, "max_tasks": tasks}, {"grace": grace})["grace"] == grace_s
 
 
 @pytest.mark.parametrize("choice", list(STORES), ids=list(STORES))

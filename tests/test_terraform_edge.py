@@ -334,6 +334,9 @@ def alb_ingress_rules() -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("name", sorted(alb_ingress_rules()), ids=sorted(alb_ingress_rules()))
 def test_the_alb_admits_only_the_cidrs_of_the_variable(name: str) -> None:
     rule = alb_ingress_rules()[name]
+    if name == "alb_callbacks_from_nat":  # the mocks' callbacks, from the VPC's own NAT addresses
+        assert rule["cidr_ipv4"] == "${module.vpc.nat_public_ips[count.index]}/32"
+        return
     assert expression(rule["cidr_ipv4"]) == "each.value"
     for_each = str(rule["for_each"])
     assert set(re.findall(r"\bvar\.(\w+)", for_each)) == {"alb_ingress_cidrs"}, for_each
