@@ -117,6 +117,64 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def nginx_command(workdir: Path, upstream_port: int, proxy_port: int) -> list[str]:
+    """nginx serving the upstream and the proxy_pass reference (`nginx.conf`) from `workdir`."""
+    conf = (HERE / "nginx.conf").read_text()
+    for key, value in {
+        "workdir": workdir,
+        "upstream_port": upstream_port,
+        "proxy_port": proxy_port,
+    }.items():
+        conf = conf.replace("{" + key + "}", str(value))
+    (workdir / "nginx.conf").write_text(conf)
+    return ["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)]
+
+
+def payagg_config(redis_url: str, upstream_port: int) -> str:
+    """payagg's config: FAST in front of nginx's upstream, DOWN refusing connections (its breaker
+    stays open once opened)."""
+    return (
+        f'redis: {{url: "{redis_url}"}}\n'
+        "providers:\n"
+        f'  FAST: {{url: "http://127.0.0.1:{upstream_port}/pay"}}\n'
+        f'  DOWN: {{url: "http://127.0.0.1:{free_port()}/pay", timeout_s: 1,\n'
+        "         breaker: {minimum_calls: 1, failure_rate_threshold: 0.1, open_s: 86400}}\n"
+    )
+
+
+def tools_missing(program: str) -> bool:
+    """Whether nginx or wrk is missing; says how to install each one that is."""
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    for tool in missing:
+        print(f"{program}: {tool} is not installed: {INSTALL_HINT[tool]}", file=sys.stderr)
+    return bool(missing)
+
+
+def start_child(
+    children: list[subprocess.Popen[bytes]],
+    log: Path,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as output:  # the child keeps its own copy of the fd
+        child = subprocess.Popen(
+            argv, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    children.append(child)
+    return child
+
+
+def stop(children: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, the last started first; SIGKILL for any still running 10 s later."""
+    for child in reversed(children):
+        child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 def open_down_breakers(base: str, run_id: str) -> None:
     """Fail DOWN until every worker's breaker is open (each worker has its own)."""
     in_a_row = 0
@@ -291,10 +349,7 @@ def main() -> int:
     args.output = args.output or str(ROOT / "BENCHMARKS.md")
     if args.chart is None and not (args.no_record or args.profile or args.quick):
         args.chart = str(ROOT / "bench" / "ratios.png")
-    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
-    if missing:
-        for tool in missing:
-            print(f"bench: {tool} is not installed: {INSTALL_HINT[tool]}", file=sys.stderr)
+    if tools_missing("bench"):
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="payagg-bench-"))
@@ -306,23 +361,10 @@ def main() -> int:
     def start(
         argv: list[str], log: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        with open(workdir / log, "wb") as output:  # the child keeps its own copy of the fd
-            child = subprocess.Popen(
-                argv, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        children.append(child)
-        return child
+        return start_child(children, workdir / log, argv, env)
 
     try:
-        conf = (HERE / "nginx.conf").read_text()
-        for key, value in {
-            "workdir": workdir,
-            "upstream_port": upstream_port,
-            "proxy_port": nginx_port,
-        }.items():
-            conf = conf.replace("{" + key + "}", str(value))
-        (workdir / "nginx.conf").write_text(conf)
-        start(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)], "nginx.log")
+        start(nginx_command(workdir, upstream_port, nginx_port), "nginx.log")
         start(
             [
                 redis_server_binary(),
@@ -344,13 +386,7 @@ def main() -> int:
             return f"redis://127.0.0.1:{redis_port}/{number}"
 
         config = workdir / "gateway.yaml"
-        config.write_text(
-            f'redis: {{url: "{redis_db(0)}"}}\n'
-            "providers:\n"
-            f'  FAST: {{url: "http://127.0.0.1:{upstream_port}/pay"}}\n'
-            f'  DOWN: {{url: "http://127.0.0.1:{free_port()}/pay", timeout_s: 1,\n'
-            "         breaker: {minimum_calls: 1, failure_rate_threshold: 0.1, open_s: 86400}}\n"
-        )
+        config.write_text(payagg_config(redis_db(0), upstream_port))
         payagg = start(
             [
                 str(VENV_BIN / "payagg"),
@@ -475,13 +511,7 @@ def main() -> int:
             print(f"chart: {args.chart}")
         return 0
     finally:
-        for child in reversed(children):
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop(children)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

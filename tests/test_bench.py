@@ -60,6 +60,27 @@ def test_a_quick_bench_run_measures_every_scenario_and_judges_every_target(tmp_p
     assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.skipif(
+    not (shutil.which("nginx") and shutil.which("wrk")),
+    reason="nginx and wrk come from the system's packages; .ci/run installs them where it can",
+)
+def test_compare_measures_two_checkouts_on_every_path_and_gives_each_ones_ratio():
+    compare = [sys.executable, str(ROOT / "bench" / "compare.py"), "--rounds", "1"]
+    result = subprocess.run(
+        [*compare, "--seconds", "1", f"base={ROOT}", f"same={ROOT}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in ("payagg", "failfast", "replay"):
+        for checkout in ("base", "same"):
+            assert re.search(rf"^round 1/1 {path} +{checkout} .* us/request$", result.stdout, re.M)
+        assert re.search(
+            rf"^{path} +base +[\d.]+ \(1\.000\) +same +[\d.]+ \([\d.]+\)$", result.stdout, re.M
+        ), result.stdout
+
+
 @pytest.fixture
 def canonical_upstream() -> Iterator[str]:
     port = free_port()

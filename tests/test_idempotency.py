@@ -19,9 +19,11 @@ import pathlib
 import secrets
 import signal
 import textwrap
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -32,11 +34,13 @@ import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.devtools.devstack import DevOptions, plan
-from proxy.errors import ProviderFailed
+from proxy.errors import ProviderFailed, RequestInProgress
 from proxy.observability.metrics import GatewayMetrics
+from proxy.payments import request as request_module
 from proxy.payments.idempotency import Claim, IdempotencyStore
 from proxy.payments.lifecycle import Report
-from proxy.payments.request import parse_payment, reference_for
+from proxy.payments.request import Payment, parse_payment, reference_for
+from proxy.providers import callbacks as callbacks_module
 from proxy.providers.breaker import ProviderBreaker
 from proxy.settings.config import GatewayConfig, IdempotencySettings, RedisSettings
 from proxy.store import records
@@ -46,6 +50,7 @@ from tests.canonical_upstream import UpstreamState
 from tests.conftest import (
     GatewayClient,
     RedisServer,
+    gateway_yaml,
     make_config,
     payment,
     running_gateway,
@@ -334,6 +339,32 @@ async def test_a_header_changes_neither_the_identity_nor_the_provider_reference(
     assert state.requests == 1
 
 
+async def test_a_payment_computes_its_provider_reference_and_callback_token_once(
+    upstream: Upstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: Counter[str] = Counter()
+    for module, name in ((request_module, "reference_for"), (callbacks_module, "callback_token")):
+        real = getattr(module, name)
+
+        def counted(*args: Any, real: Callable[..., str] = real, name: str = name) -> str:
+            calls[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    callbacks_on = textwrap.dedent(
+        """\
+        server: {public_url: "https://pay.example.com", callback_secret: "0123456789abcdef0123"}
+        """
+    )
+    async with running_gateway(
+        make_config(gateway_yaml(upstream[1], redis_url, callbacks_on))
+    ) as client:
+        answer = await pay(client, payment("TXN-once-each"))
+
+    assert answer.status == 200
+    assert calls == {"reference_for": 1, "callback_token": 1}
+
+
 async def test_a_header_value_bound_to_another_transaction_id_is_refused_with_422(
     gateway: Client, upstream: Upstream
 ) -> None:
@@ -546,6 +577,160 @@ async def test_a_new_record_lives_at_its_shard_key_and_the_transaction_ids_old_k
     stored = record(redis_server, "TXN-roll")
     assert (stored.state, stored.fingerprint) == ("SUCCESS", fingerprint(body))
     assert stored.reference == provider_reference("TXN-roll")
+
+
+# 2c. When the TransactionID's old key is read -------------------------------------------------
+
+
+LIFECYCLE_SINCE = PREFIX + b"lifecycle-since"
+
+
+@contextlib.contextmanager
+def commands_seen(server: RedisServer) -> Iterator[list[str]]:
+    """Every command the server runs while the block runs, scripts' own included (MONITOR)."""
+    seen: list[str] = []
+    end = f"end-of-watch-{secrets.token_hex(4)}"
+    with server.client().monitor() as monitor:  # watching once this returns
+
+        def watch() -> None:
+            while end not in (command := monitor.next_command()["command"]):
+                seen.append(command)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            yield seen
+        finally:
+            server.client().echo(end)
+            watcher.join(timeout=30)
+
+
+def reads_of(seen: list[str], key: bytes) -> int:
+    return sum(key.decode() in command for command in seen)
+
+
+def parsed(body: dict[str, object]) -> Payment:
+    return parse_payment(json.dumps(body).encode(), None, {"canon"})
+
+
+async def test_a_store_no_version_before_wrote_to_is_fresh_and_its_old_keys_are_never_read(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    assert await store.ping()  # readiness first, as a deployment does; its probe key is not old
+    assert redis_server.client().get(LIFECYCLE_SINCE) == b"fresh"
+    body = payment("TXN-fresh")
+
+    with commands_seen(redis_server) as seen:
+        claim = await store.claim(parsed(body), "CANON", hold_s=10)
+        assert isinstance(claim, Claim)
+        await claim.keep(200, b'{"paid":1}', None, None)
+        replayed = await store.replay(parsed(body), "CANON")
+        nothing = await store.replay(parsed(payment("TXN-never")), "CANON")
+        looked_up = await store.peek_old("TXN-never")
+
+    assert replayed == StoredResult(200, b'{"paid":1}')
+    assert (nothing, looked_up) == (None, None)
+    assert reads_of(seen, record_key("TXN-fresh")) > 0
+    assert reads_of(seen, redis_key("TXN-fresh")) == reads_of(seen, redis_key("TXN-never")) == 0
+
+
+async def test_records_of_a_version_before_found_at_the_first_start_are_still_honoured(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    body = payment("TXN-before")
+    old_answer = old_payment(redis_server, "TXN-before", body)
+    in_flight = payment("TXN-charging")
+    redis_server.client().set(redis_key("TXN-charging"), legacy_lock(in_flight), ex=10)
+    assert await store.ping()
+    since = redis_server.client().get(LIFECYCLE_SINCE)
+    assert since is not None
+    assert abs(int(since) - time.time()) < 60
+
+    replayed = await store.replay(parsed(body), "CANON")
+    claimed = await store.claim(parsed(body), "CANON", hold_s=10)
+    with pytest.raises(RequestInProgress):
+        await store.claim(parsed(in_flight), "CANON", hold_s=10)
+    looked_up = await store.peek_old("TXN-before")
+
+    assert replayed == claimed == StoredResult(200, old_answer)
+    assert looked_up is not None
+    assert looked_up.result == StoredResult(200, old_answer)
+    assert not redis_server.client().exists(record_key("TXN-charging")), "never claimed"
+
+
+async def test_during_a_rolling_deploy_records_old_processes_write_later_are_honoured(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    """The store held an old process's record when the first new process started; the old
+    processes go on taking payments while the deploy runs: their later records count too."""
+    old_payment(redis_server, "TXN-earlier", payment("TXN-earlier"))
+    assert await store.ping()
+    later = payment("TXN-later")
+    later_answer = old_payment(redis_server, "TXN-later", later)
+    charging = payment("TXN-still-charging")
+    redis_server.client().set(redis_key("TXN-still-charging"), legacy_lock(charging), ex=10)
+
+    replayed = await store.claim(parsed(later), "CANON", hold_s=10)
+    with pytest.raises(RequestInProgress):
+        await store.replay(parsed(charging), "CANON")
+
+    assert replayed == StoredResult(200, later_answer)
+    assert not redis_server.client().exists(record_key("TXN-later")), "never claimed"
+
+
+async def test_twice_result_ttl_s_after_the_first_start_the_old_key_is_no_longer_read(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    result_ttl_s = 600  # the `store` fixture's
+    redis_server.client().set(LIFECYCLE_SINCE, int(time.time()) - 2 * result_ttl_s - 1)
+    body = payment("TXN-window-closed")
+
+    with commands_seen(redis_server) as seen:
+        replayed = await store.replay(parsed(body), "CANON")
+        claimed = await store.claim(parsed(body), "CANON", hold_s=10)
+
+    assert replayed is None
+    assert isinstance(claimed, Claim)
+    assert reads_of(seen, redis_key("TXN-window-closed")) == 0
+
+
+async def test_a_store_whose_window_is_open_reads_the_old_key_on_every_path(
+    store: IdempotencyStore, redis_server: RedisServer
+) -> None:
+    redis_server.client().set(LIFECYCLE_SINCE, int(time.time()) - 600)
+    body = payment("TXN-window-open")
+
+    with commands_seen(redis_server) as seen:
+        await store.replay(parsed(body), "CANON")
+        await store.claim(parsed(body), "CANON", hold_s=10)
+        await store.peek_old("TXN-window-open")
+
+    assert reads_of(seen, redis_key("TXN-window-open")) == 3
+
+
+async def test_on_a_fresh_store_fail_fast_and_replay_answers_read_the_record_alone(
+    upstream: Upstream, redis_url: str, redis_server: RedisServer
+) -> None:
+    state, url = upstream
+    async with running_gateway(config(url, redis_url)) as client:
+        assert (await get(client, "/readyz")).status == 200
+        with commands_seen(redis_server) as seen:
+            done = await pay(client, payment("TXN-one-read"))
+            breaker = client.gateway.breakers["CANON"]
+            while not breaker.rejects_now():
+                with contextlib.suppress(ProviderFailed), breaker.call():
+                    raise ProviderFailed("CANON", "simulated outage")
+            replay = await pay(client, payment("TXN-one-read"))
+            refused = await pay(client, payment("TXN-refused"))
+            looked_up = await get(client, "/v1/payments/TXN-unknown")
+
+    assert (done.status, replay.status, refused.status, looked_up.status) == (200, 200, 503, 404)
+    assert replay.body == done.body
+    assert is_replay(replay)
+    assert state.requests == 1
+    old_keys = [redis_key(name) for name in ("TXN-one-read", "TXN-refused", "TXN-unknown")]
+    assert [reads_of(seen, key) for key in old_keys] == [0, 0, 0]
+    assert reads_of(seen, record_key("TXN-refused")) == 1
 
 
 # 3. Concurrency -------------------------------------------------------------------------------
@@ -1059,6 +1244,7 @@ async def test_redis_keys_are_the_prefix_and_a_sha256_of_the_clients_strings(
         binding_key(odd_key, prefix=b"tenant-7:"),
         # While records of the old form may exist: since when, and a guard under the old key.
         b"tenant-7:identity-by-transaction-id-since",
+        b"tenant-7:lifecycle-since",
         redis_key(odd_key, prefix=b"tenant-7:"),
     }
     assert all(odd_key.encode() not in key and odd_id.encode() not in key for key in keys)

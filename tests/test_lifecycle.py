@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import random
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli
-from proxy.payments.lifecycle import now_ms
+from proxy.payments.lifecycle import compact_json, now_ms
 from proxy.payments.request import reference_for
 from proxy.providers.callbacks import callback_token, static_token
 from proxy.settings.config import ConfigError, GatewayConfig, RedisSettings
@@ -400,3 +401,35 @@ def test_a_bad_lifecycle_setting_is_refused_at_start_up_with_its_file_and_line(l
     assert any(p.startswith(f"test.yaml:1: {problem}") for p in refused.value.problems), (
         refused.value.problems
     )
+
+
+# Answers' JSON ------------------------------------------------------------------------------------
+
+
+def _random_amounts(count: int) -> list[float]:
+    generator = random.Random(15)
+    return [generator.randint(1, 100_000_000_000) / 100 for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"status": "SUCCESS", "transaction_id": "TXN-1", "amount": 20.0, "currency": "ZAR"},
+        {"every_ascii_character": "".join(chr(code) for code in range(128))},
+        {"reason": "Solde insuffisant \u2014 r\u00e9essayez \U0001f4b8 \u2028"},
+        {"small": 0.00001, "large": 1e16, "zero": 0.0, "negative": -0.5, "nan": float("nan")},
+        {"huge_integer": 2**70, "status": 402, "flag": True, "nothing": None},
+        {"nested": {"fields": {"Amount": "is required"}}, "list": [1, "a"]},
+        {f"a{n}": amount for n, amount in enumerate(_random_amounts(5000))},
+    ],
+    ids=["answer", "ascii", "non-ascii", "floats", "integers", "nested", "random-amounts"],
+)
+def test_answers_are_written_exactly_as_json_dumps_writes_them(value: dict[str, Any]) -> None:
+    # Replays and tombstone answers must match, byte for byte, what earlier versions stored.
+    assert compact_json(value) == json.dumps(value, separators=(",", ":")).encode()
+
+
+def test_amounts_of_every_size_are_written_exactly_as_json_dumps_writes_them() -> None:
+    for amount in [*_random_amounts(20_000), 0.01, 0.1, 1.0, 1e9, 999_999_999.99]:
+        body = {"amount": amount}
+        assert compact_json(body) == json.dumps(body, separators=(",", ":")).encode(), amount

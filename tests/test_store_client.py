@@ -433,6 +433,41 @@ def _answers_busy(server: RedisServer) -> bool:
     return False
 
 
+# 4b. Looking for keys under a prefix ------------------------------------------------------------
+
+
+async def test_looking_for_keys_under_a_prefix_reads_its_pattern_characters_literally(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    redis_server.client().set("tenantX1:record", "1")
+    async with connected(redis_url) as client:
+        found = {
+            prefix: await client.holds_keys(prefix)
+            for prefix in (b"tenant?1:", b"tenant[X]1:", b"tenant*", b"tenant\\X", b"tenantX1:")
+        }
+    assert found == {
+        b"tenant?1:": False,
+        b"tenant[X]1:": False,
+        b"tenant*": False,
+        b"tenant\\X": False,
+        b"tenantX1:": True,
+    }
+
+
+async def test_a_user_refused_scan_is_told_keys_may_be_there(
+    start_redis: StartRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_redis()
+    server.client().execute_command(
+        "ACL", "SETUSER", "noscan", "on", ">s3cret", "~*", "&*", "+@all", "-scan"
+    )
+    url = f"redis://noscan:s3cret@127.0.0.1:{server.port}/0"
+    async with connected(url) as client:
+        with caplog.at_level(logging.WARNING, logger="payagg.redis"):
+            assert await client.holds_keys(b"payagg:")
+    assert "cannot look for keys under" in caplog.text
+
+
 # 5. WAIT for replicas ----------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ a killed master's replica takes over with no TransactionID charged twice."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 
 from redis.crc import key_slot
@@ -120,3 +121,26 @@ async def test_a_frozen_master_fails_only_the_commands_sent_to_it(
         await client.close()
     assert isinstance(to_frozen, RedisUnavailable)
     assert to_healthy == b"before"
+
+
+async def test_keys_under_a_prefix_are_found_on_whichever_master_holds_them(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The look for keys of the versions before (at the lifecycle's first start) scans every
+    master, not only the one the URL names."""
+    named, other = redis_cluster.masters()[:2]
+    prefix = f"scan-{secrets.token_hex(4)}:"
+    key = next(
+        f"{prefix}{n}"
+        for n in range(10_000)
+        if key_slot(f"{prefix}{n}".encode()) in redis_cluster.slots_of(other)
+    )
+    client = StoreClient(RedisSettings(url=redis_cluster.url_via(named), mode="cluster"))
+    try:
+        empty = await client.holds_keys(prefix.encode())
+        other.client().set(key, "old")
+        found = await client.holds_keys(prefix.encode())
+    finally:
+        await client.close()
+        other.client().delete(key)
+    assert (empty, found) == (False, True)

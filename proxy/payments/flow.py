@@ -31,6 +31,7 @@ from proxy.payments.lifecycle import (
     SETTLED,
     Record,
     Report,
+    compact_json,
     now_ms,
     payment_body,
     status_url,
@@ -95,14 +96,20 @@ class PaymentService:
             return _replay(request, stored)
         # Owned while the request is sent and answered; after that, the reconciler's.
         hold_s = provider.timeout_s + _SEND_MARGIN_S
-        callback_url = provider.callback_url(payment.provider_reference(provider.name))
+        # This request's reference and callback URL, each computed here only.
+        reference = payment.provider_reference(provider.name)
+        callback_url = provider.callback_url(reference)
         token = None if callback_url is None else callback_url.rsplit("/", 1)[1]
-        claimed = await self._store.claim(payment, provider.name, hold_s, token)
+        claimed = await self._store.claim(payment, provider.name, hold_s, token, reference)
         if isinstance(claimed, StoredResult):
             return _replay(request, claimed)
+        if claimed.reference != reference:  # a retry of a payment never created: its own
+            callback_url = provider.callback_url(claimed.reference)
         # Shielded: a client that hangs up must not abandon a payment the provider may be
         # charging; the result is still stored, and the client's retry gets the replay.
-        task = request.task.get_loop().create_task(self._settle(provider, payment, claimed))
+        task = request.task.get_loop().create_task(
+            self._settle(provider, payment, claimed, callback_url)
+        )
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         response = await asyncio.shield(task)
@@ -110,14 +117,12 @@ class PaymentService:
         return response
 
     async def _settle(
-        self, provider: ProviderClient, payment: Payment, claim: Claim
+        self, provider: ProviderClient, payment: Payment, claim: Claim, callback_url: str | None
     ) -> web.Response:
         reference = claim.reference
         unknown: PaymentError | None = None
         try:
-            answer: ProviderAnswer | None = await provider.pay(
-                payment, reference, provider.callback_url(reference)
-            )
+            answer: ProviderAnswer | None = await provider.pay(payment, reference, callback_url)
         except PaymentError as error:
             meaning = of_error(error)
             if meaning.retry_allowed:
@@ -311,4 +316,4 @@ def _final_answer(
             "provider": provider,
             "reason": answer.reason,
         }
-    return status, json.dumps(body, separators=(",", ":")).encode()
+    return status, compact_json(body)

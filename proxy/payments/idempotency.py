@@ -10,7 +10,10 @@ the claim: every script touches keys of one hash slot (Redis Cluster).
 
 Records of the versions before stay where they were (`<prefix><sha256(TransactionID)>`, and the
 header's key while old processes may have written there) and are honoured: a final one is
-replayed, one in flight is 409, one made for another request is 422 (`proxy/records.py`).
+replayed, one in flight is 409, one made for another request is 422 (`proxy/records.py`). The
+TransactionID's old key is read only while such a record can exist: for twice `result_ttl_s`
+after the first process of the lifecycle started, and never in a store that held no key under
+the prefix then (`_LIFECYCLE_SINCE`).
 
 Every answer is read from Redis: no process keeps a copy that Redis may have lost since, so two
 processes never disagree about a payment (BENCHMARKS.md, "The per-process replay cache").
@@ -33,6 +36,7 @@ from proxy.payments.lifecycle import (
     Lifecycle,
     Record,
     Report,
+    compact_json,
     count_field,
     now_ms,
     payment_body,
@@ -74,6 +78,15 @@ _IDENTITY_SINCE = b"identity-by-transaction-id-since"
 # Twice result_ttl_s: covers the records old processes write during a rolling deploy shorter than
 # result_ttl_s itself.
 _LEGACY_WINDOWS = 2
+# When the first process keeping records at shard keys started (unix seconds), or `fresh`: there
+# was no key under the prefix then, so no version before ever wrote a record to this store. Read
+# (and, the first time, written) once per process; kept without expiry. The versions before wrote
+# records under a TransactionID's own key until their processes stopped: such a record lives
+# result_ttl_s at most, so after twice result_ttl_s (a rolling deploy shorter than result_ttl_s)
+# none is left and that key is no longer read. Set by hand to a unix time, it opens the window
+# again (docs/performance.md).
+_LIFECYCLE_SINCE = b"lifecycle-since"
+_FRESH = b"fresh"
 _new_lock_token = unique_tokens()
 # Bounds the memory of unanswered claims when Redis stays away; the reconciler settles the rest.
 _MAX_UNANSWERED = 10_000
@@ -105,6 +118,10 @@ class IdempotencyStore:
             webhook_clients,
         )
         self._legacy_until: float | None = None
+        # Until when a record of the versions before may be under a TransactionID's old key
+        # (unix seconds; 0: never): None until read from the store (`_old_records_until`).
+        self._old_until: float | None = None
+        self._finding_old_until: asyncio.Future[float] | None = None
         # Claims whose reply never came, by payment (see `claim`).
         self._unanswered: dict[str, Record] = {}
         self._releasing: asyncio.Future[None] | None = None
@@ -127,13 +144,22 @@ class IdempotencyStore:
         return self._prefix + _BINDING + _hashed(scoped(scope, idempotency_key))
 
     async def claim(
-        self, payment: Payment, provider: str, hold_s: float, callback_token: str | None = None
+        self,
+        payment: Payment,
+        provider: str,
+        hold_s: float,
+        callback_token: str | None = None,
+        reference: str | None = None,
     ) -> Claim | StoredResult:
         """Own the payment for `hold_s` (then the reconciler may take it over), or get its
         replay; raises RequestInProgress, KeyReused, StoreUnavailable. `callback_token`: the
-        token of the payment's callback URL, by which a callback finds it."""
+        token of the payment's callback URL, by which a callback finds it. `reference`: the
+        request's provider reference, when the caller has it already (`Claim.reference` is
+        the one stored, which a retry of a payment never created keeps)."""
         if self._unanswered:
             await self._release_unanswered()
+        if self._old_until is None:  # looked for before this process writes a key of its own
+            await self._old_records_until()
         fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             await self._bind(payment.idempotency_key, payment.transaction_id, payment.scope)
@@ -145,7 +171,7 @@ class IdempotencyStore:
         sha, shard = lifecycle.locate(payment.transaction_id, payment.scope)
         token = _new_lock_token()
         clock = now_ms()
-        reference = payment.provider_reference(provider)
+        reference = reference or payment.provider_reference(provider)
         value = _processing_record(
             payment, provider, fingerprint, reference, payment.idempotency_key, token, clock
         )
@@ -199,7 +225,6 @@ class IdempotencyStore:
     async def replay(self, payment: Payment, provider: str) -> StoredResult | None:
         """The stored answer, without claiming anything (the provider's breaker is open): None
         when there is none; raises RequestInProgress, KeyReused, StoreUnavailable."""
-        fingerprint = payment.fingerprint(provider)
         if payment.idempotency_key is not None:
             with self.errors:
                 bound = await self._redis.execute(
@@ -207,20 +232,25 @@ class IdempotencyStore:
                 )
             if bound is not None and bound != payment.transaction_id.encode():
                 raise _key_bound_elsewhere()
-        # Both reads at once: they go to Redis in one pipeline, so a fail-fast answer costs one
-        # round trip, not two, while records of the versions before may still exist.
-        record, old = await asyncio.gather(
-            self.find(payment.transaction_id, payment.scope),
-            self.peek_old(payment.transaction_id, payment.scope),
-        )
+        old: KeyState | None = None
+        if not payment.scope and await self._reads_old_keys():
+            # Both reads at once: they go to Redis in one pipeline, so a fail-fast answer costs
+            # one round trip, not two, while records of the versions before may still exist.
+            record, old = await asyncio.gather(
+                self.find(payment.transaction_id, payment.scope),
+                self._peek_old(payment.transaction_id),
+            )
+        else:
+            record = await self.find(payment.transaction_id, payment.scope)
+        if record is None and old is None and (payment.scope or payment.idempotency_key is None):
+            return None  # nothing to judge (the usual fail-fast answer): no fingerprint needed
+        fingerprint = payment.fingerprint(provider)
         if record is not None:
             if record.name == "NOT_CREATED" and record.state.fingerprint == fingerprint:
                 return None  # nothing to replay: a retry starts again
             return judge(record.state, fingerprint)
         if old is not None:
             return judge(old, fingerprint)
-        if payment.scope:
-            return None
         return await self._old_header_answer(payment, provider, fingerprint, guard=False)
 
     async def find(self, transaction_id: str, scope: str = "") -> Record | None:
@@ -234,8 +264,11 @@ class IdempotencyStore:
     async def peek_old(self, transaction_id: str, scope: str = "") -> KeyState | None:
         """A record of the versions before under this TransactionID's old key (which knew no
         clients: only the open scope has them)."""
-        if scope:
+        if scope or not await self._reads_old_keys():
             return None
+        return await self._peek_old(transaction_id)
+
+    async def _peek_old(self, transaction_id: str) -> KeyState | None:
         with self.errors:
             current = await self._redis.execute(b"GET", self.old_key(transaction_id))
         state = None if current is None else records.decode(current)
@@ -341,6 +374,41 @@ class IdempotencyStore:
             self._legacy_until = float(since or time.time()) + window_s
         return header if time.time() < self._legacy_until else None
 
+    async def _reads_old_keys(self) -> bool:
+        """Whether a record of the versions before may be under a TransactionID's old key now."""
+        until = self._old_until
+        if until is None:
+            until = await self._old_records_until()
+        return time.time() < until
+
+    async def _old_records_until(self) -> float:
+        # Requests arriving together at start-up share one look instead of each making it; a
+        # look Redis did not answer is made again by the next request.
+        finding = self._finding_old_until
+        if finding is None or (
+            finding.done() and (finding.cancelled() or finding.exception() is not None)
+        ):
+            finding = self._finding_old_until = asyncio.ensure_future(self._find_old_until())
+            finding.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(finding)
+
+    async def _find_old_until(self) -> float:
+        marker = self._prefix + _LIFECYCLE_SINCE
+        with self.errors:
+            since = await self._redis.execute(b"GET", marker)
+            if since is None:
+                # The first process of the lifecycle on this store: were there keys before it?
+                # Nothing of this process is under the prefix yet (its readiness probe waits
+                # for this), so whatever is there was written by another process.
+                fresh = not await self._redis.holds_keys(self._prefix)
+                await self._redis.execute(
+                    b"SET", marker, _FRESH if fresh else int(time.time()), b"NX"
+                )
+                since = await self._redis.execute(b"GET", marker)
+        until = _window_end(since, _LEGACY_WINDOWS * self._ttl.result_ttl_s)
+        self._old_until = until
+        return until
+
     def _remember_unanswered(self, record: Record) -> None:
         if len(self._unanswered) >= _MAX_UNANSWERED:
             self._unanswered.pop(next(iter(self._unanswered)))
@@ -373,6 +441,10 @@ class IdempotencyStore:
 
     async def ping(self) -> bool:
         """True when a write would succeed now; raises StoreUnavailable (its cause says why)."""
+        # Before the first probe is written: the look for keys of the versions before must not
+        # find this process's own.
+        if self._old_until is None:
+            await self._old_records_until()
         with self.errors:
             await self._redis.check_writable()
         return True
@@ -404,6 +476,17 @@ class _StoreErrors:
             self._metrics.store_errors.inc()
             log.warning("idempotency store unavailable: %s", error)
             raise StoreUnavailable() from error
+
+
+def _window_end(since: bytes | None, window_s: int) -> float:
+    """Until when records of the versions before may exist, from the `_LIFECYCLE_SINCE` marker."""
+    if since == _FRESH:
+        return 0.0
+    try:
+        return float(since or time.time()) + window_s
+    except ValueError:
+        log.warning("%s is neither a unix time nor %r: old keys are read", _LIFECYCLE_SINCE, _FRESH)
+        return float("inf")
 
 
 def judge(state: KeyState, fingerprint: str) -> StoredResult:
@@ -471,7 +554,7 @@ class Claim:
 
     async def not_created(self, error: PaymentError) -> None:
         """The provider provably never received it; never raises."""
-        answer = (error.status, json.dumps(error.body(), separators=(",", ":")).encode())
+        answer = (error.status, compact_json(error.body()))
         await self.settle(Report("NOT_CREATED", reason=error.code, owner=self.token, answer=answer))
 
     async def forget(self) -> None:

@@ -21,6 +21,8 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from proxy.observability.metrics import GatewayMetrics
 from proxy.settings.config import IdempotencySettings
 from proxy.store import records
@@ -36,6 +38,8 @@ FINAL = frozenset({*SETTLED, "NOT_CREATED"})
 OUTCOME_UNKNOWN = "outcome_unknown"
 # Keys of the facts that are the payment's answer to replay.
 _ANSWER_KEYS = ("status", "body")
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_AS_JSON_WRITES_THEM = frozenset({str, int, bool, type(None)})
 
 
 def now_ms() -> int:
@@ -122,7 +126,28 @@ def payment_body(
             "provider_reference": pref or facts["reference"],
             "status_url": status_url(transaction_id),
         }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return compact_json(body)
+
+
+def compact_json(value: Mapping[str, Any]) -> bytes:
+    """`json.dumps(value, separators=(",", ":")).encode()`, byte for byte: answers are replayed
+    and rebuilt from tombstones exactly as they were first written.
+
+    orjson writes it at a twentieth of the cost when its bytes are the same: a flat object of
+    strings, integers, booleans, None and floats that need no exponent, whose text is printable
+    ASCII (json escapes everything else as `\\uXXXX`, orjson only control characters).
+    """
+    for item in value.values():
+        kind = type(item)
+        if kind not in _AS_JSON_WRITES_THEM and not (kind is float and 1e-4 <= abs(item) < 1e16):
+            return _COMPACT.encode(value).encode()
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, a key that is not text
+        return _COMPACT.encode(value).encode()
+    if encoded.isascii() and b"\x7f" not in encoded:
+        return encoded
+    return _COMPACT.encode(value).encode()
 
 
 def status_url(transaction_id: str) -> str:
@@ -140,7 +165,7 @@ def webhook_body(facts: Mapping[str, Any]) -> bytes:
         "currency": facts["currency"],
         "reason": facts.get("reason"),
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return compact_json(body)
 
 
 def tombstone(facts: Mapping[str, Any], fingerprint: str) -> bytes:
@@ -157,7 +182,7 @@ def tombstone(facts: Mapping[str, Any], fingerprint: str) -> bytes:
         "reason": facts.get("reason"),
         "transaction_id": facts["transaction_id"],
     }
-    return json.dumps(compact, separators=(",", ":")).encode()
+    return compact_json(compact)
 
 
 class Lifecycle:

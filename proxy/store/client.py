@@ -31,6 +31,7 @@ from glide import (
     AdvancedGlideClientConfiguration,
     AdvancedGlideClusterClientConfiguration,
     Batch,
+    ClusterScanCursor,
     GlideClient,
     GlideClientConfiguration,
     GlideClusterClient,
@@ -80,6 +81,11 @@ _MAX_IN_FLIGHT = 20_000
 # a glide call costs ~30 µs of CPU whatever it carries (the FFI call, the wake-up of its Rust
 # core, the answer's trip back through a pipe), a command in a pipeline ~5 µs (BENCHMARKS.md).
 _MAX_PIPELINE = 256
+# Characters SCAN's MATCH reads as a pattern, escaped in a key prefix.
+_GLOB_SPECIAL = re.compile(rb"([][*?\\])")
+# `holds_keys`: keys looked at per SCAN step, and steps at most (a million keys).
+_SCAN_COUNT = 1000
+_SCAN_STEPS = 1000
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 
@@ -148,6 +154,31 @@ class StoreClient:
         cluster mode. Raises RedisUnavailable or RedisReplyError."""
         parts = [_encode(part) for part in command]
         return await self._main.pipelined(parts, lambda client: client.custom_command(parts))
+
+    async def holds_keys(self, prefix: bytes) -> bool:
+        """Whether any key starts with `prefix`, on any node; True also when that cannot be
+        ruled out: Redis refuses SCAN, or more than `_SCAN_STEPS` steps would be needed.
+
+        SCAN, not KEYS: it never blocks the server, whatever the keyspace's size.
+        """
+        pattern = _GLOB_SPECIAL.sub(rb"\\\1", prefix) + b"*"
+
+        async def scan(client: Glide) -> bool:
+            cluster = isinstance(client, GlideClusterClient)
+            cursor: Any = ClusterScanCursor() if cluster else b"0"  # type: ignore[no-untyped-call]
+            for _ in range(_SCAN_STEPS):
+                cursor, keys = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                if keys:
+                    return True
+                if cursor.is_finished() if cluster else cursor == b"0":
+                    return False
+            return True
+
+        try:
+            return bool(await self._main.run(scan))
+        except RedisReplyError as refused:
+            log.warning("cannot look for keys under %r (%s): taken as some", prefix, refused)
+            return True
 
     async def check_writable(self) -> None:
         """Raises RedisUnavailable, saying why, unless a write would succeed now (readiness).

@@ -9,8 +9,9 @@ single-key write made before the claim.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Fixed forever: changing it would move every record to another shard.
 SHARDS = 16
@@ -28,39 +29,37 @@ def shard_of(sha: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """The keys of one shard; every name carries the shard's hash tag."""
+    """The keys of one shard; every name carries the shard's hash tag.
+
+    The tag and the shard-wide keys are built with the shard, not per use: a payment's claim
+    and final transition name eight of them (`shard_for` hands out one shard object each).
+    """
 
     prefix: str
     number: int
+    tag: str = field(init=False, repr=False, compare=False)
+    # zset: member `<sha>`, score = unix ms when next due (lease expiry while leased).
+    due: bytes = field(init=False, repr=False, compare=False)
+    # zset: member `<sha>:<STATE>`, score = unix ms of the next delivery attempt.
+    outbox: bytes = field(init=False, repr=False, compare=False)
+    # hash: `pending:<PROVIDER>`, `unresolved:<PROVIDER>`.
+    counts: bytes = field(init=False, repr=False, compare=False)
+    # zset: member `<sha>`, score = unix ms when its holder's lease (handler, poller) ends.
+    leases: bytes = field(init=False, repr=False, compare=False)
+    # set: leased payments a callback asked about: their holder looks again at once.
+    poked: bytes = field(init=False, repr=False, compare=False)
 
-    @property
-    def tag(self) -> str:
-        return f"{{{self.prefix}s{self.number:02d}}}"
-
-    @property
-    def due(self) -> bytes:
-        """zset: member `<sha>`, score = unix ms when next due (lease expiry while leased)."""
-        return f"{self.tag}due".encode()
-
-    @property
-    def outbox(self) -> bytes:
-        """zset: member `<sha>:<STATE>`, score = unix ms of the next delivery attempt."""
-        return f"{self.tag}outbox".encode()
-
-    @property
-    def counts(self) -> bytes:
-        """hash: `pending:<PROVIDER>`, `unresolved:<PROVIDER>`."""
-        return f"{self.tag}counts".encode()
-
-    @property
-    def leases(self) -> bytes:
-        """zset: member `<sha>`, score = unix ms when its holder's lease (handler, poller) ends."""
-        return f"{self.tag}leases".encode()
-
-    @property
-    def poked(self) -> bytes:
-        """set: leased payments a callback asked about: their holder looks again at once."""
-        return f"{self.tag}poked".encode()
+    def __post_init__(self) -> None:
+        tag = f"{{{self.prefix}s{self.number:02d}}}"
+        for name, value in (
+            ("tag", tag),
+            ("due", f"{tag}due".encode()),
+            ("outbox", f"{tag}outbox".encode()),
+            ("counts", f"{tag}counts".encode()),
+            ("leases", f"{tag}leases".encode()),
+            ("poked", f"{tag}poked".encode()),
+        ):
+            object.__setattr__(self, name, value)
 
     def payment(self, sha: str) -> bytes:
         """string: the payment's record (JSON facts, `proxy/records.py`)."""
@@ -76,11 +75,16 @@ class Shard:
 
 
 def shard_for(prefix: str, sha: str) -> Shard:
-    return Shard(prefix, shard_of(sha))
+    return _shard(prefix, shard_of(sha))
+
+
+@functools.lru_cache(maxsize=SHARDS * 4)
+def _shard(prefix: str, number: int) -> Shard:
+    return Shard(prefix, number)
 
 
 def all_shards(prefix: str) -> list[Shard]:
-    return [Shard(prefix, number) for number in range(SHARDS)]
+    return [_shard(prefix, number) for number in range(SHARDS)]
 
 
 def reference_key(prefix: str, provider: str, token: str) -> bytes:
