@@ -397,6 +397,9 @@ def main() -> int:
                 "127.0.0.1",
                 "--port",
                 str(payagg_port),
+                # No admin port: a bench must not depend on 9090 being free on the machine.
+                "--admin-port",
+                "0",
                 *(["--workers", str(args.workers)] if args.workers > 1 else []),
             ],
             "payagg.log",
