@@ -67,9 +67,13 @@ class InvalidRequest(PaymentError):
 
 
 class UnknownProvider(InvalidRequest):
-    """`ProviderKey` names no configured provider."""
+    """`ProviderKey` names no configured provider (the request is otherwise valid)."""
 
     code = "unknown_provider"
+
+    def __init__(self, fields: dict[str, str], provider_key: str) -> None:
+        super().__init__(fields, f"unknown provider {provider_key!r}")
+        self.provider_key = provider_key
 
 
 class NotFound(PaymentError):

@@ -310,6 +310,28 @@ async def test_a_reload_adds_a_provider_keeps_the_others_breakers_and_shows_the_
     ) == [1]
 
 
+async def test_a_retry_of_a_payment_whose_provider_a_reload_removed_is_replayed_never_400(
+    ports: Ports, upstream: tuple[UpstreamState, str]
+) -> None:
+    without_spare = ports.config.read_text()
+    ports.config.write_text(without_spare + SPARE.format(url=upstream[1]))
+    assert (await ports.act("/admin/reload", {"reason": "add SPARE"}))[0] == 200
+    request = payment("ADM-GONE", ProviderKey="spare")
+    first = await ports.public.post("/v1/pay", json=request)
+    assert first.status == 200
+    ports.config.write_text(without_spare)
+    status, body = await ports.act("/admin/reload", {"reason": "SPARE retired"})
+    assert (status, body.get("removed")) == (200, ["SPARE"]), body
+
+    retry = await ports.public.post("/v1/pay", json=request)
+    assert (retry.status, retry.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert await retry.read() == await first.read()
+    changed = await ports.public.post("/v1/pay", json={**request, "Amount": 99})
+    assert (changed.status, (await changed.json())["error"]) == (422, "idempotency_key_reused")
+    fresh = await ports.public.post("/v1/pay", json=payment("ADM-NEVER", ProviderKey="spare"))
+    assert (fresh.status, (await fresh.json())["error"]) == (400, "unknown_provider")
+
+
 async def test_a_reload_of_the_same_text_changes_nothing_and_is_not_counted(ports: Ports) -> None:
     status, body = await ports.act("/admin/reload", {"reason": "just in case"})
     assert (status, body["status"]) == (200, "unchanged")

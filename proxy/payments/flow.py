@@ -14,6 +14,7 @@ from proxy.clients.gate import Gate
 from proxy.clients.keys import Client
 from proxy.errors import (
     Forbidden,
+    InvalidRequest,
     NotFound,
     PayloadTooLarge,
     PaymentAlreadyExists,
@@ -21,6 +22,7 @@ from proxy.errors import (
     ProviderFailed,
     ProviderMismatch,
     ProviderUnavailable,
+    UnknownProvider,
     UnsupportedMediaType,
 )
 from proxy.payments.idempotency import Claim, IdempotencyStore, describe, describe_old
@@ -73,12 +75,11 @@ class PaymentService:
         # 401 before anything else; then 429 before the body is read: a limited request
         # takes no lock and calls no provider.
         client = await self._gate.admit(request, limited=True)
-        payment = _of_client(
-            parse_payment(
-                await _json_body(request), request.headers.get("Idempotency-Key"), self._known
-            ),
-            client,
-        )
+        body, header = await _json_body(request), request.headers.get("Idempotency-Key")
+        try:
+            payment = _of_client(parse_payment(body, header, self._known), client)
+        except UnknownProvider as unknown:
+            return await self._replay_of_unconfigured(request, body, header, client, unknown)
         provider = self._providers[payment.provider_key.lower()]
         request[PROVIDER] = provider.name
         if not client.may_use(provider.name):
@@ -115,6 +116,31 @@ class PaymentService:
         response = await asyncio.shield(task)
         request[OUTCOME] = _OUTCOMES[response.status]
         return response
+
+    async def _replay_of_unconfigured(
+        self,
+        request: web.BaseRequest,
+        body: bytes,
+        header: str | None,
+        client: Client,
+        unknown: UnknownProvider,
+    ) -> web.Response:
+        """A retry of a known payment is looked up before the provider is: one made with a
+        provider a reload has since removed or renamed gets its stored answer, never a 400.
+        Anything else is the `unknown` provider's 400 (its label stays `unknown`: label values
+        come from the running config only)."""
+        named = unknown.provider_key
+        try:
+            payment = _of_client(parse_payment(body, header, {named.lower()}), client)
+        except InvalidRequest:
+            raise unknown from None
+        record = await self._store.find(payment.transaction_id, payment.scope)
+        if record is None or record.provider.lower() != named.lower():
+            raise unknown
+        stored = await self._store.replay(payment, record.provider)
+        if stored is None:
+            raise unknown
+        return _replay(request, stored)
 
     async def _settle(
         self, provider: ProviderClient, payment: Payment, claim: Claim, callback_url: str | None

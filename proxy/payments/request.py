@@ -150,8 +150,8 @@ def parse_payment(
     )
     if unknown:
         problems["ProviderKey"] = f"no provider named {provider_key!r} is configured"
-    if unknown and len(problems) == 1:
-        raise UnknownProvider(problems, f"unknown provider {provider_key!r}")
+    if unknown and provider_key is not None and len(problems) == 1:
+        raise UnknownProvider(problems, provider_key)
     if problems or not (transaction_id and amount and currency and provider_key):
         raise InvalidRequest(problems)
     return Payment(
