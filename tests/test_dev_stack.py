@@ -232,7 +232,9 @@ def mock_faults(port: int) -> dict[str, object]:
     return faults
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_make_dev_passes_its_args_and_a_signal_to_make_alone_stops_the_stack(signum):
     ports = {name: free_port() for name in SERVICES}
     args = " ".join(f"--{name}-port {port}" for name, port in ports.items() if name != "proxy")
@@ -245,13 +247,14 @@ def test_make_dev_passes_its_args_and_a_signal_to_make_alone_stops_the_stack(sig
         assert mock_faults(ports["mtn"])["failure_rate"] == 0.8
         children = {name: int(pid) for name, pid, _ in STARTED.findall(make.log())}
         assert set(children) == set(SERVICES), make.log()
-        # To make itself, not to its process group: GNU make forwards SIGTERM but not SIGINT.
+        # To make itself, not to its process group: GNU make forwards SIGTERM, not SIGINT or SIGHUP.
         os.kill(make.process.pid, signum)
         wait_until(lambda: make.process.poll() is not None, 60, "make to exit")
         wait_until(lambda: not [pid for pid in children.values() if alive(pid)], 60, "children")
         assert all(port_is_free(port) for port in ports.values()), ports
-        if signum == signal.SIGINT:  # SIGTERM may reach payagg dev first, forwarded by make
-            assert f"make (pid {make.process.pid}) received SIGINT" in make.log(), make.log()
+        if signum != signal.SIGTERM:  # SIGTERM may reach payagg dev first, forwarded by make
+            received = f"make (pid {make.process.pid}) received {signum.name}"
+            assert received in make.log(), make.log()
     finally:
         make.stop()
 
