@@ -36,6 +36,10 @@ lint: $(STAMP)
 	$(BIN)/mypy proxy mock_providers
 	$(BIN)/lint-imports
 
+# GNU make forwards SIGTERM to the recipe but not SIGINT (it expects a terminal's Ctrl-C to reach the
+# whole group), so `payagg dev` is told make's pid and stops the stack when make gets either.
+# `exec`: payagg dev is make's own child and gets the forwarded SIGTERM directly.
+dev: export PAYAGG_DEV_SUPERVISOR_PID := $(shell echo $$PPID)
 dev: $(STACK_STAMP)
 	exec $(BIN)/payagg dev $(ARGS)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.devtools.supervisor_watch import SUPERVISOR_PID_ENV, SupervisorWatch
 from tests.processes import ROOT, VENV_BIN, ServiceProcess, free_port, wait_until
 
 STARTED = re.compile(r"^started (\w+)\s+pid (\d+)\s+(\S+)$", re.MULTILINE)
@@ -231,7 +232,10 @@ def mock_faults(port: int) -> dict[str, object]:
     return faults
 
 
-def test_make_dev_passes_its_args_and_sigterm_to_make_stops_the_stack():
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
+def test_make_dev_passes_its_args_and_a_signal_to_make_alone_stops_the_stack(signum):
     ports = {name: free_port() for name in SERVICES}
     args = " ".join(f"--{name}-port {port}" for name, port in ports.items() if name != "proxy")
     args += f" --port {ports['proxy']} --admin-port {free_port()} --failure-rate 0.8 --seed 7"
@@ -243,9 +247,27 @@ def test_make_dev_passes_its_args_and_sigterm_to_make_stops_the_stack():
         assert mock_faults(ports["mtn"])["failure_rate"] == 0.8
         children = {name: int(pid) for name, pid, _ in STARTED.findall(make.log())}
         assert set(children) == set(SERVICES), make.log()
-        make.signal(signal.SIGTERM)  # to make itself, not to its process group
-        make.process.wait(20)
-        wait_until(lambda: not [pid for pid in children.values() if alive(pid)], 20, "children")
+        # To make itself, not to its process group: GNU make forwards SIGTERM, not SIGINT or SIGHUP.
+        os.kill(make.process.pid, signum)
+        wait_until(lambda: make.process.poll() is not None, 60, "make to exit")
+        wait_until(lambda: not [pid for pid in children.values() if alive(pid)], 60, "children")
         assert all(port_is_free(port) for port in ports.values()), ports
+        if signum != signal.SIGTERM:  # SIGTERM may reach payagg dev first, forwarded by make
+            received = f"make (pid {make.process.pid}) received {signum.name}"
+            assert received in make.log(), make.log()
     finally:
         make.stop()
+
+
+def test_the_supervisor_watch_is_off_without_a_readable_pid_and_reports_a_supervisor_gone():
+    assert SupervisorWatch.from_environment({}) is None
+    assert SupervisorWatch.from_environment({SUPERVISOR_PID_ENV: "not-a-pid"}) is None
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        watch = SupervisorWatch.from_environment({SUPERVISOR_PID_ENV: str(sleeper.pid)})
+        assert watch is not None
+        assert watch.stop_reason() is None
+    finally:
+        sleeper.kill()
+    sleeper.wait()
+    assert watch.stop_reason() == f"the process that started payagg dev (pid {sleeper.pid}) is gone"

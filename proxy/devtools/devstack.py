@@ -18,6 +18,7 @@ import aiohttp
 
 from proxy.admin.token import ADMIN_TOKEN_ENV
 from proxy.devtools.demo import DEFAULT_PROXY_URL
+from proxy.devtools.supervisor_watch import SupervisorWatch
 from proxy.server.children import stop_with_parent
 from proxy.settings.config import ConfigError, RedisSettings, load_config
 from proxy.store.client import RedisReplyError, RedisUnavailable, StoreClient
@@ -27,6 +28,8 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
+# How often the process that started us (make) is checked for a stop signal it did not forward.
+SUPERVISOR_POLL_S = 0.2
 LOG_TAIL_LINES = 20
 # The original service's own example payment, written as its users pasted it.
 # Only for the local stack, which listens on 127.0.0.1; a deployment sets its own secret.
@@ -284,10 +287,12 @@ class DevStack:
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.stop_requested = asyncio.Event()
-        self.signal_name = ""
+        self.stop_reason = ""
 
     async def run(self) -> int:
         self.install_signal_handlers()
+        supervisor = SupervisorWatch.from_environment(os.environ)
+        watching = asyncio.ensure_future(self.follow(supervisor)) if supervisor else None
         try:
             for service in self.services:
                 child = await self.start(service)
@@ -303,16 +308,36 @@ class DevStack:
         except StartTimeout as slow:
             return self.report_slow_start(slow.child)
         finally:
+            if watching:
+                watching.cancel()
             await self.stop_all()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self.request_stop, signum)
+            loop.add_signal_handler(signum, self.on_signal, signum)
 
-    def request_stop(self, signum: int) -> None:
-        self.signal_name = signal.Signals(signum).name
+    def on_signal(self, signum: int) -> None:
+        self.request_stop(f"{signal.Signals(signum).name} received")
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():  # the first reason is the one to report
+            self.stop_reason = reason
         self.stop_requested.set()
+
+    async def follow(self, supervisor: SupervisorWatch) -> None:
+        """Stop like on our own SIGINT once `make dev` got a stop signal or is gone.
+
+        GNU make does not forward SIGINT to its recipe (it expects the terminal to have signalled
+        the whole process group), so `kill -INT <make pid>` would otherwise leave the stack up.
+        """
+        while not self.stop_requested.is_set():
+            reason = supervisor.stop_reason()
+            if reason:
+                self.request_stop(reason)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), SUPERVISOR_POLL_S)
 
     async def start(self, service: Service) -> Child:
         log_path = self.log_dir / f"{service.name}.log"
@@ -359,7 +384,7 @@ class DevStack:
             raise ChildDied(next(exits[task] for task in done))
 
     def stopped(self) -> int:
-        print(f"\npayagg dev: {self.signal_name} received, stopping every process", flush=True)
+        print(f"\npayagg dev: {self.stop_reason}, stopping every process", flush=True)
         return 0
 
     def report_death(self, child: Child) -> int:
