@@ -195,7 +195,8 @@ class ProviderUnavailable(PaymentError):
 
     def __init__(self, provider: str, retry_after_s: int) -> None:
         super().__init__(
-            f"{provider} is failing; its circuit breaker is open",
+            f"{provider} is unavailable: its circuit breaker is open (failing, or held by an "
+            "operator)",
             provider=provider,
             retry_after_s=retry_after_s,
         )

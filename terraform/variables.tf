@@ -359,7 +359,7 @@ variable "redis_snapshot_retention_days" {
 }
 
 variable "secret_recovery_window_days" {
-  description = "Days a deleted Redis secret stays recoverable (0 deletes it at once)."
+  description = "Days a deleted secret (Redis URL, client keys, admin token, provider credentials) stays recoverable (0 deletes it at once)."
   type        = number
   default     = 7
 
@@ -372,7 +372,7 @@ variable "secret_recovery_window_days" {
 # --- The proxy's configuration (environment of the shipped gateway.yaml) ----------------------
 
 variable "provider_timeout_s" {
-  description = "PROVIDER_TIMEOUT_S: seconds the proxy waits for a provider before answering 504."
+  description = "PROVIDER_TIMEOUT_S: seconds the proxy waits for a provider's answer; after that the outcome is unknown (202 PENDING, reconciled)."
   type        = number
   default     = 5
 
@@ -484,7 +484,7 @@ variable "mock_decline_rate" {
 }
 
 variable "mock_hang_rate" {
-  description = "MOCK_HANG_RATE of both mocks: share of payments charged but never answered (504)."
+  description = "MOCK_HANG_RATE of both mocks: share of payments charged but never answered (payagg answers 202 PENDING and reconciles)."
   type        = number
   default     = 0
 

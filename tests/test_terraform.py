@@ -717,7 +717,7 @@ def test_ecr_scans_on_push_and_never_overwrites_a_tag() -> None:
     assert single(repository["image_scanning_configuration"])["scan_on_push"] is True
 
 
-def test_the_execution_role_reads_exactly_the_two_secrets() -> None:
+def test_the_execution_roles_policy_reads_exactly_the_redis_client_key_and_admin_secrets() -> None:
     policy = terraform().data[("aws_iam_policy_document", "execution")]
     reads = [s for s in policy["statement"] if "secretsmanager:GetSecretValue" in s["actions"]]
     assert [s["resources"] for s in reads] == [

@@ -35,7 +35,12 @@ from proxy.providers.mapping import (
     compile_status,
     http_url,
 )
-from proxy.settings.clients import AuthMode, ClientSettings, client_problems
+from proxy.settings.clients import (
+    MIN_WEBHOOK_SECRET_CHARS,
+    AuthMode,
+    ClientSettings,
+    client_problems,
+)
 from proxy.settings.redis_address import RedisAddress, check_pem_file, parse_redis_url
 from proxy.settings.yaml_source import Path, Problem, YamlDocument, YamlSyntaxError, load_yaml
 
@@ -700,10 +705,6 @@ def _lock_ttl_problems(
     ]
 
 
-# HMAC keys shorter than this can be found offline from a single signed webhook.
-_MIN_WEBHOOK_SECRET_CHARS = 16
-
-
 def _webhook_problems(webhooks: WebhookSettings) -> list[Problem]:
     if not webhooks.url:
         return []
@@ -715,11 +716,11 @@ def _webhook_problems(webhooks: WebhookSettings) -> list[Problem]:
                 "could not tell payagg's webhooks from forged ones",
             )
         ]
-    if len(webhooks.secret) < _MIN_WEBHOOK_SECRET_CHARS:
+    if len(webhooks.secret) < MIN_WEBHOOK_SECRET_CHARS:
         return [
             Problem(
                 ("webhooks", "secret"),
-                f"must be at least {_MIN_WEBHOOK_SECRET_CHARS} characters, got "
+                f"must be at least {MIN_WEBHOOK_SECRET_CHARS} characters, got "
                 f"{len(webhooks.secret)}: a short key can be guessed from one signed webhook",
             )
         ]
