@@ -59,6 +59,21 @@ class CallingBack:
             if line.startswith("payagg_reconcile_polls_total{") and all(x in line for x in labels)
         )
 
+    def pay_and_let_payagg_give_up(self, prefix: str) -> str:
+        """A payment the payer has not approved yet: answered 202, then given up on by payagg
+        (UNRESOLVED, on no poll schedule); only a callback can make it due again."""
+        transaction_id = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        body = {
+            "TransactionID": transaction_id,
+            "Amount": 20.0,
+            "Currency": "UGX",
+            "ProviderKey": self.provider,
+        }
+        first = call(f"{self.proxy}/v1/pay", "POST", json.dumps(body).encode())
+        assert first.status == 202, first.raw
+        self.reaches(transaction_id, "UNRESOLVED")
+        return transaction_id
+
     def reaches(self, transaction_id: str, state: str) -> dict[str, object]:
         deadline = time.monotonic() + BOUND_S
         while True:
@@ -116,17 +131,7 @@ def calling_back(request, redis_server) -> Iterator[CallingBack]:
 
 
 def test_a_payment_nothing_polls_any_more_is_settled_by_the_providers_callback(calling_back):
-    transaction_id = f"CALLBACK-{uuid.uuid4().hex[:10]}"
-    body = {
-        "TransactionID": transaction_id,
-        "Amount": 20.0,
-        "Currency": "UGX",
-        "ProviderKey": calling_back.provider,
-    }
-    first = call(f"{calling_back.proxy}/v1/pay", "POST", json.dumps(body).encode())
-    assert first.status == 202, first.raw
-
-    calling_back.reaches(transaction_id, "UNRESOLVED")
+    transaction_id = calling_back.pay_and_let_payagg_give_up("CALLBACK")
     before = calling_back.stats()
     assert before["callbacks_sent"] == 0, "the payer approved before payagg gave up: too slow"
     assert before["pending"] == 1

@@ -105,16 +105,7 @@ def task(request, redis_server) -> Iterator[CallingBack]:
 
 
 def test_the_task_settles_a_payment_by_callback_with_the_credentials_it_generated(task):
-    transaction_id = f"FARGATE-{uuid.uuid4().hex[:10]}"
-    body = {
-        "TransactionID": transaction_id,
-        "Amount": 20.0,
-        "Currency": "UGX",
-        "ProviderKey": task.provider,
-    }
-    first = call(f"{task.proxy}/v1/pay", "POST", json.dumps(body).encode())
-    assert first.status == 202, first.raw
-    task.reaches(transaction_id, "UNRESOLVED")
+    transaction_id = task.pay_and_let_payagg_give_up("FARGATE")
     assert task.stats()["callbacks_sent"] == 0, "the payer approved before payagg gave up"
 
     task.reaches(transaction_id, "SUCCESS")
